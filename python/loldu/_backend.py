@@ -1,0 +1,71 @@
+"""Finds the compiled ops: the installed extension loldu._C, else a JIT build of cpp/ with ninja,
+else the pure-PyTorch reference path (with one warning). build_info() reports which is active."""
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+_REPO_CPP = Path(__file__).resolve().parents[2] / "cpp"
+
+
+def _jit_build():
+    from torch.utils import cpp_extension
+
+    sources = [str(_REPO_CPP / f) for f in ("ldu.cpp", "adapter_linear.cpp", "ops.cpp")]
+    flags = ["-O3", "-std=c++17"]
+    kwargs = {}
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        sources += [str(_REPO_CPP / "cuda" / "kernels.cu"), str(_REPO_CPP / "cuda" / "ops_cuda.cpp")]
+        flags.append("-DLOLDU_WITH_CUDA=1")
+        kwargs["extra_cuda_cflags"] = ["-O3", "-std=c++17", "-DLOLDU_WITH_CUDA=1"]
+    return cpp_extension.load(
+        name="loldu_jit",
+        sources=sources,
+        extra_include_paths=[str(_REPO_CPP / "include"), str(_REPO_CPP)],
+        extra_cflags=flags,
+        verbose=False,
+        **kwargs,
+    )
+
+
+def _load():
+    if os.environ.get("LOLDU_BACKEND", "") == "pytorch":
+        return "pytorch", None, "forced by LOLDU_BACKEND=pytorch"
+    try:
+        from . import _C  # noqa: PLC0415
+
+        return "compiled-" + _C.build_flavor(), _C, None
+    except ImportError as e:
+        reason = f"no compiled loldu._C ({e})"
+    if _REPO_CPP.is_dir() and os.environ.get("LOLDU_NO_JIT", "") != "1":
+        try:
+            mod = _jit_build()
+            return "jit-" + mod.build_flavor(), mod, None
+        except Exception as e:  # noqa: BLE001 - any build failure means: fall back
+            reason += f"; JIT build failed ({type(e).__name__}: {str(e)[:300]})"
+    warnings.warn(
+        f"loldu: C++ extension unavailable, using the slower pure-PyTorch path: {reason}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return "pytorch", None, reason
+
+
+BACKEND, _MODULE, _REASON = _load()
+HAS_OPS = BACKEND != "pytorch"
+
+
+def build_info() -> dict:
+    """Which implementation is active and against which torch.
+
+    backend: 'compiled-cpu' | 'compiled-cuda' | 'jit-cpu' | 'jit-cuda' | 'pytorch'.
+    """
+    return {
+        "backend": BACKEND,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "extension": getattr(_MODULE, "__file__", None),
+        "reason": _REASON,
+    }
