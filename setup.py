@@ -14,7 +14,7 @@ CPP = os.path.join("cpp")
 def extension():
     sources = [os.path.join(CPP, f) for f in ("ldu.cpp", "adapter_linear.cpp", "ops.cpp")]
     include_dirs = [os.path.join(ROOT, "cpp", "include"), os.path.join(ROOT, "cpp")]
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]
     import torch
 
     want_cuda = os.environ.get("LOLDU_FORCE_CPU", "0") != "1"
@@ -26,7 +26,7 @@ def extension():
             sources,
             include_dirs=include_dirs,
             define_macros=[("LOLDU_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
         )
     return cpp_extension.CppExtension("loldu._C", sources, include_dirs=include_dirs,
                                       extra_compile_args={"cxx": cxx})

@@ -12,6 +12,9 @@
 
 #include <vector>
 
+// Template arguments carry commas, so the call is parenthesised before it reaches the macro.
+#define LOLDU_CUDA_CALL(...) C10_CUDA_CHECK((__VA_ARGS__))
+
 namespace loldu {
 namespace {
 
@@ -31,10 +34,10 @@ void run_ldu(const at::Tensor& W3, const T* data, int64_t r, int mode, const at:
   auto* st = reinterpret_cast<cuda::LduStatus*>(status.data_ptr<uint8_t>());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto W = mat3<T>(W3, data);
-  C10_CUDA_CHECK(cuda::ldu_panel<T, A>(W, r, mode, forced.defined() ? forced.const_data_ptr<int64_t>() : nullptr,
+  LOLDU_CUDA_CALL(cuda::ldu_panel<T, A>(W, r, mode, forced.defined() ? forced.const_data_ptr<int64_t>() : nullptr,
                                        panel.data_ptr<A>(), perm.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), st,
                                        stream));
-  C10_CUDA_CHECK(cuda::ldu_outputs<T, A>(W, r, panel.const_data_ptr<A>(), perm.const_data_ptr<int64_t>(),
+  LOLDU_CUDA_CALL(cuda::ldu_outputs<T, A>(W, r, panel.const_data_ptr<A>(), perm.const_data_ptr<int64_t>(),
                                          out.PL.data_ptr<A>(), out.D.data_ptr<A>(), out.U.data_ptr<A>(),
                                          out.pivots.data_ptr<int64_t>(), st, stream));
 }
@@ -87,20 +90,20 @@ void column_dot_cuda(const at::Tensor& t, const at::Tensor& h, at::Tensor& out) 
   const int64_t n = t.size(0), r = t.size(1);
   switch (t.scalar_type()) {
     case at::kDouble:
-      C10_CUDA_CHECK(cuda::column_dot<double, double>(t.const_data_ptr<double>(), h.const_data_ptr<double>(), n, r,
+      LOLDU_CUDA_CALL(cuda::column_dot<double, double>(t.const_data_ptr<double>(), h.const_data_ptr<double>(), n, r,
                                                       out.data_ptr<double>(), stream));
       break;
     case at::kFloat:
-      C10_CUDA_CHECK(cuda::column_dot<float, float>(t.const_data_ptr<float>(), h.const_data_ptr<float>(), n, r,
+      LOLDU_CUDA_CALL(cuda::column_dot<float, float>(t.const_data_ptr<float>(), h.const_data_ptr<float>(), n, r,
                                                     out.data_ptr<float>(), stream));
       break;
     case at::kHalf:
-      C10_CUDA_CHECK(cuda::column_dot<__half, float>(reinterpret_cast<const __half*>(t.const_data_ptr<at::Half>()),
+      LOLDU_CUDA_CALL(cuda::column_dot<__half, float>(reinterpret_cast<const __half*>(t.const_data_ptr<at::Half>()),
                                                      reinterpret_cast<const __half*>(h.const_data_ptr<at::Half>()), n,
                                                      r, out.data_ptr<float>(), stream));
       break;
     case at::kBFloat16:
-      C10_CUDA_CHECK(cuda::column_dot<__nv_bfloat16, float>(
+      LOLDU_CUDA_CALL(cuda::column_dot<__nv_bfloat16, float>(
           reinterpret_cast<const __nv_bfloat16*>(t.const_data_ptr<at::BFloat16>()),
           reinterpret_cast<const __nv_bfloat16*>(h.const_data_ptr<at::BFloat16>()), n, r, out.data_ptr<float>(),
           stream));

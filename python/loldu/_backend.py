@@ -13,12 +13,12 @@ def _jit_build():
     from torch.utils import cpp_extension
 
     sources = [str(_REPO_CPP / f) for f in ("ldu.cpp", "adapter_linear.cpp", "ops.cpp")]
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]
     kwargs = {}
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
         sources += [str(_REPO_CPP / "cuda" / "kernels.cu"), str(_REPO_CPP / "cuda" / "ops_cuda.cpp")]
         flags.append("-DLOLDU_WITH_CUDA=1")
-        kwargs["extra_cuda_cflags"] = ["-O3", "-std=c++17", "-DLOLDU_WITH_CUDA=1"]
+        kwargs["extra_cuda_cflags"] = ["-O3", "-DLOLDU_WITH_CUDA=1"]
     return cpp_extension.load(
         name="loldu_jit",
         sources=sources,

@@ -1,0 +1,46 @@
+# The two set-up commands: `make demo` runs the main job, `make test` runs the tests.
+# Each creates .venv if missing and installs the pinned dependencies itself.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-installed
+EXT    := $(VENV)/.ext-built
+CPP    := $(shell find cpp -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+.PHONY: demo test pytest ctest bench venv clean
+
+venv: $(EXT)
+
+$(DEPS): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+# The extension compiles against the installed torch, hence --no-build-isolation.
+$(EXT): $(DEPS) $(CPP) setup.py pyproject.toml
+	MAX_JOBS=2 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(EXT)
+	$(BIN)/python examples/demo.py
+
+test: pytest ctest
+
+pytest: $(EXT)
+	$(BIN)/python -m pytest tests
+
+# The C++ library and its unit tests, built with CMake against torch's own CMake package.
+ctest: $(DEPS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	PATH="$(CURDIR)/$(BIN):$$PATH" cmake --build build/cmake -j2
+	ctest --test-dir build/cmake --output-on-failure
+
+bench: $(EXT)
+	$(BIN)/python benchmarks/bench_ldu.py
+	$(BIN)/python benchmarks/bench_adapter.py
+
+clean:
+	rm -rf build python/loldu/_C*.so
