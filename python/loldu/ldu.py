@@ -57,7 +57,8 @@ def ldu_from_pivots(W: torch.Tensor, pivots: torch.Tensor) -> LDUResult:
         raise FactorizationError(f"loldu.ldu_from_pivots: pivot index out of range [0, {d}) for W of shape {tuple(W.shape)}")
     if _backend.HAS_OPS:
         return _call(torch.ops.loldu.ldu_from_pivots, W, pivots)
-    if pivots.unique(dim=-1).shape[-1] != pivots.shape[-1] if pivots.dim() == 1 else False:
+    s = pivots.sort(dim=-1).values
+    if (s[..., 1:] == s[..., :-1]).any():
         raise FactorizationError(f"loldu.ldu_from_pivots: repeated pivot index for W of shape {tuple(W.shape)}")
     return LDUResult(*ldu_reference(W, pivots.shape[-1], "partial", pivots=pivots))
 

@@ -1,0 +1,113 @@
+"""What to adapt and how: the LoLDU configuration, validated on construction (like PEFT's configs)."""
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Union
+
+import torch
+
+from .errors import AdapterError
+
+_FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+                  "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoLDUConfig:
+    """Configuration of one LoLDU adapter.
+
+    rank: number r of leading LDU components kept per adapted matrix (1 <= r <= min(d, k) of every
+        targeted weight; checked per layer at inject time).
+    target_modules: which modules to adapt, by their name in `model.named_modules()`. A str is a
+        regular expression that must match the whole name; a list of str matches a module whose
+        name equals an entry or ends with "." + entry (PEFT's rules).
+    alpha: sets the initial scale sigma0 = alpha / rank, unless `sigma0` is given.
+    sigma0: initial value of the scale sigma (overrides alpha / rank).
+    train_scale: also train sigma (one number per layer). The paper trains only z.
+    pivoting: "partial" (row pivoting, as torch.linalg.lu) or "none".
+    factor_dtype: storage dtype of the frozen factors PL and U ("float32", "float64", "float16",
+        "bfloat16"); None stores them in the base weight's dtype. The factorization itself always
+        runs in fp32 (fp64 for fp64 weights) and c is always computed in fp32.
+    """
+
+    rank: int = 8
+    target_modules: Union[str, List[str], None] = None
+    alpha: float = 1.0
+    sigma0: Optional[float] = None
+    train_scale: bool = False
+    pivoting: str = "partial"
+    factor_dtype: Optional[str] = None
+    _regex: Optional[re.Pattern] = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise AdapterError(f"LoLDUConfig: rank must be a positive int, got {self.rank!r}")
+        tm = self.target_modules
+        if isinstance(tm, (tuple, set, frozenset)):
+            tm = sorted(tm) if isinstance(tm, (set, frozenset)) else list(tm)
+            self.target_modules = tm
+        if isinstance(tm, str):
+            if not tm:
+                raise AdapterError("LoLDUConfig: target_modules is an empty regular expression")
+            try:
+                self._regex = re.compile(tm)
+            except re.error as e:
+                raise AdapterError(f"LoLDUConfig: target_modules {tm!r} is not a valid regular expression ({e})") from None
+        elif isinstance(tm, list):
+            if not tm or not all(isinstance(t, str) and t for t in tm):
+                raise AdapterError(f"LoLDUConfig: target_modules must be a non-empty list of non-empty names, got {tm!r}")
+        else:
+            raise AdapterError(
+                f"LoLDUConfig: target_modules must be a regex str or a list of module names/suffixes, got {tm!r}")
+        for name in ("alpha", "sigma0"):
+            v = getattr(self, name)
+            if v is None and name == "sigma0":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise AdapterError(f"LoLDUConfig: {name} must be a finite number, got {v!r}")
+        if self.sigma0 is None and self.alpha == 0:
+            raise AdapterError("LoLDUConfig: alpha = 0 gives sigma0 = 0, which freezes the adapter at zero")
+        if not isinstance(self.train_scale, bool):
+            raise AdapterError(f"LoLDUConfig: train_scale must be a bool, got {self.train_scale!r}")
+        if self.pivoting not in ("partial", "none"):
+            raise AdapterError(f"LoLDUConfig: pivoting must be 'partial' or 'none', got {self.pivoting!r}")
+        if isinstance(self.factor_dtype, torch.dtype):
+            names = {v: k for k, v in _FACTOR_DTYPES.items()}
+            if self.factor_dtype not in names:
+                raise AdapterError(f"LoLDUConfig: factor_dtype must be one of {sorted(_FACTOR_DTYPES)}, got {self.factor_dtype}")
+            self.factor_dtype = names[self.factor_dtype]
+        if self.factor_dtype is not None and self.factor_dtype not in _FACTOR_DTYPES:
+            raise AdapterError(f"LoLDUConfig: factor_dtype must be None or one of {sorted(_FACTOR_DTYPES)}, got {self.factor_dtype!r}")
+
+    @property
+    def initial_scale(self) -> float:
+        """sigma0, rounded to fp32 so that sigma (an fp32 parameter) starts exactly equal to it."""
+        s = self.sigma0 if self.sigma0 is not None else self.alpha / self.rank
+        return float(torch.tensor(s, dtype=torch.float32))
+
+    def torch_factor_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """Storage dtype of PL and U for a base weight of `weight_dtype`."""
+        return weight_dtype if self.factor_dtype is None else _FACTOR_DTYPES[self.factor_dtype]
+
+    def matches(self, module_name: str) -> bool:
+        """Whether the module called `module_name` is targeted."""
+        if self._regex is not None:
+            return self._regex.fullmatch(module_name) is not None
+        return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
+
+    def to_dict(self) -> dict:
+        """JSON-serializable form (what adapter_config.json stores)."""
+        d = asdict(self)
+        d.pop("_regex")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoLDUConfig":
+        """Inverse of to_dict; unknown keys are an AdapterError (a file from a newer loldu)."""
+        if not isinstance(d, dict):
+            raise AdapterError(f"LoLDUConfig.from_dict: expected a dict, got {type(d).__name__}")
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
+        unknown = set(d) - known
+        if unknown:
+            raise AdapterError(f"LoLDUConfig.from_dict: unknown keys {sorted(unknown)}")
+        return cls(**d)

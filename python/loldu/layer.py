@@ -1,0 +1,291 @@
+"""How one layer adapts: wrappers that hold the frozen factors and each adapter's (z, sigma).
+
+    W(z, sigma) = W0 + PL diag(c) U,    c = sigma * z - sigma0 * D   (LOLDU.md)
+
+The base module is kept untouched as `base_layer` (delta form), so disabling, several adapters and
+unloading cost nothing. The frozen factors PL (d, r), U (r, k), D (r,) and the pivots (r,) are
+non-persistent buffers: they are re-derived from W0, so they stay out of `state_dict()` (which then
+holds only the base weights and every adapter's z and sigma) but still follow `.to()` and DDP's
+buffer broadcast. All adapters of one layer share them; each adapter adds r + 1 numbers.
+"""
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import AdapterError
+from .ldu import LDUResult
+from .ops import adapter_linear, delta_weight
+
+try:  # transformers' GPT-2 style linear, weight stored (in, out)
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+except ImportError:  # pragma: no cover - transformers is optional
+    HFConv1D = None
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The (d, k) view of a supported module's weight that LoLDU factorizes (no copy when possible)."""
+    w = module.weight
+    if isinstance(module, nn.Conv2d):
+        return w.reshape(w.shape[0], -1)
+    if HFConv1D is not None and isinstance(module, HFConv1D):
+        return w.t()
+    return w
+
+
+def matrix_to_weight(module: nn.Module, M: torch.Tensor) -> torch.Tensor:
+    """Inverse of weight_matrix: a (d, k) matrix laid out as the module's weight."""
+    if isinstance(module, nn.Conv2d):
+        return M.reshape(module.weight.shape)
+    if HFConv1D is not None and isinstance(module, HFConv1D):
+        return M.t()
+    return M
+
+
+def check_supported(name: str, module: nn.Module) -> str:
+    """Returns the layer kind ('linear', 'conv2d', 'embedding', 'conv1d') or raises AdapterError."""
+    if isinstance(module, LoLDULayer):
+        raise AdapterError(f"layer '{name}' is already a LoLDU layer")
+    if isinstance(module, nn.Linear):
+        kind = "linear"
+    elif isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise AdapterError(f"layer '{name}': Conv2d with groups={module.groups} is not supported (only groups=1)")
+        kind = "conv2d"
+    elif isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            raise AdapterError(f"layer '{name}': Embedding with max_norm rewrites its weight in place; not supported")
+        kind = "embedding"
+    elif HFConv1D is not None and isinstance(module, HFConv1D):
+        kind = "conv1d"
+    else:
+        raise AdapterError(
+            f"layer '{name}' is a {type(module).__name__}; LoLDU adapts nn.Linear, nn.Conv2d, nn.Embedding "
+            "and transformers Conv1D (check target_modules)")
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise AdapterError(f"layer '{name}': weight must be a floating-point tensor, got "
+                           f"{None if w is None else w.dtype}")
+    return kind
+
+
+class LoLDULayer(nn.Module):
+    """Base of the wrappers. Subclasses implement `_adapted(x, c)` and `_c_view(c_rows, x)`.
+
+    Buffers: loldu_PL (d, r) and loldu_U (r, k) in the config's factor dtype; loldu_D (r,) and the
+    pivots (r,) int64 as the factorization returned them (fp32, or fp64 for fp64 weights).
+    Parameters: loldu_z[name] (r,) fp32 and loldu_sigma[name] () fp32 for every adapter `name`.
+    """
+
+    kind = ""
+
+    def __init__(self, base_layer: nn.Module, factors: LDUResult, factor_dtype: torch.dtype):
+        super().__init__()
+        self.base_layer = base_layer
+        self.register_buffer("loldu_PL", factors.PL.to(factor_dtype).contiguous(), persistent=False)
+        self.register_buffer("loldu_U", factors.U.to(factor_dtype).contiguous(), persistent=False)
+        self.register_buffer("loldu_D", factors.D.clone(), persistent=False)
+        self.register_buffer("loldu_pivots", factors.pivots.clone(), persistent=False)
+        self.loldu_z = nn.ParameterDict()
+        self.loldu_sigma = nn.ParameterDict()
+        self.sigma0: Dict[str, float] = {}
+        self.configs: Dict[str, object] = {}
+        self.active_adapter: Optional[str] = None
+        self.disabled = False
+        self.merged_adapter: Optional[str] = None
+        self._merged_c: Optional[torch.Tensor] = None
+        # Set by loldu.adapter_ids: per-row index into _row_names (len == number of rows), or None.
+        self._row_ids: Optional[torch.Tensor] = None
+        self._row_names: List[str] = []
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.loldu_D.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base module's weight (unchanged unless merged)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    def base_matrix(self) -> torch.Tensor:
+        """W0 as the (d, k) matrix LoLDU factorizes, a view of the base weight."""
+        return weight_matrix(self.base_layer)
+
+    def add_adapter(self, name: str, config, z: Optional[torch.Tensor] = None,
+                    sigma: Optional[torch.Tensor] = None) -> None:
+        """New adapter `name`: z (r,) and sigma () default to D and sigma0, i.e. c == 0 exactly."""
+        sigma0 = config.initial_scale
+        dev = self.loldu_D.device
+        z0 = (self.loldu_D if z is None else z).detach().to(dev, torch.float32).clone()
+        s0 = torch.tensor(sigma0, dtype=torch.float32, device=dev) if sigma is None else \
+            sigma.detach().to(dev, torch.float32).reshape(()).clone()
+        self.loldu_z[name] = nn.Parameter(z0, requires_grad=False)
+        self.loldu_sigma[name] = nn.Parameter(s0, requires_grad=False)
+        self.sigma0[name] = sigma0
+        self.configs[name] = config
+
+    def delete_adapter(self, name: str) -> None:
+        del self.loldu_z[name]
+        del self.loldu_sigma[name]
+        del self.sigma0[name]
+        del self.configs[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_trainable(self, name: Optional[str]) -> None:
+        """Only adapter `name`'s z (and sigma if its config trains it) require grad."""
+        for n in self.loldu_z.keys():
+            self.loldu_z[n].requires_grad_(n == name)
+            self.loldu_sigma[n].requires_grad_(n == name and self.configs[n].train_scale)
+
+    def coefficients(self, name: str) -> torch.Tensor:
+        """c = sigma z - sigma0 D, (r,) fp32, written as sigma0 (z - D) + (sigma - sigma0) z.
+
+        Both terms are exactly zero at initialisation (z == D, sigma == sigma0 with sigma0 already
+        an fp32 value), in any evaluation order, so the adapted model starts as the base model.
+        """
+        z = self.loldu_z[name].float()
+        s = self.loldu_sigma[name].float()
+        s0 = self.sigma0[name]
+        return s0 * (z - self.loldu_D.float()) + (s - s0) * z
+
+    def row_coefficients(self) -> torch.Tensor:
+        """(rows, r) fp32: each row's adapter c; an index equal to len(_row_names) means 'no adapter'."""
+        cs = [self.coefficients(n) for n in self._row_names]
+        table = torch.stack(cs + [torch.zeros_like(cs[0]) if cs else self.loldu_D.float().new_zeros(self.rank)])
+        return table[self._row_ids]
+
+    def delta_weight(self, name: Optional[str] = None) -> torch.Tensor:
+        """ΔW = PL diag(c) U of adapter `name` (default: active), fp32 (d, k) in W0's matrix view."""
+        name = name or self.active_adapter
+        if name not in self.loldu_z:
+            raise AdapterError(f"layer has no adapter {name!r}")
+        return delta_weight(self.loldu_PL, self.loldu_U, self.coefficients(name))
+
+    # -- merge ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """W0 <- W0 + ΔW in fp32, cast back to the weight's dtype. Remembers c for unmerge."""
+        if self.merged_adapter is not None:
+            raise AdapterError(f"already merged adapter {self.merged_adapter!r}; unmerge first")
+        c = self.coefficients(name).detach().clone()
+        self._add_to_weight(delta_weight(self.loldu_PL, self.loldu_U, c), +1)
+        self.merged_adapter, self._merged_c = name, c
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - ΔW with the c used at merge time (exact up to one rounding of W's dtype)."""
+        if self.merged_adapter is None:
+            return
+        self._add_to_weight(delta_weight(self.loldu_PL, self.loldu_U, self._merged_c), -1)
+        self.merged_adapter, self._merged_c = None, None
+
+    def _add_to_weight(self, delta: torch.Tensor, sign: int) -> None:
+        w = self.base_layer.weight
+        new = (self.base_matrix().to(delta.dtype) + sign * delta).to(w.dtype)
+        # Written back through the parameter itself: the (d, k) matrix may be a copy (channels_last conv).
+        w.copy_(matrix_to_weight(self.base_layer, new))
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged_adapter is not None:
+            if self._row_ids is not None and self.merged_adapter is not None:
+                raise AdapterError("per-row adapters (loldu.adapter_ids) cannot run on a merged layer; unmerge first")
+            return self.base_layer(x)
+        if self._row_ids is not None:
+            rows = self._row_ids.shape[0]
+            if x.shape[0] != rows:
+                raise AdapterError(
+                    f"{self.kind} layer got a batch of {x.shape[0]} rows but loldu.adapter_ids gave {rows} ids")
+            return self._adapted(x, self._c_view(self.row_coefficients(), x))
+        if self.active_adapter is None:
+            return self.base_layer(x)
+        return self._adapted(x, self.coefficients(self.active_adapter))
+
+    def _factors_for(self, x: torch.Tensor):
+        """PL, U in the dtype the computation runs in (autocast casts inside the op instead)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return self.loldu_PL, self.loldu_U
+        dt = self.base_layer.weight.dtype
+        return self.loldu_PL.to(dt), self.loldu_U.to(dt)
+
+    def _adapted(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _c_view(self, c_rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, rank={self.rank}, adapters={list(self.loldu_z.keys())}, active={self.active_adapter!r}"
+
+
+class LoLDULinear(LoLDULayer):
+    """nn.Linear (W0 = weight, (out, in)): y = x W0^T + b + ((x U^T) c) PL^T via the fused op."""
+
+    kind = "linear"
+
+    def _adapted(self, x, c):
+        PL, U = self._factors_for(x)
+        return adapter_linear(x, self.base_layer.weight, self.base_layer.bias, PL, U, c)
+
+    def _c_view(self, c_rows, x):
+        shape = (c_rows.shape[0],) + (1,) * (x.dim() - 2) + (self.rank,)
+        return c_rows.view(shape).expand(*x.shape[:-1], self.rank)
+
+
+class LoLDUConv1D(LoLDULinear):
+    """transformers Conv1D: weight stored (in, out), so W0 = weight^T (a view; the op accepts it)."""
+
+    kind = "conv1d"
+
+    def _adapted(self, x, c):
+        PL, U = self._factors_for(x)
+        return adapter_linear(x, self.base_layer.weight.t(), self.base_layer.bias, PL, U, c)
+
+
+class LoLDUEmbedding(LoLDULayer):
+    """nn.Embedding (W0 = weight, (num, dim)): y = W0[ids] + (PL[ids] * c) U."""
+
+    kind = "embedding"
+
+    def _adapted(self, ids, c):
+        y = self.base_layer(ids)
+        # c stays fp32 through the scaling; the product with U runs in the output's dtype.
+        t = F.embedding(ids, self.loldu_PL).float() * c
+        return y + (t.to(y.dtype) @ self.loldu_U.to(y.dtype)).to(y.dtype)
+
+    def _c_view(self, c_rows, ids):
+        shape = (c_rows.shape[0],) + (1,) * (ids.dim() - 1) + (self.rank,)
+        return c_rows.view(shape)
+
+
+class LoLDUConv2d(LoLDULayer):
+    """nn.Conv2d, W0 = weight viewed (out, in*kh*kw): base conv + 1x1 conv(PL) of (c * conv(U)).
+
+    The U branch is a conv with r filters U.view(r, in, kh, kw) sharing the base conv's stride,
+    padding (and padding mode) and dilation, so it sees exactly the patches the base conv sees.
+    """
+
+    kind = "conv2d"
+
+    def _adapted(self, x, c):
+        base = self.base_layer
+        y = base(x)
+        PL, U = self._factors_for(x)
+        out_ch = base.weight.shape[0]
+        u = base._conv_forward(x, U.reshape(self.rank, *base.weight.shape[1:]), None)
+        cv = c.view(-1, self.rank, 1, 1) if c.dim() == 2 else c.view(1, self.rank, 1, 1)
+        t = (u.float() * cv).to(u.dtype)
+        return y + F.conv2d(t, PL.reshape(out_ch, self.rank, 1, 1).to(t.dtype))
+
+    def _c_view(self, c_rows, x):
+        return c_rows
+
+
+LAYER_CLASSES = {"linear": LoLDULinear, "conv1d": LoLDUConv1D, "embedding": LoLDUEmbedding, "conv2d": LoLDUConv2d}

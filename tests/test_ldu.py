@@ -1,0 +1,220 @@
+"""loldu.ldu against torch.linalg.lu (the oracle): values, pivots, shapes, dtypes, bad input."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import loldu
+from loldu.reference import ldu_reference
+
+from conftest import DEVICES
+
+
+def oracle(W: torch.Tensor, r: int):
+    """Leading-r components of the full LU: what the paper's released code computes."""
+    P, L, U = torch.linalg.lu(W)
+    D = U.diagonal(dim1=-2, dim2=-1)[..., :r]
+    PL = (P @ L)[..., :, :r]
+    Ut = U[..., :r, :] / D[..., :, None]
+    pivots = P.argmax(dim=-2)[..., :r]
+    return PL, D, Ut, pivots
+
+
+def assert_matches(res, W, r, tol):
+    PL, D, U, piv = oracle(W, r)
+    assert res.PL.shape == PL.shape and res.U.shape == U.shape and res.D.shape == D.shape
+    assert torch.equal(res.pivots.cpu(), piv.cpu())
+    for got, want in ((res.PL, PL), (res.D, D), (res.U, U)):
+        err = (got.to(want.dtype) - want).abs().max().item()
+        assert err <= tol * max(1.0, want.abs().max().item()), err
+    assert torch.isfinite(res.PL).all() and torch.isfinite(res.U).all()
+
+
+SHAPES = [(768, 768), (300, 200), (200, 300), (97, 41), (1, 5), (5, 1), (4096, 64), (64, 1500)]
+
+
+@pytest.mark.parametrize("d,k", SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_matches_full_lu(d, k, dtype, tol, device):
+    W = torch.randn(d, k, dtype=dtype, device=device)
+    m = min(d, k)
+    for r in sorted({1, min(8, m), min(33, m), min(64, m)}):
+        assert_matches(loldu.ldu(W, r), W, r, tol)
+
+
+@pytest.mark.parametrize("d,k", [(64, 64), (96, 40), (40, 96), (768, 768)])
+def test_full_rank_float64(d, k, device):
+    W = torch.randn(d, k, dtype=torch.float64, device=device)
+    r = min(d, k)
+    assert_matches(loldu.ldu(W, r), W, r, 1e-9 if r > 100 else 1e-12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(d=st.integers(1, 48), k=st.integers(1, 48), data=st.data(), transposed=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_random_shapes_and_ranks(d, k, data, transposed, seed):
+    r = data.draw(st.integers(1, min(d, k)), label="r")
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(k, d, generator=g, dtype=torch.float64).t() if transposed else \
+        torch.randn(d, k, generator=g, dtype=torch.float64)
+    assert_matches(loldu.ldu(W, r), W, r, 1e-10)
+
+
+def test_batch_equals_one_at_a_time(device):
+    W = torch.randn(5, 120, 80, device=device)
+    res = loldu.ldu(W, 24)
+    assert res.PL.shape == (5, 120, 24) and res.U.shape == (5, 24, 80) and res.pivots.shape == (5, 24)
+    for b in range(5):
+        one = loldu.ldu(W[b], 24)
+        for got, want in zip(res, one):
+            assert torch.equal(got[b], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_factorized_in_fp32(dtype, device):
+    W = torch.randn(90, 70, device=device).to(dtype)
+    res = loldu.ldu(W, 12)
+    assert res.PL.dtype == torch.float32
+    ref = loldu.ldu(W.float(), 12)
+    for got, want in zip(res, ref):
+        assert torch.equal(got, want)
+
+
+def test_reads_only_the_panel_and_the_pivot_rows(device):
+    """Poison every entry the method must not read: the result is unchanged and finite."""
+    d, k, r = 500, 400, 16
+    W = torch.randn(d, k, dtype=torch.float64, device=device)
+    clean = loldu.ldu(W, r)
+    poisoned = W.clone()
+    others = torch.ones(d, dtype=torch.bool)
+    others[clean.pivots.cpu()] = False
+    poisoned[others.to(device), r:] = float("nan")
+    res = loldu.ldu(poisoned, r)
+    for got, want in zip(res, clean):
+        assert torch.equal(got, want)
+
+
+def test_noncontiguous_input(device):
+    base = torch.randn(130, 90, dtype=torch.float64, device=device)
+    W = base.t()  # (90, 130) column-major view
+    assert_matches(loldu.ldu(W, 30), W, 30, 1e-12)
+    assert torch.equal(loldu.ldu(W, 30).U, loldu.ldu(W.contiguous(), 30).U)
+
+
+def test_no_pivoting_matches_doolittle(device):
+    # A diagonally dominant matrix: partial pivoting never swaps, so both modes agree.
+    W = torch.randn(60, 50, dtype=torch.float64, device=device) + 100 * torch.eye(60, 50, dtype=torch.float64, device=device)
+    a, b = loldu.ldu(W, 20, pivoting="none"), loldu.ldu(W, 20)
+    assert torch.equal(a.pivots.cpu(), torch.arange(20))
+    assert torch.allclose(a.U, b.U, atol=1e-12) and torch.allclose(a.PL, b.PL, atol=1e-12)
+    # ...and with no pivoting the product reproduces the rank-r skeleton W[:, :r] W[:r, :r]^-1 W[:r, :]
+    skeleton = W[:, :20] @ torch.linalg.solve(W[:20, :20], W[:20, :])
+    assert torch.allclose(a.PL @ torch.diag(a.D) @ a.U, skeleton, atol=1e-9)
+
+
+def test_from_pivots_reproduces_the_factors(device):
+    W = torch.randn(3, 200, 150, device=device)
+    res = loldu.ldu(W, 40)
+    again = loldu.ldu_from_pivots(W, res.pivots)
+    for got, want in zip(again, res):
+        assert torch.equal(got, want)
+
+
+def test_reference_path_agrees(device):
+    W = torch.randn(150, 110, dtype=torch.float64, device=device)
+    for r in (1, 31, 32, 33, 110):
+        res, ref = loldu.ldu(W, r), ldu_reference(W, r)
+        assert torch.equal(res.pivots, ref[3])
+        for got, want in zip(res[:3], ref[:3]):
+            assert torch.allclose(got, want, rtol=0, atol=1e-11)
+
+
+def test_minilm_every_linear_layer(minilm_path):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(minilm_path), local_files_only=True)
+    linears = [(n, m.weight.detach()) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) >= 36
+    for name, W in linears:
+        for r in (16, 128):
+            assert_matches(loldu.ldu(W, r), W, r, 1e-4), name
+        Wd = W.double()
+        assert_matches(loldu.ldu(Wd, min(Wd.shape)), Wd, min(Wd.shape), 1e-8), name
+
+
+# --- bad input: a loldu error that names the shape, rank and step; W left as it was ----------
+
+def _expect_error(W, rank, match, **kw):
+    before = W.clone()
+    with pytest.raises(loldu.FactorizationError, match=match) as info:
+        loldu.ldu(W, rank, **kw)
+    assert torch.equal(W, before) or (torch.isnan(W) == torch.isnan(before)).all()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("rank", [0, -3, 21, 2.0, True, None])
+def test_bad_rank(rank):
+    msg = _expect_error(torch.randn(30, 20), rank, "rank")
+    assert "(30, 20)" in msg or "[30, 20]" in msg
+
+
+@pytest.mark.parametrize("make", [lambda: torch.ones(8, 8, dtype=torch.int64),
+                                  lambda: torch.ones(8, 8, dtype=torch.bool),
+                                  lambda: torch.quantize_per_tensor(torch.randn(8, 8), 0.1, 0, torch.qint8),
+                                  lambda: torch.randn(8)])
+def test_bad_dtype_or_shape(make):
+    with pytest.raises(loldu.FactorizationError, match="W must be"):
+        loldu.ldu(make(), 2)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_in_panel(value, device):
+    W = torch.randn(40, 30, device=device)
+    W[7, 2] = value
+    msg = _expect_error(W, 5, "NaN or Inf")
+    assert "panel" in msg and "40, 30" in msg
+
+
+def test_nonfinite_in_a_pivot_row(device):
+    W = torch.randn(40, 30, dtype=torch.float64, device=device)
+    piv = loldu.ldu(W, 5).pivots
+    W[int(piv[3]), 20] = float("nan")
+    _expect_error(W, 5, "pivot row")
+
+
+@pytest.mark.parametrize("make,step", [
+    (lambda dev: torch.zeros(50, 40, device=dev), 0),
+    # columns 0..2 independent, column 3 a combination of them: step 3 has no pivot
+    (lambda dev: torch.cat([(a := torch.randn(50, 3, device=dev)), a @ torch.randn(3, 1, device=dev),
+                            torch.randn(50, 36, device=dev)], dim=1), 3),
+])
+def test_negligible_pivot(make, step, device):
+    msg = _expect_error(make(device), 10, "negligible pivot")
+    assert f"at step {step} of 10" in msg and "rank=10" in msg
+
+
+def test_bad_pivoting_name():
+    _expect_error(torch.randn(10, 10), 3, "pivoting", pivoting="complete")
+
+
+def test_error_names_batch_item(device):
+    W = torch.randn(4, 30, 20, device=device)
+    W[2] = 0
+    msg = _expect_error(W, 3, "batch item 2")
+    assert "negligible pivot" in msg
+
+
+def test_from_pivots_rejects_bad_pivots():
+    W = torch.randn(30, 20)
+    with pytest.raises(loldu.FactorizationError, match="out of range"):
+        loldu.ldu_from_pivots(W, torch.tensor([0, 31]))
+    with pytest.raises(loldu.FactorizationError, match="repeated"):
+        loldu.ldu_from_pivots(W, torch.tensor([4, 4, 2]))
+
+
+def test_build_info_names_the_backend():
+    info = loldu.build_info()
+    assert info["backend"] in {"compiled-cpu", "compiled-cuda", "jit-cpu", "jit-cuda", "pytorch"}
+    assert info["torch"] == torch.__version__
