@@ -75,7 +75,8 @@ class LoLDULayer(nn.Module):
 
     Buffers: loldu_PL (d, r) and loldu_U (r, k) in the config's factor dtype; loldu_D (r,) and the
     pivots (r,) int64 as the factorization returned them (fp32, or fp64 for fp64 weights).
-    Parameters: loldu_z[name] (r,) fp32 and loldu_sigma[name] () fp32 for every adapter `name`.
+    Parameters: loldu_z[name] (r,) and loldu_sigma[name] () for every adapter `name`, in D's dtype
+    (fp32; fp64 for fp64 weights), as is c: low-precision bases still get fp32 coefficients.
     """
 
     kind = ""
@@ -122,9 +123,9 @@ class LoLDULayer(nn.Module):
         """New adapter `name`: z (r,) and sigma () default to D and sigma0, i.e. c == 0 exactly."""
         sigma0 = config.initial_scale
         dev = self.loldu_D.device
-        z0 = (self.loldu_D if z is None else z).detach().to(dev, torch.float32).clone()
-        s0 = torch.tensor(sigma0, dtype=torch.float32, device=dev) if sigma is None else \
-            sigma.detach().to(dev, torch.float32).reshape(()).clone()
+        dt = self.loldu_D.dtype
+        z0 = (self.loldu_D if z is None else z).detach().to(dev, dt).clone()
+        s0 = torch.tensor(sigma0, dtype=dt, device=dev) if sigma is None else sigma.detach().to(dev, dt).reshape(()).clone()
         self.loldu_z[name] = nn.Parameter(z0, requires_grad=False)
         self.loldu_sigma[name] = nn.Parameter(s0, requires_grad=False)
         self.sigma0[name] = sigma0
@@ -145,20 +146,22 @@ class LoLDULayer(nn.Module):
             self.loldu_sigma[n].requires_grad_(n == name and self.configs[n].train_scale)
 
     def coefficients(self, name: str) -> torch.Tensor:
-        """c = sigma z - sigma0 D, (r,) fp32, written as sigma0 (z - D) + (sigma - sigma0) z.
+        """c = sigma z - sigma0 D, (r,) in D's dtype, written as sigma0 (z - D) + (sigma - sigma0) z.
 
         Both terms are exactly zero at initialisation (z == D, sigma == sigma0 with sigma0 already
         an fp32 value), in any evaluation order, so the adapted model starts as the base model.
         """
-        z = self.loldu_z[name].float()
-        s = self.loldu_sigma[name].float()
+        D = self.loldu_D
+        dt = torch.float64 if D.dtype == torch.float64 else torch.float32  # fp32 even if .to(bf16) was called
+        z = self.loldu_z[name].to(dt)
+        s = self.loldu_sigma[name].to(dt)
         s0 = self.sigma0[name]
-        return s0 * (z - self.loldu_D.float()) + (s - s0) * z
+        return s0 * (z - D.to(dt)) + (s - s0) * z
 
     def row_coefficients(self) -> torch.Tensor:
-        """(rows, r) fp32: each row's adapter c; an index equal to len(_row_names) means 'no adapter'."""
+        """(rows, r) in c's dtype: each row's adapter c; an index equal to len(_row_names) means 'no adapter'."""
         cs = [self.coefficients(n) for n in self._row_names]
-        table = torch.stack(cs + [torch.zeros_like(cs[0]) if cs else self.loldu_D.float().new_zeros(self.rank)])
+        table = torch.stack(cs + [torch.zeros_like(cs[0])])
         return table[self._row_ids]
 
     def delta_weight(self, name: Optional[str] = None) -> torch.Tensor:
@@ -257,7 +260,7 @@ class LoLDUEmbedding(LoLDULayer):
     def _adapted(self, ids, c):
         y = self.base_layer(ids)
         # c stays fp32 through the scaling; the product with U runs in the output's dtype.
-        t = F.embedding(ids, self.loldu_PL).float() * c
+        t = F.embedding(ids, self.loldu_PL).to(c.dtype) * c
         return y + (t.to(y.dtype) @ self.loldu_U.to(y.dtype)).to(y.dtype)
 
     def _c_view(self, c_rows, ids):
@@ -281,7 +284,7 @@ class LoLDUConv2d(LoLDULayer):
         out_ch = base.weight.shape[0]
         u = base._conv_forward(x, U.reshape(self.rank, *base.weight.shape[1:]), None)
         cv = c.view(-1, self.rank, 1, 1) if c.dim() == 2 else c.view(1, self.rank, 1, 1)
-        t = (u.float() * cv).to(u.dtype)
+        t = (u.to(cv.dtype) * cv).to(u.dtype)
         return y + F.conv2d(t, PL.reshape(out_ch, self.rank, 1, 1).to(t.dtype))
 
     def _c_view(self, c_rows, x):
