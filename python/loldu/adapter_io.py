@@ -60,6 +60,13 @@ def _data_hash(tensors: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _dumps(header: dict) -> str:
+    """Indented JSON with one compact line per layer: readable, and small for 100+ layers."""
+    top = json.dumps({k: v for k, v in header.items() if k != "layers"}, indent=1)
+    rows = ",\n".join("  " + json.dumps(e, separators=(", ", ": ")) for e in header["layers"])
+    return top[:-2] + ',\n "layers": [\n' + rows + "\n ]\n}\n"
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -104,7 +111,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     tensors = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv), "fingerprint": torch.stack(fps)}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter_name": name,
               "config": config.to_dict(), "data_sha256": _data_hash(tensors), "layers": entries}
-    config_bytes = (json.dumps(header, indent=1) + "\n").encode()
+    config_bytes = _dumps(header).encode()
     weights_bytes = st_save(tensors, metadata={"format": "pt", "loldu_format": f"{FORMAT}/{FORMAT_VERSION}",
                                                "config_sha256": hashlib.sha256(config_bytes).hexdigest()})
     d = Path(directory)

@@ -8,6 +8,7 @@ non-persistent buffers: they are re-derived from W0, so they stay out of `state_
 holds only the base weights and every adapter's z and sigma) but still follow `.to()` and DDP's
 buffer broadcast. All adapters of one layer share them; each adapter adds r + 1 numbers.
 """
+import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -18,10 +19,11 @@ from .errors import AdapterError
 from .ldu import LDUResult
 from .ops import adapter_linear, delta_weight
 
-try:  # transformers' GPT-2 style linear, weight stored (in, out)
-    from transformers.pytorch_utils import Conv1D as HFConv1D
-except ImportError:  # pragma: no cover - transformers is optional
-    HFConv1D = None
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style linear (weight stored (in, out)). Looked up lazily: a model holding
+    one has imported transformers already, and `import loldu` should not pay for importing it."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return mod is not None and isinstance(module, mod.Conv1D)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -29,7 +31,7 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     w = module.weight
     if isinstance(module, nn.Conv2d):
         return w.reshape(w.shape[0], -1)
-    if HFConv1D is not None and isinstance(module, HFConv1D):
+    if _is_hf_conv1d(module):
         return w.t()
     return w
 
@@ -38,7 +40,7 @@ def matrix_to_weight(module: nn.Module, M: torch.Tensor) -> torch.Tensor:
     """Inverse of weight_matrix: a (d, k) matrix laid out as the module's weight."""
     if isinstance(module, nn.Conv2d):
         return M.reshape(module.weight.shape)
-    if HFConv1D is not None and isinstance(module, HFConv1D):
+    if _is_hf_conv1d(module):
         return M.t()
     return M
 
@@ -57,7 +59,7 @@ def check_supported(name: str, module: nn.Module) -> str:
         if module.max_norm is not None:
             raise AdapterError(f"layer '{name}': Embedding with max_norm rewrites its weight in place; not supported")
         kind = "embedding"
-    elif HFConv1D is not None and isinstance(module, HFConv1D):
+    elif _is_hf_conv1d(module):
         kind = "conv1d"
     else:
         raise AdapterError(
