@@ -473,3 +473,18 @@ def test_model_conv2d_padding_mode_and_stride():
     xp = F.pad(x.double(), conv._reversed_padding_repeated_twice, mode="reflect")
     ref = F.conv2d(xp, conv.weight.double() + dW, conv.bias.double(), stride=2, dilation=(1, 2))
     assert rel(model(x), ref) < 1e-5
+
+
+def test_model_cast_after_inject_still_starts_at_base():
+    # sigma0 = 1/3 has no exact bf16 value; c must still be exactly 0 after model.to(bfloat16).
+    base = TinyNet()
+    model = loldu.inject(copy.deepcopy(base), LoLDUConfig(rank=3, target_modules=TARGETS)).to(torch.bfloat16)
+    base = base.to(torch.bfloat16)
+    for _, layer in loldu.adapted_layers(model):
+        assert layer.loldu_sigma["default"].dtype == torch.bfloat16
+        assert torch.equal(layer.coefficients("default"), torch.zeros(3))
+    loldu.add_adapter(model, "late")
+    assert all(torch.equal(l.coefficients("late"), torch.zeros(3)) for _, l in loldu.adapted_layers(model))
+    ids, img = inputs()
+    for a, b in zip(model(ids, img.bfloat16()), base(ids, img.bfloat16())):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

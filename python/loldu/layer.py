@@ -93,6 +93,8 @@ class LoLDULayer(nn.Module):
         self.loldu_z = nn.ParameterDict()
         self.loldu_sigma = nn.ParameterDict()
         self.sigma0: Dict[str, float] = {}
+        # sigma0 rounded to each dtype sigma may be stored in (after a user's model.to(dtype)).
+        self._sigma0_as: Dict[str, Dict[torch.dtype, float]] = {}
         self.configs: Dict[str, object] = {}
         self.active_adapter: Optional[str] = None
         self.disabled = False
@@ -125,18 +127,21 @@ class LoLDULayer(nn.Module):
         """New adapter `name`: z (r,) and sigma () default to D and sigma0, i.e. c == 0 exactly."""
         sigma0 = config.initial_scale
         dev = self.loldu_D.device
-        dt = self.loldu_D.dtype
+        dt = torch.float64 if self.loldu_D.dtype == torch.float64 else torch.float32
         z0 = (self.loldu_D if z is None else z).detach().to(dev, dt).clone()
         s0 = torch.tensor(sigma0, dtype=dt, device=dev) if sigma is None else sigma.detach().to(dev, dt).reshape(()).clone()
         self.loldu_z[name] = nn.Parameter(z0, requires_grad=False)
         self.loldu_sigma[name] = nn.Parameter(s0, requires_grad=False)
         self.sigma0[name] = sigma0
+        self._sigma0_as[name] = {t: float(torch.tensor(sigma0, dtype=t))
+                                 for t in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
         self.configs[name] = config
 
     def delete_adapter(self, name: str) -> None:
         del self.loldu_z[name]
         del self.loldu_sigma[name]
         del self.sigma0[name]
+        del self._sigma0_as[name]
         del self.configs[name]
         if self.active_adapter == name:
             self.active_adapter = None
@@ -150,14 +155,16 @@ class LoLDULayer(nn.Module):
     def coefficients(self, name: str) -> torch.Tensor:
         """c = sigma z - sigma0 D, (r,) in D's dtype, written as sigma0 (z - D) + (sigma - sigma0) z.
 
-        Both terms are exactly zero at initialisation (z == D, sigma == sigma0 with sigma0 already
-        an fp32 value), in any evaluation order, so the adapted model starts as the base model.
+        Both terms are exactly zero at initialisation (z == D, and sigma == sigma0 once sigma0 is
+        rounded to sigma's storage dtype), in any evaluation order and even after the model was cast
+        with .to(dtype), so the adapted model starts as the base model.
         """
         D = self.loldu_D
         dt = torch.float64 if D.dtype == torch.float64 else torch.float32  # fp32 even if .to(bf16) was called
         z = self.loldu_z[name].to(dt)
-        s = self.loldu_sigma[name].to(dt)
-        s0 = self.sigma0[name]
+        s = self.loldu_sigma[name]
+        s0 = self._sigma0_as[name].get(s.dtype, self.sigma0[name])
+        s = s.to(dt)
         return s0 * (z - D.to(dt)) + (s - s0) * z
 
     def row_coefficients(self) -> torch.Tensor:
