@@ -423,19 +423,28 @@ def _grads(m):
 
 
 def test_model_torch_compile_fullgraph_matches_eager():
-    m = _mlp()
-    ids = torch.randint(0, 30, (3, 7))
-    eager = m(ids)
-    eager.square().sum().backward()
+    # Every layer kind (Embedding, Linear, Conv1D, Conv2d), forward and backward, then a mixed batch.
+    _, m = injected(rank=3, train_scale=True)
+    perturb(m, sigma=True)
+    ids, img = inputs()
+    g_h, g_y = (torch.randn_like(t) for t in m(ids, img))
+    eager = m(ids, img)
+    ((eager[0] * g_h).sum() + (eager[1] * g_y).sum()).backward()
     g_eager = _grads(m)
     m.zero_grad()
     compiled = torch.compile(m, fullgraph=True)
-    out = compiled(ids)
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-    out.square().sum().backward()
+    out = compiled(ids, img)
+    for a, b in zip(out, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    ((out[0] * g_h).sum() + (out[1] * g_y).sum()).backward()
     for a, b in zip(_grads(m), g_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert loldu.adapted_layers(compiled)  # the API looks through the compile wrapper
+    loldu.add_adapter(compiled, "b")
+    perturb(m, "b")
+    with torch.no_grad(), loldu.adapter_ids(compiled, ["b", "default", None, "b"]):
+        for a, b in zip(compiled(ids, img), m(ids, img)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_model_autocast_bf16():
@@ -488,3 +497,21 @@ def test_model_cast_after_inject_still_starts_at_base():
     ids, img = inputs()
     for a, b in zip(model(ids, img.bfloat16()), base(ids, img.bfloat16())):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_model_merge_refuses_tied_weights():
+    net = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 16, bias=False))
+    net[1].weight = net[0].weight  # tied, as in language models
+    model = loldu.inject(net, LoLDUConfig(rank=2, target_modules=["0", "1"]))
+    perturb(model)
+    before = snapshot(model)
+    with pytest.raises(AdapterError, match="'0' and '1' share one weight"):
+        loldu.merge(model)
+    assert_same_snapshot(before, snapshot(model))
+    ids = torch.randint(0, 16, (2, 3))
+    W = net[0].base_layer.weight.double()
+    l0, l1 = net[0], net[1]
+    dW0 = l0.loldu_PL.double() @ torch.diag(c64(l0, "default")) @ l0.loldu_U.double()
+    dW1 = l1.loldu_PL.double() @ torch.diag(c64(l1, "default")) @ l1.loldu_U.double()
+    ref = F.linear(F.embedding(ids, W + dW0), W + dW1)  # delta form keeps each layer's own ΔW
+    assert rel(model(ids), ref) < 1e-5

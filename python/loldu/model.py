@@ -154,6 +154,8 @@ def inject(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default",
     are not rewritten; the adapter starts at c == 0, so outputs are unchanged. Afterwards only z
     (and sigma if config.train_scale) require grad. `progress`: tqdm bar (default: from 32 layers).
     Raises AdapterError naming the layer (unsupported type, rank too large, degenerate weight).
+    With activation checkpointing, use non-reentrant checkpoints (transformers' default) or make the
+    inputs require grad: a reentrant checkpoint whose inputs need no grad passes no gradient to z.
     """
     if not isinstance(config, LoLDUConfig):
         raise AdapterError(f"loldu.inject: config must be a LoLDUConfig, got {type(config).__name__}")
@@ -275,6 +277,12 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     merged = [n for n, layer in layers if layer.merged_adapter is not None]
     if merged:
         raise AdapterError(f"loldu.merge: layer '{merged[0]}' is already merged; call loldu.unmerge first")
+    owner: Dict[int, str] = {}
+    for n, layer in layers:  # tied weights (e.g. embedding and LM head) would receive two ΔW
+        first = owner.setdefault(id(layer.base_layer.weight), n)
+        if first != n:
+            raise AdapterError(f"loldu.merge: layers '{first}' and '{n}' share one weight tensor (tied weights); "
+                               "merging would add both ΔW to it. Keep them unmerged (delta form)")
     for _, layer in layers:
         layer.merge(name)
     return model
