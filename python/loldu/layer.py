@@ -195,7 +195,8 @@ class LoLDULayer(nn.Module):
         """W <- W - ΔW with the c used at merge time (exact up to one rounding of W's dtype)."""
         if self.merged_adapter is None:
             return
-        self._add_to_weight(delta_weight(self.loldu_PL, self.loldu_U, self._merged_c), -1)
+        c = self._merged_c.to(self.loldu_PL.device)  # a plain attribute: .to(device) did not move it
+        self._add_to_weight(delta_weight(self.loldu_PL, self.loldu_U, c), -1)
         self.merged_adapter, self._merged_c = None, None
 
     def _add_to_weight(self, delta: torch.Tensor, sign: int) -> None:
