@@ -1,6 +1,4 @@
 """Small models and independent float64 oracles shared by the model-API tests."""
-import copy
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -96,7 +94,3 @@ def assert_same_snapshot(a, b):
     assert a[0].keys() == b[0].keys()
     for k in a[0]:
         assert torch.equal(a[0][k].nan_to_num(7.0), b[0][k].nan_to_num(7.0)), k
-
-
-def fresh_copy(model):
-    return copy.deepcopy(model)
