@@ -1,10 +1,9 @@
 // Truncated, blocked LDU factorization on the CPU (LOLDU.md, facts 1 and 2).
 //
 // Only W[:, :r] (the panel) and the r pivot rows of W are read. The panel is copied into a
-// row-major (d, r) buffer in the working dtype and factored by a right-looking blocked LU with
-// partial pivoting: inside a block of kBlock columns one fused pass per column scales the
-// multipliers, applies the rank-1 update and finds the next column's pivot; across blocks the
-// trailing update is one GEMM (ATen/BLAS). Then the r pivot rows are solved once against L11.
+// column-major (d, r) buffer in the working dtype and factored by a right-looking blocked LU with
+// partial pivoting: inside a block of kBlock columns, contiguous per-column passes (pivot search,
+// scaling, rank-1 updates); across blocks the trailing update is one GEMM (ATen/BLAS). Then the r pivot rows are solved once against L11.
 // Cost O((d + k) r^2); no (d, d) permutation and no (d, k) temporary.
 #include "loldu/loldu.h"
 #include "ldu_common.h"
@@ -14,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -21,26 +21,97 @@
 namespace loldu {
 namespace {
 
-// Columns per block: a block row segment (kBlock working scalars) stays within two cache lines
-// for fp32, and for r <= kBlock the whole panel is factored without any GEMM call.
+// Columns per block: for r <= kBlock the whole panel is factored without any GEMM call; above
+// it each block's trailing update is one BLAS GEMM.
 constexpr int64_t kBlock = 32;
 
+// Hot loops, cloned for AVX-512 / AVX2 / baseline and picked at load time (the extension is
+// built without -march flags so that one build runs on any x86-64).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LOLDU_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LOLDU_MULTIVERSION
+#endif
+
+// y -= a * x
+LOLDU_MULTIVERSION void axpy_neg(float* __restrict y, const float* __restrict x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] -= a * x[i];
+}
+LOLDU_MULTIVERSION void axpy_neg(double* __restrict y, const double* __restrict x, double a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] -= a * x[i];
+}
+// y = a * x
+LOLDU_MULTIVERSION void scale_to(float* __restrict y, const float* __restrict x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
+}
+LOLDU_MULTIVERSION void scale_to(double* __restrict y, const double* __restrict x, double a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
+}
+
+// The bit pattern of max |x_i|: its float is max |x_i|, and it is >= the pattern of +Inf exactly
+// when x holds a NaN or an Inf. Integer max reductions vectorize without fast-math flags.
+LOLDU_MULTIVERSION uint32_t max_abs_bits(const float* x, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, sizeof b);
+    b &= 0x7fffffffu;
+    m = b > m ? b : m;
+  }
+  return m;
+}
+LOLDU_MULTIVERSION uint64_t max_abs_bits(const double* x, int64_t n) {
+  uint64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t b;
+    std::memcpy(&b, x + i, sizeof b);
+    b &= 0x7fffffffffffffffull;
+    m = b > m ? b : m;
+  }
+  return m;
+}
+
+// max |x_i| over a contiguous buffer, or NaN when any x_i is NaN or Inf.
+template <typename acc_t>
+acc_t max_abs_or_nan(const acc_t* x, int64_t n) {
+  const auto bits = max_abs_bits(x, n);
+  acc_t m;
+  std::memcpy(&m, &bits, sizeof m);
+  return std::isfinite(m) ? m : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// The (d, r) panel, column-major, so that the pivot search, the scaling of the multipliers and
+// every rank-1 update are contiguous, vectorizable passes over one column.
 template <typename acc_t>
 struct Panel {
   int64_t d, r;
-  std::vector<acc_t> a;        // (d, r) row-major
+  std::vector<acc_t> a;        // column j at a[j * d]
   std::vector<int64_t> perm;   // perm[i]: original row of W now at panel row i
   std::vector<int64_t> pos;    // inverse of perm (used when the pivots are prescribed)
-  acc_t* row(int64_t i) { return a.data() + i * r; }
+  acc_t* col(int64_t j) { return a.data() + j * d; }
+  acc_t& at(int64_t i, int64_t j) { return a[j * d + i]; }
 };
 
 template <typename acc_t>
 void swap_rows(Panel<acc_t>& P, int64_t i, int64_t j) {
   if (i == j) return;
-  std::swap_ranges(P.row(i), P.row(i) + P.r, P.row(j));
+  for (int64_t c = 0; c < P.r; ++c) std::swap(P.at(i, c), P.at(j, c));
   std::swap(P.perm[i], P.perm[j]);
   P.pos[P.perm[i]] = i;
   P.pos[P.perm[j]] = j;
+}
+
+// First index of the largest magnitude in x[i0, n) (ties to the smaller index, as LAPACK).
+// The panel is finite here, so comparing magnitude bit patterns compares magnitudes.
+template <typename acc_t>
+int64_t argmax_abs(const acc_t* x, int64_t i0, int64_t n) {
+  const auto best = max_abs_bits(x + i0, n - i0);
+  for (int64_t i = i0; i < n; ++i) {
+    decltype(max_abs_bits(x, 0)) b;
+    std::memcpy(&b, x + i, sizeof b);
+    if ((b << 1) == (best << 1)) return i;
+  }
+  return i0;
 }
 
 // Factor columns [j0, j1) of the panel, rows j0..d, with the rank-1 updates restricted to
@@ -49,40 +120,20 @@ template <typename acc_t>
 void factor_block(Panel<acc_t>& P, int64_t j0, int64_t j1, PivotMode mode, const int64_t* forced,
                   acc_t tol, const LduContext& ctx) {
   const int64_t d = P.d;
-  // Pivot candidate for column j0 (later columns get theirs from the fused pass).
-  auto argmax_col = [&](int64_t j) {
-    int64_t best = j;
-    acc_t bv = std::abs(P.row(j)[j]);
-    for (int64_t i = j + 1; i < d; ++i) {
-      acc_t v = std::abs(P.row(i)[j]);
-      if (v > bv) { bv = v; best = i; }
-    }
-    return best;
-  };
-  int64_t next_pivot = mode == PivotMode::Partial ? argmax_col(j0) : j0;
   for (int64_t j = j0; j < j1; ++j) {
     int64_t p = j;
-    if (mode == PivotMode::Partial) p = next_pivot;
+    if (mode == PivotMode::Partial) p = argmax_abs(P.col(j), j, d);
     else if (mode == PivotMode::Given) p = P.pos[forced[j]];
     swap_rows(P, j, p);
-    const acc_t piv = P.row(j)[j];
+    acc_t* __restrict cj = P.col(j);
+    const acc_t piv = cj[j];
     if (!(std::abs(piv) > tol)) ctx.fail_pivot(j, static_cast<double>(piv), static_cast<double>(tol));
     const acc_t inv = acc_t(1) / piv;
-    const acc_t* urow = P.row(j);
-    const int64_t c0 = j + 1;
-    acc_t bv = -1;
-    int64_t best = j + 1;
-    for (int64_t i = j + 1; i < d; ++i) {
-      acc_t* ri = P.row(i);
-      const acc_t l = ri[j] * inv;
-      ri[j] = l;
-      for (int64_t c = c0; c < j1; ++c) ri[c] -= l * urow[c];
-      if (c0 < j1) {
-        acc_t v = std::abs(ri[c0]);
-        if (v > bv) { bv = v; best = i; }
-      }
+    for (int64_t i = j + 1; i < d; ++i) cj[i] *= inv;
+    for (int64_t c = j + 1; c < j1; ++c) {
+      acc_t* cc = P.col(c);
+      axpy_neg(cc + j + 1, cj + j + 1, cc[j], d - j - 1);
     }
-    next_pivot = best;
   }
 }
 
@@ -94,104 +145,97 @@ void factor_one(const at::Tensor& W, int64_t r, PivotMode mode, const int64_t* f
   std::iota(P.perm.begin(), P.perm.end(), 0);
   std::iota(P.pos.begin(), P.pos.end(), 0);
 
-  // Gather the panel W[:, :r], checking it is finite and measuring it for the pivot tolerance.
-  acc_t amax = 0;
+  // Gather the panel W[:, :r] in W's memory order.
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loldu_ldu_gather", [&] {
     const scalar_t* w = W.const_data_ptr<scalar_t>();
     const int64_t s0 = W.stride(0), s1 = W.stride(1);
-    for (int64_t i = 0; i < d; ++i) {
-      acc_t* dst = P.row(i);
-      const scalar_t* src = w + i * s0;
-      for (int64_t j = 0; j < r; ++j) {
-        acc_t v = static_cast<acc_t>(src[j * s1]);
-        if (!std::isfinite(v)) ctx.fail_nonfinite("panel W[:, :r]", i, j);
-        amax = std::max(amax, std::abs(v));
-        dst[j] = v;
-      }
+    if (s1 <= s0) {
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < r; ++j) P.a[j * d + i] = static_cast<acc_t>(w[i * s0 + j * s1]);
+    } else {
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t i = 0; i < d; ++i) P.a[j * d + i] = static_cast<acc_t>(w[i * s0 + j * s1]);
     }
   });
+  at::Tensor panel = at::from_blob(P.a.data(), {d, r}, {1, d}, at::TensorOptions().dtype(acc_type));
+  // max |panel| sets the pivot tolerance; it is NaN/Inf exactly when the panel holds one.
+  const acc_t amax = max_abs_or_nan(P.a.data(), d * r);
+  if (!std::isfinite(amax)) {
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < r; ++j)
+        if (!std::isfinite(P.at(i, j))) ctx.fail_nonfinite("panel W[:, :r]", i, j);
+  }
   const acc_t tol = static_cast<acc_t>(d) * std::numeric_limits<acc_t>::epsilon() * amax;
 
   // Right-looking blocked LU over the r panel columns.
-  at::Tensor panel_view = at::from_blob(P.a.data(), {d, r}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   for (int64_t j0 = 0; j0 < r; j0 += kBlock) {
     const int64_t j1 = std::min(r, j0 + kBlock);
     factor_block(P, j0, j1, mode, forced, tol, ctx);
     if (j1 < r) {
       // U12 = L11^{-1} A12 for this block's rows, then A22 -= L21 U12 (one GEMM).
-      for (int64_t i = j0; i < j1; ++i) {
-        acc_t* ri = P.row(i);
-        for (int64_t p = j0; p < i; ++p) {
-          const acc_t l = ri[p];
-          const acc_t* rp = P.row(p);
-          for (int64_t c = j1; c < r; ++c) ri[c] -= l * rp[c];
+      for (int64_t c = j1; c < r; ++c) {
+        acc_t* cc = P.col(c);
+        for (int64_t i = j0 + 1; i < j1; ++i) {
+          acc_t s = cc[i];
+          for (int64_t p = j0; p < i; ++p) s -= P.at(i, p) * cc[p];
+          cc[i] = s;
         }
       }
       if (j1 < d) {
-        auto A22 = panel_view.narrow(0, j1, d - j1).narrow(1, j1, r - j1);
-        auto L21 = panel_view.narrow(0, j1, d - j1).narrow(1, j0, j1 - j0);
-        auto U12 = panel_view.narrow(0, j0, j1 - j0).narrow(1, j1, r - j1);
-        A22.addmm_(L21, U12, /*beta=*/1, /*alpha=*/-1);
+        auto A22 = panel.narrow(0, j1, d - j1).narrow(1, j1, r - j1);
+        A22.addmm_(panel.narrow(0, j1, d - j1).narrow(1, j0, j1 - j0),
+                   panel.narrow(0, j0, j1 - j0).narrow(1, j1, r - j1), /*beta=*/1, /*alpha=*/-1);
       }
     }
   }
 
-  // Outputs from the panel: D, the U11 block, PL in the original row order, the pivots.
+  // Outputs from the panel: D, the pivots, PL in the original row order.
   for (int64_t i = 0; i < r; ++i) {
-    D[i] = P.row(i)[i];
+    D[i] = P.at(i, i);
     pivots[i] = P.perm[i];
   }
   for (int64_t i = 0; i < d; ++i) {
-    const acc_t* src = P.row(i);
     acc_t* dst = PL + P.perm[i] * r;
-    for (int64_t j = 0; j < r; ++j) dst[j] = j < i ? src[j] : (j == i ? acc_t(1) : acc_t(0));
+    for (int64_t j = 0; j < r; ++j) dst[j] = j < i ? P.at(i, j) : (j == i ? acc_t(1) : acc_t(0));
   }
 
   // Pivot rows: U[:, r:] = D^{-1} L11^{-1} W[I, r:]; the U11 part is already in the panel.
   const int64_t kr = k - r;
   if (kr > 0) {
-    at::Tensor B = at::empty({r, kr}, panel_view.options());
+    at::Tensor B = at::empty({r, kr}, at::TensorOptions().dtype(acc_type));
     acc_t* b = B.data_ptr<acc_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loldu_ldu_rows", [&] {
       const scalar_t* w = W.const_data_ptr<scalar_t>();
       const int64_t s0 = W.stride(0), s1 = W.stride(1);
       for (int64_t i = 0; i < r; ++i) {
         const scalar_t* src = w + P.perm[i] * s0 + r * s1;
-        acc_t* dst = b + i * kr;
-        for (int64_t c = 0; c < kr; ++c) {
-          acc_t v = static_cast<acc_t>(src[c * s1]);
-          if (!std::isfinite(v)) ctx.fail_nonfinite("pivot row", P.perm[i], r + c);
-          dst[c] = v;
-        }
+        acc_t* __restrict dst = b + i * kr;
+        for (int64_t c = 0; c < kr; ++c) dst[c] = static_cast<acc_t>(src[c * s1]);
       }
     });
+    if (std::isnan(max_abs_or_nan(b, r * kr))) {
+      for (int64_t i = 0; i < r; ++i)
+        for (int64_t c = 0; c < kr; ++c)
+          if (!std::isfinite(b[i * kr + c])) ctx.fail_nonfinite("pivot row", P.perm[i], r + c);
+    }
     if (r <= kBlock) {
       for (int64_t i = 1; i < r; ++i) {
-        acc_t* bi = b + i * kr;
-        const acc_t* li = P.row(i);
-        for (int64_t p = 0; p < i; ++p) {
-          const acc_t l = li[p];
-          const acc_t* bp = b + p * kr;
-          for (int64_t c = 0; c < kr; ++c) bi[c] -= l * bp[c];
-        }
+        for (int64_t p = 0; p < i; ++p) axpy_neg(b + i * kr, b + p * kr, P.at(i, p), kr);
       }
     } else {
-      auto L11 = panel_view.narrow(0, 0, r);
+      auto L11 = panel.narrow(0, 0, r);
       B = at::linalg_solve_triangular(L11, B, /*upper=*/false, /*left=*/true, /*unitriangular=*/true).contiguous();
       b = B.data_ptr<acc_t>();
     }
     for (int64_t i = 0; i < r; ++i) {
-      const acc_t inv = acc_t(1) / D[i];
-      const acc_t* src = b + i * kr;
-      acc_t* dst = U + i * k + r;
-      for (int64_t c = 0; c < kr; ++c) dst[c] = src[c] * inv;
+      scale_to(U + i * k + r, b + i * kr, acc_t(1) / D[i], kr);
     }
   }
   for (int64_t i = 0; i < r; ++i) {
     const acc_t inv = acc_t(1) / D[i];
-    const acc_t* src = P.row(i);
     acc_t* dst = U + i * k;
-    for (int64_t c = 0; c < r; ++c) dst[c] = c < i ? acc_t(0) : (c == i ? acc_t(1) : src[c] * inv);
+    for (int64_t c = 0; c < r; ++c) dst[c] = c < i ? acc_t(0) : (c == i ? acc_t(1) : P.at(i, c) * inv);
   }
 }
 

@@ -23,12 +23,24 @@ def oracle(W: torch.Tensor, r: int):
 
 
 def assert_matches(res, W, r, tol):
+    """Same pivots as torch.linalg.lu, values within `tol` relative to each factor's largest entry.
+
+    In fp32 a leading block can be ill-conditioned (full rank of a random square block), and then
+    no fp32 algorithm is within 1e-5 of another: there the error against the fp64 truth may not
+    exceed 8x the error of torch.linalg.lu's own fp32 result against that truth."""
     PL, D, U, piv = oracle(W, r)
     assert res.PL.shape == PL.shape and res.U.shape == U.shape and res.D.shape == D.shape
     assert torch.equal(res.pivots.cpu(), piv.cpu())
-    for got, want in ((res.PL, PL), (res.D, D), (res.U, U)):
+    exact = oracle(W.double(), r) if W.dtype != torch.float64 else None
+    for i, (got, want) in enumerate(((res.PL, PL), (res.D, D), (res.U, U))):
+        scale = max(1.0, want.abs().max().item())
         err = (got.to(want.dtype) - want).abs().max().item()
-        assert err <= tol * max(1.0, want.abs().max().item()), err
+        if err > tol * scale and exact is not None:
+            truth = exact[i]
+            ours, lapack = ((t.double() - truth).abs().max().item() for t in (got, want))
+            assert ours <= 8 * lapack, (ours, lapack)
+        else:
+            assert err <= tol * scale, err
     assert torch.isfinite(res.PL).all() and torch.isfinite(res.U).all()
 
 
