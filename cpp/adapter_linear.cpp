@@ -34,28 +34,31 @@ std::string shape_of(const at::Tensor& t) {
 void check_adapter_args(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, const at::Tensor& PL,
                         const at::Tensor& U, const at::Tensor& c) {
-  const std::string all = "x " + shape_of(x) + ", weight " + shape_of(weight) + ", PL " +
-                          shape_of(PL) + ", U " + shape_of(U) + ", c " + shape_of(c);
+  // Built only when a check fails (TORCH_CHECK evaluates its message lazily).
+  auto all = [&] {
+    return "x " + shape_of(x) + ", weight " + shape_of(weight) + ", PL " + shape_of(PL) + ", U " + shape_of(U) +
+           ", c " + shape_of(c);
+  };
   TORCH_CHECK_VALUE(weight.dim() == 2 && PL.dim() == 2 && U.dim() == 2 && x.dim() >= 1,
-                    "loldu.adapter_linear: expected x (..., k), weight (d, k), PL (d, r), U (r, k); got ", all);
+                    "loldu.adapter_linear: expected x (..., k), weight (d, k), PL (d, r), U (r, k); got ", all());
   const int64_t d = weight.size(0), k = weight.size(1), r = PL.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == k, "loldu.adapter_linear: x has ", x.size(-1),
-                    " features but weight expects k=", k, "; got ", all);
+                    " features but weight expects k=", k, "; got ", all());
   TORCH_CHECK_VALUE(PL.size(0) == d && U.size(0) == r && U.size(1) == k && r >= 1,
                     "loldu.adapter_linear: inconsistent rank or shapes, expected PL (", d, ", r), U (r, ",
-                    k, "); got ", all);
+                    k, "); got ", all());
   const bool shared = c.dim() == 1 && c.size(0) == r;
   bool per_row = c.dim() == x.dim() && c.size(-1) == r;
   for (int64_t i = 0; per_row && i + 1 < x.dim(); ++i) per_row = c.size(i) == x.size(i);
   TORCH_CHECK_VALUE(shared || per_row, "loldu.adapter_linear: c must be (r,) = (", r,
-                    ",) or x's leading shape + (r,); got ", all);
+                    ",) or x's leading shape + (r,); got ", all());
   if (bias) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d, "loldu.adapter_linear: bias must be (",
                       d, ",), got ", shape_of(*bias));
   }
   for (const at::Tensor* t : {&weight, &PL, &U, &c}) {
     TORCH_CHECK_VALUE(t->device() == x.device(), "loldu.adapter_linear: all tensors must be on ",
-                      x.device(), ", found one on ", t->device(), "; shapes: ", all);
+                      x.device(), ", found one on ", t->device(), "; shapes: ", all());
   }
   if (bias) TORCH_CHECK_VALUE(bias->device() == x.device(), "loldu.adapter_linear: bias on ", bias->device(),
                               " but x on ", x.device());
@@ -64,7 +67,7 @@ void check_adapter_args(const at::Tensor& x, const at::Tensor& weight,
   for (const at::Tensor* t : {&weight, &PL, &U}) {
     TORCH_CHECK_VALUE(t->scalar_type() == dt, "loldu.adapter_linear: x is ", dt,
                       " but weight/PL/U are ", weight.scalar_type(), "/", PL.scalar_type(), "/",
-                      U.scalar_type(), " (cast them, or use torch.autocast); shapes: ", all);
+                      U.scalar_type(), " (cast them, or use torch.autocast); shapes: ", all());
   }
   if (bias) TORCH_CHECK_VALUE(bias->scalar_type() == dt, "loldu.adapter_linear: bias is ",
                               bias->scalar_type(), " but x is ", dt);

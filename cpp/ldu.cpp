@@ -23,7 +23,7 @@ namespace {
 
 // Columns per block: for r <= kBlock the whole panel is factored without any GEMM call; above
 // it each block's trailing update is one BLAS GEMM.
-constexpr int64_t kBlock = 32;
+constexpr int64_t kBlock = 64;
 
 // Hot loops, cloned for AVX-512 / AVX2 / baseline and picked at load time (the extension is
 // built without -march flags so that one build runs on any x86-64).

@@ -14,27 +14,29 @@ from .reference import adapter_linear_reference, delta_weight_reference
 
 
 def _check(x, weight, bias, PL, U, c):
-    shapes = (f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, PL {tuple(PL.shape)}, "
-              f"U {tuple(U.shape)}, c {tuple(c.shape)}")
+    def shapes():  # only formatted when a check fails: this runs on every forward
+        return (f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, PL {tuple(PL.shape)}, "
+                f"U {tuple(U.shape)}, c {tuple(c.shape)}")
+
     if weight.dim() != 2 or PL.dim() != 2 or U.dim() != 2 or x.dim() < 1:
-        raise ShapeError(f"loldu.adapter_linear: expected x (..., k), weight (d, k), PL (d, r), U (r, k); got {shapes}")
+        raise ShapeError(f"loldu.adapter_linear: expected x (..., k), weight (d, k), PL (d, r), U (r, k); got {shapes()}")
     d, k = weight.shape
     r = PL.shape[1]
     if x.shape[-1] != k:
-        raise ShapeError(f"loldu.adapter_linear: x has {x.shape[-1]} features but weight expects k={k}; got {shapes}")
+        raise ShapeError(f"loldu.adapter_linear: x has {x.shape[-1]} features but weight expects k={k}; got {shapes()}")
     if PL.shape[0] != d or tuple(U.shape) != (r, k) or r < 1:
-        raise ShapeError(f"loldu.adapter_linear: inconsistent rank or shapes, expected PL ({d}, r), U (r, {k}); got {shapes}")
+        raise ShapeError(f"loldu.adapter_linear: inconsistent rank or shapes, expected PL ({d}, r), U (r, {k}); got {shapes()}")
     if tuple(c.shape) != (r,) and tuple(c.shape) != (*x.shape[:-1], r):
-        raise ShapeError(f"loldu.adapter_linear: c must be (r,) = ({r},) or x's leading shape + (r,); got {shapes}")
+        raise ShapeError(f"loldu.adapter_linear: c must be (r,) = ({r},) or x's leading shape + (r,); got {shapes()}")
     if bias is not None and tuple(bias.shape) != (d,):
         raise ShapeError(f"loldu.adapter_linear: bias must be ({d},), got {tuple(bias.shape)}")
     tensors = [weight, PL, U, c] + ([bias] if bias is not None else [])
     if any(t.device != x.device for t in tensors):
-        raise ShapeError(f"loldu.adapter_linear: mixed devices {[str(t.device) for t in [x] + tensors]}; shapes: {shapes}")
+        raise ShapeError(f"loldu.adapter_linear: mixed devices {[str(t.device) for t in [x] + tensors]}; shapes: {shapes()}")
     if any(t.dtype != x.dtype for t in [weight, PL, U] + ([bias] if bias is not None else [])):
         raise ShapeError(
             f"loldu.adapter_linear: x is {x.dtype} but weight/PL/U are {weight.dtype}/{PL.dtype}/{U.dtype} "
-            f"(cast them, or use torch.autocast); shapes: {shapes}")
+            f"(cast them, or use torch.autocast); shapes: {shapes()}")
     if c.dtype not in (x.dtype, torch.float32):
         raise ShapeError(f"loldu.adapter_linear: c must be {x.dtype} or float32, got {c.dtype}")
 
