@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .errors import AdapterError
 from .ldu import LDUResult
 from .ops import adapter_linear, delta_weight
+from .reference import adapter_linear_reference
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style linear (weight stored (in, out)). Looked up lazily: a model holding
@@ -103,6 +104,10 @@ class LoLDULayer(nn.Module):
         # Set by loldu.adapter_ids: per-row index into _row_names (len == number of rows), or None.
         self._row_ids: Optional[torch.Tensor] = None
         self._row_names: List[str] = []
+        # Set by loldu.export while tracing: ONNX knows no loldu ops, so the forward runs the plain
+        # torch path; with _export_c (a graph input, (r,)) it replaces the adapter's c.
+        self._export_plain = False
+        self._export_c: Optional[torch.Tensor] = None
 
     # -- bookkeeping ----------------------------------------------------------------------------
     @property
@@ -207,6 +212,8 @@ class LoLDULayer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._export_c is not None:
+            return self._adapted(x, self._export_c)
         if self.disabled or self.merged_adapter is not None:
             if self._row_ids is not None and self.merged_adapter is not None:
                 raise AdapterError("per-row adapters (loldu.adapter_ids) cannot run on a merged layer; unmerge first")
@@ -245,7 +252,10 @@ class LoLDULinear(LoLDULayer):
 
     def _adapted(self, x, c):
         PL, U = self._factors_for(x)
-        return adapter_linear(x, self.base_layer.weight, self.base_layer.bias, PL, U, c)
+        return self._linear()(x, self.base_layer.weight, self.base_layer.bias, PL, U, c)
+
+    def _linear(self):
+        return adapter_linear_reference if self._export_plain else adapter_linear
 
     def _c_view(self, c_rows, x):
         shape = (c_rows.shape[0],) + (1,) * (x.dim() - 2) + (self.rank,)
@@ -259,7 +269,7 @@ class LoLDUConv1D(LoLDULinear):
 
     def _adapted(self, x, c):
         PL, U = self._factors_for(x)
-        return adapter_linear(x, self.base_layer.weight.t(), self.base_layer.bias, PL, U, c)
+        return self._linear()(x, self.base_layer.weight.t(), self.base_layer.bias, PL, U, c)
 
 
 class LoLDUEmbedding(LoLDULayer):
