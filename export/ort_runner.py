@@ -130,7 +130,9 @@ class OrtRunner:
         adapter directory (see loldu.export.adapter_feeds); merged into feeds.
         """
         if not isinstance(feeds, Mapping):
-            names = [n for n in self.inputs if not n.startswith("loldu.c.")] if adapter is not None else list(self.inputs)
+            names = [n for n in self.inputs if not n.startswith("loldu.c.")]
+            if len(feeds) == len(self.inputs):
+                names = list(self.inputs)
             if len(feeds) != len(names):
                 raise ExportError(f"{self.path}: got {len(feeds)} positional inputs; the model's inputs are {self._describe()}")
             feeds = dict(zip(names, feeds))

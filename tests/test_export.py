@@ -1,0 +1,235 @@
+"""loldu.export on a small model with every layer kind: merged, unmerged, c as inputs, fp16, errors."""
+import copy
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import loldu
+from _model_helpers import TARGETS, TinyNet, inputs, perturb
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+lx = pytest.importorskip("loldu.export")
+
+SHAPES = [(1, 3), (7, 11), (2, 5)]  # (batch, sequence) of fresh inputs; the export traced (4, 5)
+
+
+def adapted(seed=0, rank=4, adapters=("default",)):
+    torch.manual_seed(seed)
+    base = TinyNet().eval()
+    model = loldu.inject(copy.deepcopy(base), loldu.LoLDUConfig(rank=rank, target_modules=TARGETS), adapters[0])
+    for name in adapters[1:]:
+        loldu.add_adapter(model, name)
+    for name in adapters:
+        perturb(model, name)
+    return base, model.eval()
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def ort_vs_torch(runner, model, batch, seq, adapter=None, half=False):
+    ids, img = inputs(batch=batch, seq=seq)
+    feeds = {"input_0": ids, "input_1": img.half() if half else img}
+    out = runner.run(feeds, adapter=adapter)
+    ref = lx.pytorch_outputs(model, (ids, img))
+    diffs = [float(np.abs(np.asarray(o, dtype=np.float32) - r.numpy()).max()) for o, r in zip(out.values(), ref)]
+    for o, r in zip(out.values(), ref):
+        assert tuple(o.shape) == tuple(r.shape)
+    return max(diffs), ref
+
+
+def no_temp_files(directory):
+    return [f for f in os.listdir(directory) if f.endswith(".tmp")]
+
+
+def test_merged_export_is_the_base_graph_and_matches_pytorch(tmp_path):
+    base, model = adapted()
+    model.train()  # the exporter must not leave the caller's model in another mode
+    before = snapshot(model)
+    rep = lx.to_onnx(model, inputs(), tmp_path / "merged.onnx", check_inputs=inputs(batch=3, seq=8))
+    rep_base = lx.to_onnx(base, inputs(), tmp_path / "base.onnx")
+    assert rep.merged == "default" and rep.adapter_inputs == []
+    assert rep.op_counts == rep_base.op_counts  # merged: no adapter operation left
+    assert all("::" not in op for op in rep.op_counts)  # default ONNX domain only
+    assert rep.max_abs_diff is not None and rep.max_abs_diff <= lx.FP32_BOUND
+    assert_same_state(model, before)
+    assert model.training and len(loldu.adapted_layers(model)) == len(TARGETS)
+    assert loldu.adapted_layers(model)[0][1].merged_adapter is None
+    runner = lx.OrtRunner(tmp_path / "merged.onnx", provider="cpu")
+    model.eval()
+    for b, s in SHAPES:  # dynamic batch and sequence axes, fresh random inputs
+        diff, ref = ort_vs_torch(runner, model, b, s)
+        print(f"merged fp32 batch={b} seq={s}: max |ORT - PyTorch| = {diff:.3g}")
+        assert diff <= 1e-4
+    # The adapter matters: the base export gives different outputs on the same inputs.
+    ids, img = inputs(batch=2, seq=4)
+    base_out = lx.OrtRunner(tmp_path / "base.onnx", provider="cpu").run((ids, img))["output_0"]
+    assert np.abs(runner.run((ids, img))["output_0"] - base_out).max() > 1e-2
+
+
+def test_unmerged_export_bakes_c_and_matches(tmp_path):
+    _, model = adapted(seed=1)
+    rep = lx.to_onnx(model, inputs(), tmp_path / "u.onnx", merge=False)
+    assert rep.merged is None and rep.op_counts.get("MatMul", 0) > 2
+    runner = lx.OrtRunner(rep.path, provider="cpu")
+    for b, s in SHAPES:
+        diff, _ = ort_vs_torch(runner, model, b, s)
+        assert diff <= 1e-4
+
+
+def test_adapter_inputs_serve_two_adapters(tmp_path):
+    base, model = adapted(seed=2, adapters=("a", "b"))
+    before = snapshot(model)
+    rep = lx.to_onnx(model, inputs(), tmp_path / "c.onnx", merge=False, adapter_inputs=True)
+    assert sorted(rep.adapter_inputs) == sorted(lx.C_PREFIX + n for n in TARGETS)
+    assert_same_state(model, before)
+    runner = lx.OrtRunner(rep.path, provider="cpu")
+    for n in TARGETS:
+        meta = runner.inputs[lx.C_PREFIX + n]
+        assert meta.type == "tensor(float)" and meta.shape == [4]
+    loldu.save_adapter(model, tmp_path / "ad_a", "a")
+    loldu.save_adapter(model, tmp_path / "ad_b", "b")
+    outs, fixed = {}, inputs(batch=2, seq=6)
+    for name in ("a", "b"):
+        loldu.set_adapter(model, name)
+        from_model = lx.adapter_feeds(model, rep.path)
+        from_dir = lx.adapter_feeds(tmp_path / f"ad_{name}", runner)
+        assert from_model.keys() == from_dir.keys()
+        for k in from_model:  # the file route computes c exactly as the layers do
+            assert torch.equal(from_model[k], from_dir[k]), k
+        for b, s in SHAPES:
+            diff, _ = ort_vs_torch(runner, model, b, s, adapter=tmp_path / f"ad_{name}")
+            print(f"adapter {name} batch={b} seq={s}: max |ORT - PyTorch| = {diff:.3g}")
+            assert diff <= 1e-4
+        outs[name] = runner.run(fixed, adapter=from_model)["output_0"]
+    # Same file, same inputs, other c: other outputs.
+    assert np.abs(outs["a"] - outs["b"]).max() > 1e-2
+    # c == 0 is the base model.
+    zeros = {k: torch.zeros_like(v) for k, v in lx.adapter_feeds(model).items()}
+    ids, img = inputs(batch=3, seq=4)
+    with torch.no_grad():
+        ref = base(ids, img)[0]
+    assert np.abs(runner.run((ids, img), adapter=zeros)["output_0"] - ref.numpy()).max() <= 1e-4
+
+
+def test_adapter_inputs_refuse_a_foreign_adapter(tmp_path):
+    _, model = adapted(seed=3)
+    rep = lx.to_onnx(model, inputs(), tmp_path / "c.onnx", merge=False, adapter_inputs=True)
+    _, other = adapted(seed=4)  # same architecture and rank, other base weights
+    loldu.save_adapter(other, tmp_path / "foreign")
+    with pytest.raises(loldu.ExportError, match="different base weight"):
+        lx.adapter_feeds(tmp_path / "foreign", rep.path)
+    runner = lx.OrtRunner(rep.path, provider="cpu")
+    with pytest.raises(loldu.ExportError, match="missing inputs.*adapter_feeds"):
+        runner.run(inputs())
+    merged = lx.to_onnx(model, inputs(), tmp_path / "m.onnx")
+    with pytest.raises(loldu.ExportError, match="not exported with adapter_inputs"):
+        lx.adapter_feeds(model, merged.path)
+
+
+def test_fp16_export_within_documented_bound(tmp_path):
+    _, model = adapted(seed=6)
+    rep = lx.to_onnx(model, inputs(), tmp_path / "h.onnx", dtype="fp16", check_inputs=inputs(batch=5, seq=9))
+    assert rep.dtype == "fp16" and rep.max_abs_diff <= rep.parity_bound
+    runner = lx.OrtRunner(rep.path, provider="cpu")
+    assert runner.inputs["input_1"].type == "tensor(float16)"
+    for b, s in SHAPES:
+        diff, ref = ort_vs_torch(runner, model, b, s, half=True)
+        bound = lx.parity_bound("fp16", ref)
+        print(f"fp16 batch={b} seq={s}: max |ORT - PyTorch fp32| = {diff:.3g} (bound {bound:.3g})")
+        assert diff <= bound
+    crep = lx.to_onnx(model, inputs(), tmp_path / "hc.onnx", dtype="fp16", merge=False, adapter_inputs=True,
+                      check_inputs=inputs(batch=2, seq=3))
+    assert crep.max_abs_diff <= crep.parity_bound
+    assert lx.OrtRunner(crep.path, provider="cpu").inputs[crep.adapter_inputs[0]].type == "tensor(float)"
+
+
+def test_export_errors_leave_no_file_and_model_unchanged(tmp_path, monkeypatch):
+    _, model = adapted(seed=7)
+    before = snapshot(model)
+    out = tmp_path / "bad.onnx"
+    cases = [
+        (dict(example_inputs=inputs(), path=out, dtype="bf16"), "dtype"),
+        (dict(example_inputs=inputs(), path=out, adapter_inputs=True), "merge=False"),
+        (dict(example_inputs=inputs(), path=tmp_path / "missing" / "x.onnx"), "does not exist"),
+        (dict(example_inputs=inputs(), path=tmp_path / "x.txt"), r"\.onnx"),
+        (dict(example_inputs=(torch.randint(0, 40, (2, 3)),), path=out), "failed on example_inputs"),
+        (dict(example_inputs=[1, 2], path=out), "not a tensor"),
+        (dict(example_inputs=inputs(), path=out, adapter_name="nope"), "no adapter 'nope'"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(loldu.ExportError, match=match):
+            lx.to_onnx(model, **kwargs)
+    # A failed parity check: the export itself succeeds, the file must still not appear.
+    monkeypatch.setattr(lx.onnx_export, "FP32_BOUND", -1.0)
+    with pytest.raises(loldu.ExportError, match="parity check failed"):
+        lx.to_onnx(model, inputs(), out, check_inputs=inputs(batch=2, seq=3))
+    assert not out.exists() and not no_temp_files(tmp_path)
+    assert_same_state(model, before)
+    # merge=False on a merged model is refused; the caller's merge state is kept.
+    loldu.merge(model)
+    with pytest.raises(loldu.ExportError, match="merged"):
+        lx.to_onnx(model, inputs(), out, merge=False)
+    assert loldu.adapted_layers(model)[0][1].merged_adapter == "default"
+    assert not out.exists() and not no_temp_files(tmp_path)
+
+
+def test_runner_errors_are_export_errors(tmp_path):
+    _, model = adapted(seed=8)
+    path = lx.to_onnx(model, inputs(), tmp_path / "m.onnx").path
+    with pytest.raises(loldu.ExportError, match="no such ONNX file"):
+        lx.OrtRunner(tmp_path / "nope.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(loldu.ExportError, match="could not load"):
+        lx.OrtRunner(tmp_path / "junk.onnx", provider="cpu")
+    with pytest.raises(loldu.ExportError, match="provider must be"):
+        lx.OrtRunner(path, provider="tpu")
+    runner = lx.OrtRunner(path, provider="cpu")
+    ids, img = inputs(batch=2, seq=3)
+    with pytest.raises(loldu.ExportError, match="unknown inputs \\['pixels'\\].*missing inputs \\['input_1'\\]"):
+        runner.run({"input_0": ids, "pixels": img})
+    with pytest.raises(loldu.ExportError, match="input 'input_1' has shape \\[2, 4, 6, 6\\].*\\[batch, 3, 6, 6\\]"):
+        runner.run({"input_0": ids, "input_1": torch.randn(2, 4, 6, 6)})
+    with pytest.raises(loldu.ExportError, match="input 'input_0' must be int64"):
+        runner.run({"input_0": ids.int(), "input_1": img})
+    with pytest.raises(loldu.ExportError, match="2 positional inputs|1 positional inputs"):
+        runner.run((ids,))
+    # What only the graph can see (a token id past the vocabulary) surfaces as an ExportError too.
+    with pytest.raises(loldu.ExportError, match="onnxruntime failed"):
+        runner.run({"input_0": ids + 1000, "input_1": img})
+
+
+def test_provider_choice_and_single_notice(tmp_path):
+    _, model = adapted(seed=9)
+    path = lx.to_onnx(model, inputs(), tmp_path / "m.onnx").path
+    cuda_ok = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner = lx.OrtRunner(path)
+    notices = [w for w in caught if issubclass(w.category, lx.OrtNotice)]
+    if runner.provider == "CUDAExecutionProvider":
+        assert not notices
+        ids, img = inputs(batch=2, seq=3)
+        out = runner.run({"input_0": ids.cuda(), "input_1": img.cuda()})  # IO binding, outputs stay on the GPU
+        assert out["output_0"].is_cuda
+        ref = lx.pytorch_outputs(model, (ids, img))[0]
+        assert (out["output_0"].float().cpu() - ref).abs().max() <= 1e-4
+    else:
+        assert runner.provider == "CPUExecutionProvider"
+        assert len(notices) == 1 and "CPUExecutionProvider" in str(notices[0].message)
+        assert runner.notice is not None
+        if not cuda_ok:
+            with pytest.raises(loldu.ExportError, match="provider='cuda'"):
+                lx.OrtRunner(path, provider="cuda")
