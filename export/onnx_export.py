@@ -233,6 +233,8 @@ def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: 
     elif adapter_inputs:
         raise ExportError("loldu.export: adapter_inputs=True needs a model with LoLDU layers (loldu.inject or "
                           "loldu.load_adapter first)")
+    # Recorded before any fp16 cast: D and the fingerprints are those of the trained-on base.
+    meta = _adapter_metadata(layers) if adapter_inputs else None
     if dtype == "fp16":
         work.half()
         # The tracer's scaled_dot_product_attention symbol mixes fp32 into fp16 graphs; transformers'
@@ -242,7 +244,7 @@ def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: 
                 work.set_attn_implementation("eager")
             except Exception:  # pragma: no cover - a model without that switch keeps its attention
                 pass
-    return work, merged, layers, notes
+    return work, merged, layers, notes, meta
 
 
 def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype: str = "fp32",
@@ -287,7 +289,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
     else:
         names_out = names
     t0 = time.perf_counter()
-    work, merged, layers, notes = _prepare(model, merge, adapter_inputs, adapter_name, dtype)
+    work, merged, layers, notes, meta = _prepare(model, merge, adapter_inputs, adapter_name, dtype)
     if dtype == "fp16":
         inputs = [t.half() if t.is_floating_point() else t for t in inputs]
     c_layers = layers if adapter_inputs else []
@@ -328,7 +330,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
         proto = onnx.load(tmp)
         if c_layers:
             entry = proto.metadata_props.add()
-            entry.key, entry.value = META_KEY, _adapter_metadata(c_layers)
+            entry.key, entry.value = META_KEY, meta
             onnx.save(proto, tmp)
         try:
             onnx.checker.check_model(tmp, full_check=True)

@@ -1,0 +1,119 @@
+"""`loldu export` (in-process through loldu.cli.main, and once as `python -m loldu`)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import loldu
+from loldu.cli import main
+
+pytest.importorskip("onnxruntime")
+lx = pytest.importorskip("loldu.export")
+
+SPEC_MODULE = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 6)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    def tiny(seed=0):
+        torch.manual_seed(seed)
+        return Net()
+
+    def other():
+        return tiny(seed=1)
+
+    def example_inputs():
+        return torch.randn(4, 12)
+''')
+
+
+@pytest.fixture
+def spec(tmp_path, monkeypatch):
+    (tmp_path / "loldu_cli_testmod.py").write_text(SPEC_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("loldu_cli_testmod", None)
+    import loldu_cli_testmod as mod
+    return mod
+
+
+def trained_adapter(mod, directory, factory="tiny", seed=0):
+    model = loldu.inject(getattr(mod, factory)(), loldu.LoLDUConfig(rank=3, target_modules=["fc1", "fc2"]))
+    torch.manual_seed(seed + 10)
+    with torch.no_grad():
+        for _, layer in loldu.adapted_layers(model):
+            z = layer.loldu_z["default"]
+            z.add_(0.5 * torch.randn_like(z) * (z.abs() + 0.1))
+    loldu.save_adapter(model, directory)
+    return model.eval()
+
+
+def leftovers(directory):
+    return sorted(f for f in os.listdir(directory) if f.endswith(".onnx") or f.endswith(".tmp"))
+
+
+def test_cli_export_merged_and_adapter_inputs(spec, tmp_path, capsys):
+    model = trained_adapter(spec, tmp_path / "ad")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--base", "loldu_cli_testmod:tiny", "--adapter", str(tmp_path / "ad"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "merged adapter: default" in text and "parity (CPUExecutionProvider)" in text
+    x = torch.randn(9, 12)
+    y = lx.OrtRunner(out, provider="cpu").run({"input": x})["output"]
+    with torch.no_grad():
+        ref = model(x)
+    assert np.abs(y - ref.numpy()).max() <= 1e-4
+
+    out_c = tmp_path / "c.onnx"
+    assert main(["export", "--base", "loldu_cli_testmod:tiny", "--adapter", str(tmp_path / "ad"),
+                 "--out", str(out_c), "--adapter-inputs", "--fp16"]) == 0
+    assert "adapter inputs: 2 c vectors" in capsys.readouterr().out
+    runner = lx.OrtRunner(out_c, provider="cpu")
+    y16 = runner.run({"input": x.half()}, adapter=tmp_path / "ad")["output"]
+    assert y16.dtype == np.float16
+    assert np.abs(y16.astype(np.float32) - ref.numpy()).max() <= lx.parity_bound("fp16", [ref])
+
+
+@pytest.mark.parametrize("case", ["no_base", "bad_spec", "no_adapter", "foreign_adapter", "no_out_dir", "not_onnx",
+                                  "inputs_without_adapter"])
+def test_cli_errors_one_line_nonzero_no_file(case, spec, tmp_path, capsys):
+    trained_adapter(spec, tmp_path / "ad")
+    trained_adapter(spec, tmp_path / "foreign", factory="other")
+    out = tmp_path / "m.onnx"
+    args = {
+        "no_base": ["--base", str(tmp_path / "nowhere"), "--out", str(out)],
+        "bad_spec": ["--base", "loldu_cli_testmod:missing", "--out", str(out)],
+        "no_adapter": ["--base", "loldu_cli_testmod:tiny", "--adapter", str(tmp_path / "nope"), "--out", str(out)],
+        "foreign_adapter": ["--base", "loldu_cli_testmod:tiny", "--adapter", str(tmp_path / "foreign"), "--out", str(out)],
+        "no_out_dir": ["--base", "loldu_cli_testmod:tiny", "--out", str(tmp_path / "sub" / "m.onnx")],
+        "not_onnx": ["--base", "loldu_cli_testmod:tiny", "--out", str(tmp_path / "m.pt")],
+        "inputs_without_adapter": ["--base", "loldu_cli_testmod:tiny", "--out", str(out), "--adapter-inputs"],
+    }[case]
+    assert main(["export"] + args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loldu export: error: ") and "\n" not in err
+    assert "Traceback" not in err
+    assert leftovers(tmp_path) == []
+
+
+def test_python_dash_m_loldu(spec, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+    ok = subprocess.run([sys.executable, "-m", "loldu", "export", "--base", "loldu_cli_testmod:tiny",
+                         "--out", str(tmp_path / "base.onnx")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "merged adapter: none" in ok.stdout and (tmp_path / "base.onnx").is_file()
+    bad = subprocess.run([sys.executable, "-m", "loldu", "export", "--base", "loldu_cli_testmod:tiny",
+                          "--adapter", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("loldu export: error:")
+    assert not (tmp_path / "x.onnx").exists()
