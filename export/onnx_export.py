@@ -36,9 +36,10 @@ C_PREFIX = "loldu.c."
 META_KEY = "loldu.adapter_inputs"
 DEFAULT_OPSET = 17
 # Parity bounds, max |ORT - PyTorch| over all outputs. fp32: absolute. fp16 (ORT in fp16 against the
-# fp32 PyTorch model): FP16_BOUND * max(1, max |y|), about 10 fp16 roundings of the largest output.
+# fp32 PyTorch model): FP16_BOUND * max(1, max |y|), about 20 fp16 roundings of the largest output
+# (MiniLM, 6 layers, merged: 0.04 against a bound of 0.12).
 FP32_BOUND = 1e-4
-FP16_BOUND = 1e-2
+FP16_BOUND = 2e-2
 
 
 def parity_bound(dtype: str, reference: Sequence[torch.Tensor]) -> float:
