@@ -38,9 +38,12 @@ ctest: $(DEPS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" cmake --build build/cmake -j2
 	ctest --test-dir build/cmake --output-on-failure
 
+# PEFT is a benchmark-only dependency (the LoRA column of bench_adapter.py).
 bench: $(EXT)
+	$(BIN)/python -m pip install -q peft==0.21.2
 	$(BIN)/python benchmarks/bench_ldu.py
 	$(BIN)/python benchmarks/bench_adapter.py
+	$(BIN)/python benchmarks/bench_export.py
 
 clean:
 	rm -rf build python/loldu/_C*.so

@@ -92,13 +92,37 @@ struct Panel {
   acc_t& at(int64_t i, int64_t j) { return a[j * d + i]; }
 };
 
+// Swaps panel rows i and j within columns [c0, c1) (the rest of the row follows in apply_swaps).
 template <typename acc_t>
-void swap_rows(Panel<acc_t>& P, int64_t i, int64_t j) {
+void swap_rows(Panel<acc_t>& P, int64_t i, int64_t j, int64_t c0, int64_t c1) {
   if (i == j) return;
-  for (int64_t c = 0; c < P.r; ++c) std::swap(P.at(i, c), P.at(j, c));
+  for (int64_t c = c0; c < c1; ++c) std::swap(P.at(i, c), P.at(j, c));
   std::swap(P.perm[i], P.perm[j]);
   P.pos[P.perm[i]] = i;
   P.pos[P.perm[j]] = j;
+}
+
+// Applies a block's row swaps (j0 + s <-> swaps[s]) to the columns outside [j0, j1), one column
+// at a time so that every swap stays inside one contiguous column (LAPACK's laswp, column-major).
+template <typename acc_t>
+void apply_swaps(Panel<acc_t>& P, int64_t j0, int64_t j1, const std::vector<int64_t>& swaps) {
+  auto one = [&](int64_t c) {
+    acc_t* col = P.col(c);
+    for (size_t s = 0; s < swaps.size(); ++s) std::swap(col[j0 + static_cast<int64_t>(s)], col[swaps[s]]);
+  };
+  for (int64_t c = 0; c < j0; ++c) one(c);
+  for (int64_t c = j1; c < P.r; ++c) one(c);
+}
+
+// Calls f(i, j) for i < rows, j < cols in 32 x 32 tiles: reading the column-major panel while
+// writing row-major outputs then stays within a few cache lines at a time.
+template <typename F>
+void for_tiles(int64_t rows, int64_t cols, F&& f) {
+  constexpr int64_t T = 32;
+  for (int64_t i0 = 0; i0 < rows; i0 += T)
+    for (int64_t j0 = 0; j0 < cols; j0 += T)
+      for (int64_t i = i0; i < std::min(rows, i0 + T); ++i)
+        for (int64_t j = j0; j < std::min(cols, j0 + T); ++j) f(i, j);
 }
 
 // First index of the largest magnitude in x[i0, n) (ties to the smaller index, as LAPACK).
@@ -120,11 +144,14 @@ template <typename acc_t>
 void factor_block(Panel<acc_t>& P, int64_t j0, int64_t j1, PivotMode mode, const int64_t* forced,
                   acc_t tol, const LduContext& ctx) {
   const int64_t d = P.d;
+  std::vector<int64_t> swaps;
+  swaps.reserve(j1 - j0);
   for (int64_t j = j0; j < j1; ++j) {
     int64_t p = j;
     if (mode == PivotMode::Partial) p = argmax_abs(P.col(j), j, d);
     else if (mode == PivotMode::Given) p = P.pos[forced[j]];
-    swap_rows(P, j, p);
+    swap_rows(P, j, p, j0, j1);
+    swaps.push_back(p);
     acc_t* __restrict cj = P.col(j);
     const acc_t piv = cj[j];
     if (!(std::abs(piv) > tol)) ctx.fail_pivot(j, static_cast<double>(piv), static_cast<double>(tol));
@@ -135,6 +162,7 @@ void factor_block(Panel<acc_t>& P, int64_t j0, int64_t j1, PivotMode mode, const
       axpy_neg(cc + j + 1, cj + j + 1, cc[j], d - j - 1);
     }
   }
+  apply_swaps(P, j0, j1, swaps);
 }
 
 template <typename acc_t>
@@ -145,18 +173,12 @@ void factor_one(const at::Tensor& W, int64_t r, PivotMode mode, const int64_t* f
   std::iota(P.perm.begin(), P.perm.end(), 0);
   std::iota(P.pos.begin(), P.pos.end(), 0);
 
-  // Gather the panel W[:, :r] in W's memory order.
+  // Gather the panel W[:, :r] (tiled: W is row-major, the panel column-major).
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loldu_ldu_gather", [&] {
     const scalar_t* w = W.const_data_ptr<scalar_t>();
     const int64_t s0 = W.stride(0), s1 = W.stride(1);
-    if (s1 <= s0) {
-      for (int64_t i = 0; i < d; ++i)
-        for (int64_t j = 0; j < r; ++j) P.a[j * d + i] = static_cast<acc_t>(w[i * s0 + j * s1]);
-    } else {
-      for (int64_t j = 0; j < r; ++j)
-        for (int64_t i = 0; i < d; ++i) P.a[j * d + i] = static_cast<acc_t>(w[i * s0 + j * s1]);
-    }
+    for_tiles(d, r, [&](int64_t i, int64_t j) { P.a[j * d + i] = static_cast<acc_t>(w[i * s0 + j * s1]); });
   });
   at::Tensor panel = at::from_blob(P.a.data(), {d, r}, {1, d}, at::TensorOptions().dtype(acc_type));
   // max |panel| sets the pivot tolerance; it is NaN/Inf exactly when the panel holds one.
@@ -173,15 +195,10 @@ void factor_one(const at::Tensor& W, int64_t r, PivotMode mode, const int64_t* f
     const int64_t j1 = std::min(r, j0 + kBlock);
     factor_block(P, j0, j1, mode, forced, tol, ctx);
     if (j1 < r) {
-      // U12 = L11^{-1} A12 for this block's rows, then A22 -= L21 U12 (one GEMM).
-      for (int64_t c = j1; c < r; ++c) {
-        acc_t* cc = P.col(c);
-        for (int64_t i = j0 + 1; i < j1; ++i) {
-          acc_t s = cc[i];
-          for (int64_t p = j0; p < i; ++p) s -= P.at(i, p) * cc[p];
-          cc[i] = s;
-        }
-      }
+      // U12 = L11^{-1} A12 for this block's rows (one TRSM), then A22 -= L21 U12 (one GEMM).
+      auto A12 = panel.narrow(0, j0, j1 - j0).narrow(1, j1, r - j1);
+      auto L11 = panel.narrow(0, j0, j1 - j0).narrow(1, j0, j1 - j0);
+      A12.copy_(at::linalg_solve_triangular(L11, A12, /*upper=*/false, /*left=*/true, /*unitriangular=*/true));
       if (j1 < d) {
         auto A22 = panel.narrow(0, j1, d - j1).narrow(1, j1, r - j1);
         A22.addmm_(panel.narrow(0, j1, d - j1).narrow(1, j0, j1 - j0),
@@ -195,10 +212,9 @@ void factor_one(const at::Tensor& W, int64_t r, PivotMode mode, const int64_t* f
     D[i] = P.at(i, i);
     pivots[i] = P.perm[i];
   }
-  for (int64_t i = 0; i < d; ++i) {
-    acc_t* dst = PL + P.perm[i] * r;
-    for (int64_t j = 0; j < r; ++j) dst[j] = j < i ? P.at(i, j) : (j == i ? acc_t(1) : acc_t(0));
-  }
+  for_tiles(d, r, [&](int64_t i, int64_t j) {
+    PL[P.perm[i] * r + j] = j < i ? P.at(i, j) : (j == i ? acc_t(1) : acc_t(0));
+  });
 
   // Pivot rows: U[:, r:] = D^{-1} L11^{-1} W[I, r:]; the U11 part is already in the panel.
   const int64_t kr = k - r;
@@ -232,11 +248,9 @@ void factor_one(const at::Tensor& W, int64_t r, PivotMode mode, const int64_t* f
       scale_to(U + i * k + r, b + i * kr, acc_t(1) / D[i], kr);
     }
   }
-  for (int64_t i = 0; i < r; ++i) {
-    const acc_t inv = acc_t(1) / D[i];
-    acc_t* dst = U + i * k;
-    for (int64_t c = 0; c < r; ++c) dst[c] = c < i ? acc_t(0) : (c == i ? acc_t(1) : P.at(i, c) * inv);
-  }
+  for_tiles(r, r, [&](int64_t i, int64_t c) {
+    U[i * k + c] = c < i ? acc_t(0) : (c == i ? acc_t(1) : P.at(i, c) / D[i]);
+  });
 }
 
 LduResult ldu_cpu(const at::Tensor& W3, int64_t r, PivotMode mode, const at::Tensor& forced3,
