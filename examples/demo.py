@@ -109,10 +109,11 @@ def main():
             export = None
         if export is not None and hasattr(export, "to_onnx"):
             onnx_path = Path(tmp) / "minilm_loldu.onnx"
-            report = export.to_onnx(model, (a["input_ids"], a["attention_mask"]), onnx_path)
+            feeds = {"input_ids": a["input_ids"], "attention_mask": a["attention_mask"]}
+            report = export.to_onnx(model, feeds, onnx_path)
             print(f"\n[5] exported: {report}")
             runner = export.OrtRunner(onnx_path)
-            out = runner.run({"input_ids": a["input_ids"], "attention_mask": a["attention_mask"]})
+            out = runner.run(feeds)
             first = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))
             ref = model(input_ids=a["input_ids"], attention_mask=a["attention_mask"]).last_hidden_state
             err = (torch.as_tensor(first) - ref).abs().max().item()
