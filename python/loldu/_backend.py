@@ -1,5 +1,8 @@
 """Finds the compiled ops: the installed extension loldu._C, else a JIT build of cpp/ with ninja,
-else the pure-PyTorch reference path (with one warning). build_info() reports which is active."""
+else the pure-PyTorch reference path (with one warning). build_info() reports which is active.
+
+Environment: LOLDU_BACKEND=pytorch forces the reference path, LOLDU_BACKEND=jit skips the installed
+extension (the JIT build is then tried), LOLDU_NO_JIT=1 skips the JIT build."""
 import os
 import warnings
 from pathlib import Path
@@ -30,14 +33,18 @@ def _jit_build():
 
 
 def _load():
-    if os.environ.get("LOLDU_BACKEND", "") == "pytorch":
+    # LOLDU_BACKEND: "" (auto), "pytorch" (the reference path), "jit" (skip the installed _C).
+    forced = os.environ.get("LOLDU_BACKEND", "")
+    if forced == "pytorch":
         return "pytorch", None, "forced by LOLDU_BACKEND=pytorch"
-    try:
-        from . import _C  # noqa: PLC0415
+    reason = "LOLDU_BACKEND=jit"
+    if forced != "jit":
+        try:
+            from . import _C  # noqa: PLC0415
 
-        return "compiled-" + _C.build_flavor(), _C, None
-    except ImportError as e:
-        reason = f"no compiled loldu._C ({e})"
+            return "compiled-" + _C.build_flavor(), _C, None
+        except ImportError as e:
+            reason = f"no compiled loldu._C ({e})"
     if _REPO_CPP.is_dir() and os.environ.get("LOLDU_NO_JIT", "") != "1":
         try:
             mod = _jit_build()
