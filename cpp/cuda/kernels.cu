@@ -117,6 +117,7 @@ __global__ void __launch_bounds__(kPanelThreads) panel_kernel(Mat3<T> W, int64_t
       p = idx;
     } else if (mode == kGiven) {
       p = pos[forced[j]];
+      __syncthreads();  // every thread has read pos before thread 0 updates it below
     }
     if (p != j) {
       for (int64_t c = threadIdx.x; c < r; c += blockDim.x) {
