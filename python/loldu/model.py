@@ -246,6 +246,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     if len(layers[0][1].loldu_z) == 1:
         raise AdapterError(f"loldu.delete_adapter: {adapter_name!r} is the only adapter; use loldu.unload")
     was_active = layers[0][1].active_adapter == adapter_name
+    if was_active:  # checked before anything changes: the replacement cannot be activated while merged
+        merged = [n for n, layer in layers if layer.merged_adapter is not None]
+        if merged:
+            raise AdapterError(f"loldu.delete_adapter: {adapter_name!r} is active and layer '{merged[0]}' is merged; "
+                               "call loldu.unmerge first")
     for _, layer in layers:
         layer.delete_adapter(adapter_name)
     if was_active:
@@ -277,12 +282,18 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     merged = [n for n, layer in layers if layer.merged_adapter is not None]
     if merged:
         raise AdapterError(f"loldu.merge: layer '{merged[0]}' is already merged; call loldu.unmerge first")
-    owner: Dict[int, str] = {}
-    for n, layer in layers:  # tied weights (e.g. embedding and LM head) would receive two ΔW
-        first = owner.setdefault(id(layer.base_layer.weight), n)
-        if first != n:
-            raise AdapterError(f"loldu.merge: layers '{first}' and '{n}' share one weight tensor (tied weights); "
-                               "merging would add both ΔW to it. Keep them unmerged (delta form)")
+    # A tied weight (e.g. embedding and LM head), adapted or not on the other side, would receive ΔW
+    # for every module that uses it: count each base weight's occurrences among all parameters.
+    holders: Dict[int, List[str]] = {}
+    for pn, p in unwrap(model).named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(pn)
+    for n, layer in layers:
+        users = holders.get(id(layer.base_layer.weight), [])
+        if len(users) > 1:
+            tied = [m for m, l in layers if l.base_layer.weight is layer.base_layer.weight]
+            raise AdapterError(f"loldu.merge: layers {', '.join(repr(m) for m in tied)}: weight is shared by "
+                               f"{', '.join(users)} (tied weights; they share one weight tensor); merging would "
+                               "change every module using it. Keep them unmerged (delta form)")
     for _, layer in layers:
         layer.merge(name)
     return model
@@ -319,8 +330,12 @@ def unload(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     """Merges, then puts the plain modules (now holding W0 + ΔW) back: a model without loldu."""
     layers = _layers_or_raise(model)
-    if not any(layer.merged_adapter is not None for _, layer in layers):
+    merged = {layer.merged_adapter for _, layer in layers if layer.merged_adapter is not None}
+    if not merged:
         merge(model, adapter_name)
+    elif adapter_name is not None and merged != {adapter_name}:
+        raise AdapterError(f"loldu.merge_and_unload: adapter {sorted(merged)[0]!r} is merged, not {adapter_name!r}; "
+                           "call loldu.unmerge first")
     return _strip(model)
 
 
