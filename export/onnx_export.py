@@ -18,7 +18,6 @@ import contextlib
 import copy
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections import Counter, OrderedDict
@@ -29,6 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from loldu.adapter_io import atomic_paths
 from loldu.errors import ExportError
 from loldu.model import adapted_layers, merge_and_unload
 
@@ -315,9 +315,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
     if unknown:
         raise ExportError(f"loldu.export: dynamic_axes names {sorted(unknown)} are neither inputs {all_in} "
                           f"nor outputs {out_names}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx.tmp")
-    os.close(fd)
-    try:
+    with atomic_paths([path]) as (tmp,):
         with torch.no_grad(), _plain_layers([layer for _, layer in layers]), warnings.catch_warnings():
             # The TorchScript exporter's deprecation notice and tracer warnings about Python
             # conditionals in transformers' mask code (shape checks that hold for every input).
@@ -348,11 +346,6 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
                               op_counts=counts, export_seconds=time.perf_counter() - t0, notes=notes)
         if check_inputs is not None:
             _parity(report, tmp, model, check_inputs, c_layers, adapter_name, provider)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return report
 
 

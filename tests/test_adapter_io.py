@@ -184,3 +184,35 @@ def test_io_file_holds_no_pickle_and_is_small(tmp_path):
     raw = (tmp_path / WEIGHTS_NAME).read_bytes()
     assert not raw.startswith(b"\x80") and b"torch._utils" not in raw  # safetensors, not a pickle
     assert sum(len(v) for v in files(tmp_path).values()) < 4096
+
+
+def test_io_save_second_file_failure_keeps_old_pair(tmp_path, monkeypatch):
+    base = TinyNet()
+    m = trained(base)
+    loldu.save_adapter(m, tmp_path)
+    good = files(tmp_path)
+    perturb(m)
+    real_fsync, calls = os.fsync, []
+
+    def second_fails(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError("disk full on the second file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", second_fails)
+    with pytest.raises(OSError, match="second file"):
+        loldu.save_adapter(m, tmp_path)
+    monkeypatch.undo()
+    assert files(tmp_path) == good  # the old pair, whole; no temporary files
+    loldu.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_io_saved_files_follow_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        loldu.save_adapter(trained(TinyNet()), tmp_path)
+    finally:
+        os.umask(old)
+    for n in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (tmp_path / n).stat().st_mode & 0o777 == 0o644

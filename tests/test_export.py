@@ -233,3 +233,13 @@ def test_provider_choice_and_single_notice(tmp_path):
         if not cuda_ok:
             with pytest.raises(loldu.ExportError, match="provider='cuda'"):
                 lx.OrtRunner(path, provider="cuda")
+
+
+def test_export_file_follows_umask(tmp_path):
+    _, model = adapted(seed=7)
+    old = os.umask(0o022)
+    try:
+        lx.to_onnx(model, inputs(), tmp_path / "m.onnx")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o644 and not no_temp_files(tmp_path)

@@ -10,13 +10,14 @@ and metadata holding the sha256 of adapter_config.json and of the tensor data, s
 mismatched pair of files is refused. The fingerprint hashes the weight's (d, k) shape, dtype,
 W[:, :r] and W[pivots, :]: exactly what the factorization reads.
 """
+import contextlib
 import hashlib
 import json
 import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -67,25 +68,61 @@ def _dumps(header: dict) -> str:
     return top[:-2] + ',\n "layers": [\n' + rows + "\n ]\n}\n"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _file_mode() -> int:
+    """The mode open() would give a new file: 0o666 minus the process umask (mkstemp uses 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence) -> Iterator[List[str]]:
+    """Temporary files next to each of `paths`, for the body to write (by name).
+
+    They are created with the mode a plain open() would give them (0o666 & ~umask). When the body
+    returns, they are renamed over `paths` back to back (after every file is complete); when it
+    raises, they are removed and the targets are untouched. Used for every file loldu writes.
+    """
+    paths = [Path(p) for p in paths]
+    tmps: List[str] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        mode = _file_mode()
+        for p in paths:
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+            tmps.append(tmp)
+            try:
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+        yield tmps
+        for tmp, p in zip(tmps, paths):
+            os.replace(tmp, p)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(files: Dict) -> None:
+    """Writes {path: bytes}: every file to a fsynced temporary file first, then all renamed into place."""
+    items = list(files.items())
+    with atomic_paths([p for p, _ in items]) as tmps:
+        for tmp, (_, data) in zip(tmps, items):
+            _write_synced(tmp, data)
 
 
 def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None) -> Dict[str, int]:
     """Writes adapter `adapter_name` (default: the active one) of `model` into `directory`.
 
-    Each file is written to a temporary file in `directory`, fsynced, then renamed over the target;
-    the weights file goes first, and the config, written last, records the weights' hash.
+    Both files are written to temporary files in `directory` and fsynced, then renamed over the
+    targets back to back (weights first); the config records the weights' hash.
     Returns {file name: size in bytes}. Raises AdapterError if the model is merged.
     """
     layers = adapted_layers(model)
@@ -116,8 +153,8 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
                                                "config_sha256": hashlib.sha256(config_bytes).hexdigest()})
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _write_atomic(d / WEIGHTS_NAME, weights_bytes)
-    _write_atomic(d / CONFIG_NAME, config_bytes)
+    # Both files are complete and fsynced before either is renamed: a failed write keeps the old pair.
+    write_atomic({d / WEIGHTS_NAME: weights_bytes, d / CONFIG_NAME: config_bytes})
     return {WEIGHTS_NAME: len(weights_bytes), CONFIG_NAME: len(config_bytes)}
 
 
