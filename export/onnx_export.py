@@ -238,6 +238,16 @@ def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: 
     meta = _adapter_metadata(layers) if adapter_inputs else None
     if dtype == "fp16":
         work.half()
+        # c = sigma0 (z - D) + (sigma - sigma0) z must be computed from fp32 z, D and sigma: in fp16
+        # z - D loses most of its digits for a small change (c off by 15%). Restore them from the caller's model.
+        src = dict(adapted_layers(model))
+        with torch.no_grad():
+            for n, layer in layers:
+                orig = src[n]
+                layer.loldu_D = orig.loldu_D.detach().to(layer.loldu_D.device, torch.float32).clone()
+                for k in layer.loldu_z.keys():
+                    layer.loldu_z[k].data = orig.loldu_z[k].detach().to(layer.loldu_D.device, torch.float32).clone()
+                    layer.loldu_sigma[k].data = orig.loldu_sigma[k].detach().to(layer.loldu_D.device, torch.float32).clone()
         # The tracer's scaled_dot_product_attention symbol mixes fp32 into fp16 graphs; transformers'
         # eager attention exports cleanly.
         if hasattr(work, "set_attn_implementation"):

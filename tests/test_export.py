@@ -243,3 +243,18 @@ def test_export_file_follows_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o644 and not no_temp_files(tmp_path)
+
+
+def test_fp16_unmerged_export_keeps_c_in_fp32():
+    from loldu.export.onnx_export import _prepare
+
+    _, model = adapted(seed=8)
+    with torch.no_grad():  # a small change: z - D is where fp16 would lose the digits
+        for _, layer in loldu.adapted_layers(model):
+            layer.loldu_z["default"].copy_(layer.loldu_D * (1 + 1e-3))
+    work, _, layers, _, _ = _prepare(model, False, False, None, "fp16")
+    src = dict(loldu.adapted_layers(model))
+    for n, layer in layers:
+        assert layer.loldu_PL.dtype == torch.float16 or layer.base_layer.weight.dtype == torch.float16
+        assert layer.loldu_D.dtype == torch.float32 and layer.loldu_z["default"].dtype == torch.float32
+        assert torch.equal(layer.coefficients("default"), src[n].coefficients("default")), n
