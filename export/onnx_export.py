@@ -355,7 +355,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
                               input_names=graph_inputs, output_names=out_names, adapter_inputs=c_names,
                               op_counts=counts, export_seconds=time.perf_counter() - t0, notes=notes)
         if check_inputs is not None:
-            _parity(report, tmp, model, check_inputs, c_layers, adapter_name, provider)
+            _parity(report, tmp, model, check_inputs, c_layers, adapter_name, provider, names, names_out)
     return report
 
 
@@ -382,13 +382,21 @@ def pytorch_outputs(model: nn.Module, inputs, adapter_name: Optional[str] = None
     return [t.float() for t in _flatten_outputs(out)[1]]
 
 
-def _parity(report: ExportReport, onnx_path: str, model: nn.Module, check_inputs, c_layers, adapter_name, provider):
+def _parity(report: ExportReport, onnx_path: str, model: nn.Module, check_inputs, c_layers, adapter_name, provider,
+            example_names: List[str], export_names: List[str]):
     from .ort_runner import OrtRunner
 
-    names, tensors, _ = _normalize_inputs(check_inputs)
+    names, tensors, by_kw = _normalize_inputs(check_inputs)
+    if by_kw:  # matched to the example inputs by keyword, whatever the dict's order
+        given = dict(zip(names, tensors))
+        tensors = [given.get(n) for n in example_names]
+    if len(tensors) != len(export_names) or any(t is None for t in tensors):
+        raise ExportError(f"loldu.export: check_inputs {names} do not match example_inputs {example_names}")
     ref = pytorch_outputs(model, check_inputs, adapter_name)
     runner = OrtRunner(onnx_path, provider=provider, quiet=True)
-    feeds = OrderedDict(zip(report.input_names, tensors))
+    # Paired by name: the exporter drops inputs the graph does not use, so positions can shift.
+    graph = set(report.input_names)
+    feeds = OrderedDict((n, t) for n, t in zip(export_names, tensors) if n in graph)
     if report.dtype == "fp16":
         feeds = OrderedDict((k, v.half() if v.is_floating_point() else v) for k, v in feeds.items())
     if c_layers:
@@ -443,8 +451,13 @@ def adapter_feeds(source, onnx_model=None, *, adapter_name: Optional[str] = None
             raise ExportError(f"loldu.export.adapter_feeds: no adapter {name!r}; adapters are {list(first.loldu_z)}")
         feeds = {C_PREFIX + n: layer.coefficients(name).detach().float().cpu() for n, layer in layers}
         if onnx_model is not None:
-            meta = adapter_metadata(onnx_model)
-            _check_layers(sorted(feeds), sorted(r["input"] for r in meta), "the model's adapter")
+            from loldu.adapter_io import fingerprint
+
+            meta = {r["layer"]: r for r in adapter_metadata(onnx_model)}
+            _check_layers(sorted(n for n, _ in layers), sorted(meta), "the model's adapter")
+            for n, layer in layers:
+                _check_base(meta[n], n, layer.rank, fingerprint(layer.base_matrix(), layer.loldu_pivots).hex(),
+                            layer.loldu_pivots.tolist(), "the model's adapter")
         return feeds
     if onnx_model is None:
         raise ExportError("loldu.export.adapter_feeds: an adapter directory needs onnx_model (the exported file)")
@@ -462,17 +475,21 @@ def adapter_feeds(source, onnx_model=None, *, adapter_name: Optional[str] = None
     feeds = {}
     for i, n in enumerate(names):
         rec = meta[n]
-        if tensors["z"].shape[1] != rec["rank"]:
-            raise ExportError(f"adapter {source}: rank {tensors['z'].shape[1]} but the export's layer '{n}' has "
-                              f"rank {rec['rank']}")
-        if bytes(tensors["fingerprint"][i].tolist()).hex() != rec["fingerprint"] or \
-                tensors["pivots"][i].tolist() != rec["pivots"]:
-            raise ExportError(f"adapter {source}: layer '{n}' was trained on a different base weight than the "
-                              "exported model (fingerprint mismatch)")
+        _check_base(rec, n, tensors["z"].shape[1], bytes(tensors["fingerprint"][i].tolist()).hex(),
+                    tensors["pivots"][i].tolist(), f"adapter {source}")
         z, s = tensors["z"][i].float(), tensors["sigma"][i].float()
         D = torch.tensor(rec["D"], dtype=torch.float32)
         feeds[rec["input"]] = s0 * (z - D) + (s - s0) * z
     return feeds
+
+
+def _check_base(rec: dict, name: str, rank: int, fp_hex: str, pivots: List[int], what: str) -> None:
+    """The adapter's layer `name` must have the rank, base-weight fingerprint and pivots the export recorded."""
+    if rank != rec["rank"]:
+        raise ExportError(f"{what}: rank {rank} but the export's layer '{name}' has rank {rec['rank']}")
+    if fp_hex != rec["fingerprint"] or pivots != rec["pivots"]:
+        raise ExportError(f"{what}: layer '{name}' was trained on a different base weight than the "
+                          "exported model (fingerprint mismatch)")
 
 
 def _check_layers(have: List[str], want: List[str], what: str) -> None:

@@ -131,6 +131,8 @@ def test_adapter_inputs_refuse_a_foreign_adapter(tmp_path):
     loldu.save_adapter(other, tmp_path / "foreign")
     with pytest.raises(loldu.ExportError, match="different base weight"):
         lx.adapter_feeds(tmp_path / "foreign", rep.path)
+    with pytest.raises(loldu.ExportError, match="the model's adapter: layer .* different base weight"):
+        lx.adapter_feeds(other, rep.path)  # same layer names, other base: the model route checks it too
     runner = lx.OrtRunner(rep.path, provider="cpu")
     with pytest.raises(loldu.ExportError, match="missing inputs.*adapter_feeds"):
         runner.run(inputs())
@@ -258,3 +260,19 @@ def test_fp16_unmerged_export_keeps_c_in_fp32():
         assert layer.loldu_PL.dtype == torch.float16 or layer.base_layer.weight.dtype == torch.float16
         assert layer.loldu_D.dtype == torch.float32 and layer.loldu_z["default"].dtype == torch.float32
         assert torch.equal(layer.coefficients("default"), src[n].coefficients("default")), n
+
+
+def test_parity_pairs_check_inputs_by_name_when_an_input_is_dropped(tmp_path):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 4)
+
+        def forward(self, mask, x):  # `mask` unused: the exporter drops it from the graph
+            return self.fc(x)
+
+    m = loldu.inject(M(), loldu.LoLDUConfig(rank=2, target_modules=["fc"]))
+    perturb(m)
+    ex = (torch.ones(3, dtype=torch.long), torch.randn(2, 6))
+    rep = lx.to_onnx(m, ex, tmp_path / "m.onnx", check_inputs=(torch.ones(3, dtype=torch.long), torch.randn(5, 6)))
+    assert rep.input_names == ["input_1"] and rep.max_abs_diff <= lx.FP32_BOUND
