@@ -552,3 +552,17 @@ def test_model_merge_refuses_weight_tied_to_untargeted_module():
     with pytest.raises(AdapterError, match="'1'.*0.weight"):
         loldu.merge(model)
     assert torch.equal(net[0].weight, emb) and net[1].merged_adapter is None
+
+
+def test_model_conv2d_unbatched_input():
+    base, model = injected(rank=3)
+    perturb(model)
+    x = torch.randn(3, 6, 6)  # (C, H, W), no batch dim
+    conv = model.conv
+    with torch.no_grad():
+        y = conv(x)
+        assert y.shape == base.conv(x).shape == (10, 6, 6)
+        W = dense_weights(model)["conv"]
+        ref = F.conv2d(x.double().unsqueeze(0), W, conv.base_layer.bias.double(), padding=1).squeeze(0)
+        assert rel(y, ref) < 1e-5
+        torch.testing.assert_close(y, conv(x.unsqueeze(0)).squeeze(0), rtol=1e-5, atol=1e-6)

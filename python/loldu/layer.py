@@ -303,7 +303,7 @@ class LoLDUConv2d(LoLDULayer):
         PL, U = self._factors_for(x)
         out_ch = base.weight.shape[0]
         u = base._conv_forward(x, U.reshape(self.rank, *base.weight.shape[1:]), None)
-        cv = c.view(-1, self.rank, 1, 1) if c.dim() == 2 else c.view(1, self.rank, 1, 1)
+        cv = c.view(-1, self.rank, 1, 1) if c.dim() == 2 else c.view(self.rank, 1, 1)  # (r,1,1): also unbatched (C, H, W)
         t = (u.to(cv.dtype) * cv).to(u.dtype)
         return y + F.conv2d(t, PL.reshape(out_ch, self.rank, 1, 1).to(t.dtype))
 
