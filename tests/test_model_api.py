@@ -566,3 +566,18 @@ def test_model_conv2d_unbatched_input():
         ref = F.conv2d(x.double().unsqueeze(0), W, conv.base_layer.bias.double(), padding=1).squeeze(0)
         assert rel(y, ref) < 1e-5
         torch.testing.assert_close(y, conv(x.unsqueeze(0)).squeeze(0), rtol=1e-5, atol=1e-6)
+
+
+def test_model_adapter_ids_rejects_str_and_nested_restores():
+    base, model = injected(rank=3)
+    loldu.add_adapter(model, "B")
+    with pytest.raises(AdapterError, match="sequence of adapter names"):
+        with loldu.adapter_ids(model, "default"):
+            pass
+    with loldu.adapter_ids(model, ["default", "B"]):
+        outer = [l._row_ids.clone() for _, l in loldu.adapted_layers(model)]
+        with loldu.adapter_ids(model, ["B", None]):
+            pass
+        for (_, l), ids in zip(loldu.adapted_layers(model), outer):
+            assert l._row_ids is not None and torch.equal(l._row_ids, ids)
+    assert all(l._row_ids is None for _, l in loldu.adapted_layers(model))

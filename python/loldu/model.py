@@ -371,6 +371,9 @@ def adapter_ids(model: nn.Module, ids: Union[torch.Tensor, Sequence[Optional[str
         idx = ids.long()
         if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= len(names)):
             raise AdapterError(f"loldu.adapter_ids: ids must lie in [-1, {len(names)}) for adapters {names}")
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise AdapterError(f"loldu.adapter_ids: ids must be a sequence of adapter names (one per row) or an "
+                           f"integer tensor, got {type(ids).__name__} {ids!r}")
     else:
         unknown = [n for n in ids if n is not None and n not in names]
         if unknown:
@@ -380,10 +383,11 @@ def adapter_ids(model: nn.Module, ids: Union[torch.Tensor, Sequence[Optional[str
     merged = [n for n, layer in layers if layer.merged_adapter is not None]
     if merged:
         raise AdapterError(f"loldu.adapter_ids: layer '{merged[0]}' is merged; call loldu.unmerge first")
+    before = [(layer._row_ids, layer._row_names) for _, layer in layers]  # an enclosing adapter_ids'
     for _, layer in layers:
         layer._row_ids, layer._row_names = idx.to(layer.loldu_D.device), names
     try:
         yield model
     finally:
-        for _, layer in layers:
-            layer._row_ids, layer._row_names = None, []
+        for (_, layer), (row_ids, row_names) in zip(layers, before):
+            layer._row_ids, layer._row_names = row_ids, row_names
