@@ -216,3 +216,17 @@ def test_io_saved_files_follow_umask(tmp_path):
         os.umask(old)
     for n in (CONFIG_NAME, WEIGHTS_NAME):
         assert (tmp_path / n).stat().st_mode & 0o777 == 0o644
+
+
+def test_io_refuses_crafted_0dim_tensor_as_adapter_error(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base = TinyNet()
+    loldu.save_adapter(trained(base), tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
+        meta = f.metadata()
+    t = load_file(tmp_path / WEIGHTS_NAME)
+    t["sigma"] = torch.tensor(0.25)  # 0-dim: hashing it raw would raise RuntimeError
+    save_file(t, str(tmp_path / WEIGHTS_NAME), metadata=meta)
+    _refused(copy.deepcopy(base), tmp_path, "tensor 'sigma'")

@@ -215,15 +215,15 @@ def read_adapter(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor]]
         raise AdapterError(f"{wpath}: corrupted safetensors file ({e})") from None
     if set(tensors) != set(_TENSORS):
         raise AdapterError(f"{wpath}: expected tensors {sorted(_TENSORS)}, found {sorted(tensors)}")
-    if header.get("data_sha256") != _data_hash(tensors):
-        raise AdapterError(f"{wpath}: tensor data does not match the hash in {cpath}: the file is corrupted")
     L, r = len(layers), config.rank
     shapes = {"z": (L, r), "sigma": (L,), "pivots": (L, r), "fingerprint": (L, 32)}
-    for key, dt in _TENSORS.items():
+    for key, dt in _TENSORS.items():  # before hashing: a 0-dim tensor cannot be viewed as bytes
         t = tensors[key]
         if t.dtype != dt or tuple(t.shape) != shapes[key]:
             raise AdapterError(f"{wpath}: tensor '{key}' is {t.dtype} {tuple(t.shape)}, expected {dt} {shapes[key]} "
                                f"({L} layers, rank {r})")
+    if header.get("data_sha256") != _data_hash(tensors):
+        raise AdapterError(f"{wpath}: tensor data does not match the hash in {cpath}: the file is corrupted")
     if not (torch.isfinite(tensors["z"]).all() and torch.isfinite(tensors["sigma"]).all()):
         raise AdapterError(f"{wpath}: z or sigma holds NaN/Inf")
     for i, e in enumerate(layers):
