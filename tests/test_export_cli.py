@@ -117,3 +117,22 @@ def test_python_dash_m_loldu(spec, tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("loldu export: error:")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_example_inputs_failure_is_one_line(spec, tmp_path, capsys, monkeypatch):
+    def broken():
+        raise ValueError("no tokenizer\nhere")
+
+    monkeypatch.setattr(spec, "example_inputs", broken)
+    assert main(["export", "--base", "loldu_cli_testmod:tiny", "--out", str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loldu export: error: ") and "example_inputs() failed" in err and "\n" not in err
+    assert leftovers(tmp_path) == []
+
+
+def test_cli_default_opset_is_the_exporters():
+    from loldu.cli import build_parser
+    from loldu.export.onnx_export import DEFAULT_OPSET
+
+    args = build_parser().parse_args(["export", "--base", "x:y", "--out", "m.onnx"])
+    assert args.opset == DEFAULT_OPSET

@@ -71,7 +71,13 @@ def _load_spec(spec: str):
     if not callable(make):
         raise CliError(f"--base {spec}: define example_inputs() in {mod_name!r} (or on the model) returning "
                        "the inputs to trace with")
-    return model, make, make
+    def guarded():
+        try:
+            return make()
+        except Exception as e:
+            raise CliError(f"--base {spec}: example_inputs() failed ({type(e).__name__}: {_one_line(e)})") from None
+
+    return model, guarded, guarded
 
 
 def load_base(base: str) -> Tuple[object, Callable, Callable]:
@@ -128,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--fp16", action="store_true", help="export weights and float inputs/outputs in fp16")
     ex.add_argument("--adapter-inputs", action="store_true",
                     help="do not merge: make every adapted layer's c a graph input (one file for all adapters)")
-    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    from loldu.export.onnx_export import DEFAULT_OPSET
+
+    ex.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     ex.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
     ex.set_defaults(func=cmd_export)
     return parser
