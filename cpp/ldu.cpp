@@ -48,6 +48,7 @@ LOLDU_MULTIVERSION void scale_to(double* __restrict y, const double* __restrict 
   for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
 }
 
+// (One overload per type rather than a template: GCC's target_clones does not apply to templates.)
 // The bit pattern of max |x_i|: its float is max |x_i|, and it is >= the pattern of +Inf exactly
 // when x holds a NaN or an Inf. Integer max reductions vectorize without fast-math flags.
 LOLDU_MULTIVERSION uint32_t max_abs_bits(const float* x, int64_t n) {
