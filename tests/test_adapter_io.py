@@ -34,7 +34,7 @@ def test_io_round_trip_into_plain_base_is_identical(tmp_path):
     t = load_file(tmp_path / WEIGHTS_NAME)
     assert {k: (v.dtype, tuple(v.shape)) for k, v in t.items()} == {
         "z": (torch.float32, (5, 4)), "sigma": (torch.float32, (5,)),
-        "pivots": (torch.int64, (5, 4)), "fingerprint": (torch.uint8, (5, 32))}
+        "pivots": (torch.int32, (5, 4)), "fingerprint": (torch.uint8, (5, 32))}
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert cfg["config"]["rank"] == 4 and [e["name"] for e in cfg["layers"]] == TARGETS
     fresh = copy.deepcopy(base)

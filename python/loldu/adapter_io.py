@@ -5,7 +5,7 @@ weight; nothing of size d or k (LOLDU.md, fact 6). The frozen factors are re-der
 the base weights and the stored pivots, after checking the fingerprint.
 
 adapter_model.safetensors: one row per layer, in the order of `layers` in adapter_config.json:
-    z (L, r) fp32 | sigma (L,) fp32 | pivots (L, r) int64 | fingerprint (L, 32) uint8 (sha256)
+    z (L, r) fp32 | sigma (L,) fp32 | pivots (L, r) int32 | fingerprint (L, 32) uint8 (sha256)
 and metadata holding the sha256 of adapter_config.json and of the tensor data, so a corrupted or
 mismatched pair of files is refused. The fingerprint hashes the weight's (d, k) shape, dtype,
 W[:, :r] and W[pivots, :]: exactly what the factorization reads.
@@ -35,7 +35,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "loldu-adapter"
 FORMAT_VERSION = 1
-_TENSORS = {"z": torch.float32, "sigma": torch.float32, "pivots": torch.int64, "fingerprint": torch.uint8}
+# Pivots are row indices of a (d, k) weight: int32 on disk halves their share of the file.
+_TENSORS = {"z": torch.float32, "sigma": torch.float32, "pivots": torch.int32, "fingerprint": torch.uint8}
 
 
 def fingerprint(W: torch.Tensor, pivots: torch.Tensor) -> bytes:
@@ -145,7 +146,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
         sigma.append(layer.loldu_sigma[name].detach().float().cpu().reshape(()))
         piv.append(layer.loldu_pivots.cpu())
         fps.append(torch.frombuffer(bytearray(fingerprint(W, layer.loldu_pivots)), dtype=torch.uint8))
-    tensors = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv), "fingerprint": torch.stack(fps)}
+    tensors = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv).to(torch.int32), "fingerprint": torch.stack(fps)}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter_name": name,
               "config": config.to_dict(), "data_sha256": _data_hash(tensors), "layers": entries}
     config_bytes = _dumps(header).encode()
@@ -224,6 +225,7 @@ def read_adapter(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor]]
                                f"({L} layers, rank {r})")
     if header.get("data_sha256") != _data_hash(tensors):
         raise AdapterError(f"{wpath}: tensor data does not match the hash in {cpath}: the file is corrupted")
+    tensors["pivots"] = tensors["pivots"].long()  # loldu.ldu's index dtype
     if not (torch.isfinite(tensors["z"]).all() and torch.isfinite(tensors["sigma"]).all()):
         raise AdapterError(f"{wpath}: z or sigma holds NaN/Inf")
     for i, e in enumerate(layers):
