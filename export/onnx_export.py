@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from loldu.adapter_io import atomic_paths
 from loldu.errors import ExportError
+from loldu.layer import coefficients_from
 from loldu.model import adapted_layers, merge_and_unload
 
 C_PREFIX = "loldu.c."
@@ -479,7 +480,7 @@ def adapter_feeds(source, onnx_model=None, *, adapter_name: Optional[str] = None
                     tensors["pivots"][i].tolist(), f"adapter {source}")
         z, s = tensors["z"][i].float(), tensors["sigma"][i].float()
         D = torch.tensor(rec["D"], dtype=torch.float32)
-        feeds[rec["input"]] = s0 * (z - D) + (s - s0) * z
+        feeds[rec["input"]] = coefficients_from(z, s, D, s0)
     return feeds
 
 

@@ -73,6 +73,11 @@ def check_supported(name: str, module: nn.Module) -> str:
     return kind
 
 
+def coefficients_from(z: torch.Tensor, sigma: torch.Tensor, D: torch.Tensor, sigma0: float) -> torch.Tensor:
+    """c = sigma z - sigma0 D, written as sigma0 (z - D) + (sigma - sigma0) z: exactly 0 at init."""
+    return sigma0 * (z - D) + (sigma - sigma0) * z
+
+
 class LoLDULayer(nn.Module):
     """Base of the wrappers. Subclasses implement `_adapted(x, c)` and `_c_view(c_rows, x)`.
 
@@ -169,8 +174,7 @@ class LoLDULayer(nn.Module):
         z = self.loldu_z[name].to(dt)
         s = self.loldu_sigma[name]
         s0 = self._sigma0_as[name].get(s.dtype, self.sigma0[name])
-        s = s.to(dt)
-        return s0 * (z - D.to(dt)) + (s - s0) * z
+        return coefficients_from(z, s.to(dt), D.to(dt), s0)
 
     def row_coefficients(self) -> torch.Tensor:
         """(rows, r) in c's dtype: each row's adapter c; an index equal to len(_row_names) means 'no adapter'."""

@@ -223,13 +223,18 @@ def _check_exists(layers, adapter_name, what):
         raise AdapterError(f"{what}: no adapter {adapter_name!r}; adapters are {list(layers[0][1].loldu_z.keys())}")
 
 
+def _check_unmerged(layers, what: str, state: str = "is merged") -> None:
+    """Raises AdapterError naming the first merged layer: `what` needs the delta (unmerged) form."""
+    merged = [n for n, layer in layers if layer.merged_adapter is not None]
+    if merged:
+        raise AdapterError(f"{what}: layer '{merged[0]}' {state}; call loldu.unmerge first")
+
+
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Makes `adapter_name` the one the forward uses and the only one whose parameters train."""
     layers = _layers_or_raise(model)
     _check_exists(layers, adapter_name, "loldu.set_adapter")
-    merged = [n for n, layer in layers if layer.merged_adapter is not None]
-    if merged:
-        raise AdapterError(f"loldu.set_adapter: layer '{merged[0]}' is merged; call loldu.unmerge first")
+    _check_unmerged(layers, "loldu.set_adapter")
     for _, layer in layers:
         layer.active_adapter = adapter_name
         layer.set_trainable(adapter_name)
@@ -279,9 +284,7 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     layers = _layers_or_raise(model)
     name = adapter_name or layers[0][1].active_adapter
     _check_exists(layers, name, "loldu.merge")
-    merged = [n for n, layer in layers if layer.merged_adapter is not None]
-    if merged:
-        raise AdapterError(f"loldu.merge: layer '{merged[0]}' is already merged; call loldu.unmerge first")
+    _check_unmerged(layers, "loldu.merge", "is already merged")
     # A tied weight (e.g. embedding and LM head), adapted or not on the other side, would receive ΔW
     # for every module that uses it: count each base weight's occurrences among all parameters.
     holders: Dict[int, List[str]] = {}
@@ -343,9 +346,7 @@ def merge_and_unload(model: nn.Module, adapter_name: Optional[str] = None) -> nn
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """`with loldu.disabled(model):` the model computes its base outputs (unmerged models only)."""
     layers = _layers_or_raise(model)
-    merged = [n for n, layer in layers if layer.merged_adapter is not None]
-    if merged:
-        raise AdapterError(f"loldu.disabled: layer '{merged[0]}' is merged; call loldu.unmerge first")
+    _check_unmerged(layers, "loldu.disabled")
     before = [layer.disabled for _, layer in layers]
     for _, layer in layers:
         layer.disabled = True
@@ -380,9 +381,7 @@ def adapter_ids(model: nn.Module, ids: Union[torch.Tensor, Sequence[Optional[str
             raise AdapterError(f"loldu.adapter_ids: unknown adapters {unknown}; adapters are {names}")
         idx = torch.tensor([-1 if n is None else names.index(n) for n in ids], dtype=torch.long)
     idx = torch.where(idx < 0, torch.full_like(idx, len(names)), idx)
-    merged = [n for n, layer in layers if layer.merged_adapter is not None]
-    if merged:
-        raise AdapterError(f"loldu.adapter_ids: layer '{merged[0]}' is merged; call loldu.unmerge first")
+    _check_unmerged(layers, "loldu.adapter_ids")
     before = [(layer._row_ids, layer._row_names) for _, layer in layers]  # an enclosing adapter_ids'
     for _, layer in layers:
         layer._row_ids, layer._row_names = idx.to(layer.loldu_D.device), names
