@@ -278,12 +278,58 @@ LduResult ldu_cpu(const at::Tensor& W3, int64_t r, PivotMode mode, const at::Ten
 
 }  // namespace
 
+void check_panel_scale(const at::Tensor& W3, int64_t r, const std::string& shape) {
+  const auto acc = working_dtype(W3.scalar_type());
+  const double eps = acc == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                        : std::numeric_limits<float>::epsilon();
+  const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  const double floor = tiny / eps;
+  // NaN compares false here: a NaN panel is left to the kernels, which report where it is; so is
+  // an all-zero panel (a plain zero pivot).
+  at::Tensor amax = W3.narrow(2, 0, r).abs().amax({1, 2}).to(at::kDouble).cpu();
+  const double* a = amax.const_data_ptr<double>();
+  for (int64_t b = 0; b < amax.size(0); ++b) {
+    if (a[b] > 0 && a[b] < floor) {
+      LduContext{shape, r, W3.size(0) > 1 ? b : -1}.fail_tiny(a[b], floor, acc == at::kDouble ? "float64" : "float32");
+    }
+  }
+}
+
+void check_factors(const at::Tensor& W3, const LduResult& out, int64_t r, const std::string& shape) {
+  const int64_t B = W3.size(0), d = W3.size(1), k = W3.size(2);
+  const auto acc = out.D.scalar_type();
+  const double eps = acc == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                        : std::numeric_limits<float>::epsilon();
+  const double limit = 1.0 / eps;
+  auto idx = out.pivots.unsqueeze(2).expand({B, r, k});
+  auto rows = at::gather(W3, 1, idx);
+  auto scale = at::maximum(W3.narrow(2, 0, r).abs().amax({1, 2}), rows.abs().amax({1, 2})).to(acc);
+  auto tol = scale * static_cast<double>(d) * eps;
+  auto pivot_ok = (out.D.abs() > tol.unsqueeze(1)).all(1);
+  auto u_max = out.U.abs().amax({1, 2}), pl_max = out.PL.abs().amax({1, 2});
+  auto growth_ok = at::logical_and(u_max <= limit, pl_max <= limit);  // false for NaN too
+  if (at::logical_and(pivot_ok, growth_ok).all().item<bool>()) return;
+  auto D = out.D.to(at::kDouble).cpu(), sc = scale.to(at::kDouble).cpu(), tl = tol.to(at::kDouble).cpu();
+  auto um = u_max.to(at::kDouble).cpu(), pm = pl_max.to(at::kDouble).cpu();
+  for (int64_t b = 0; b < B; ++b) {
+    LduContext ctx{shape, r, B > 1 ? b : -1};
+    for (int64_t j = 0; j < r; ++j) {
+      const double piv = D[b][j].item<double>(), t = tl[b].item<double>();
+      if (!(std::abs(piv) > t)) ctx.fail_scale(j, piv, sc[b].item<double>(), t);
+    }
+    if (!(um[b].item<double>() <= limit)) ctx.fail_growth("U", um[b].item<double>(), limit);
+    if (!(pm[b].item<double>() <= limit)) ctx.fail_growth("PL", pm[b].item<double>(), limit);
+  }
+  TORCH_CHECK(false, "loldu.ldu: factor check failed for W of shape ", shape);  // not reached
+}
+
 LduResult ldu_dispatch(const at::Tensor& W, int64_t rank, PivotMode mode, const at::Tensor& forced) {
   const std::string shape = check_ldu_args(W, rank);
   const bool batched = W.dim() == 3;
   at::Tensor W3 = batched ? W : W.unsqueeze(0);
   at::Tensor F3;
   if (forced.defined()) F3 = (batched ? forced : forced.unsqueeze(0)).contiguous();
+  check_panel_scale(W3, rank, shape);
   LduResult out;
   if (W.is_cuda()) {
     out = ldu_cuda(W3, rank, mode, F3, shape);
@@ -291,6 +337,7 @@ LduResult ldu_dispatch(const at::Tensor& W, int64_t rank, PivotMode mode, const 
     TORCH_CHECK(W.is_cpu(), "loldu.ldu: unsupported device ", W.device(), " for W of shape ", shape);
     out = ldu_cpu(W3, rank, mode, F3, shape);
   }
+  check_factors(W3, out, rank, shape);
   if (!batched) out = LduResult{out.PL[0], out.D[0], out.U[0], out.pivots[0]};
   return out;
 }

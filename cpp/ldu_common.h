@@ -29,7 +29,9 @@ inline std::string check_ldu_args(const at::Tensor& W, int64_t rank) {
   const std::string shape = s.str();
   TORCH_CHECK_VALUE(W.dim() == 2 || W.dim() == 3,
                     "loldu.ldu: W must be (d, k) or a batch (B, d, k), got shape ", shape);
-  TORCH_CHECK_VALUE(!W.is_quantized() && at::isFloatingType(W.scalar_type()),
+  const auto dt = W.scalar_type();
+  TORCH_CHECK_VALUE(!W.is_quantized() && (dt == at::kDouble || dt == at::kFloat || dt == at::kHalf ||
+                                          dt == at::kBFloat16),
                     "loldu.ldu: W must be fp64, fp32, fp16 or bf16, got ", W.scalar_type(),
                     " of shape ", shape);
   const int64_t d = W.size(-2), k = W.size(-1);
@@ -61,7 +63,34 @@ struct LduContext {
     TORCH_CHECK_VALUE(false, "loldu.ldu: NaN or Inf in ", what, " at W[", row, ", ", col, "] for ",
                       where());
   }
+  [[noreturn]] void fail_tiny(double amax, double floor, const char* dtype) const {
+    TORCH_CHECK_VALUE(false, "loldu.ldu: the leading columns W[:, :r] are too small to factorize in ", dtype,
+                      ": max |W[:, :r]| = ", amax, " is below ", floor,
+                      " (the smallest normal number / machine epsilon; pivots would be subnormal) for ",
+                      where(), ". Rescale the weight or lower the rank");
+  }
+  [[noreturn]] void fail_scale(int64_t step, double piv, double scale, double tol) const {
+    TORCH_CHECK_VALUE(false, "loldu.ldu: negligible pivot ", piv, " at step ", step, " of ", rank,
+                      " against the weight's scale ", scale,
+                      " (max |W| over the leading r columns and the pivot rows; tolerance ", tol, ") for ",
+                      where(), ": the leading columns are (nearly) rank-deficient or scaled far below the "
+                      "rest of the weight, so the factors would be absurdly large; lower the rank");
+  }
+  [[noreturn]] void fail_growth(const char* factor, double value, double limit) const {
+    TORCH_CHECK_VALUE(false, "loldu.ldu: the factor ", factor, " grows to max |", factor, "| = ", value,
+                      " (limit ", limit, " = 1 / machine epsilon) for ", where(),
+                      ": the leading block is too ill-conditioned to train; lower the rank",
+                      " or use pivoting='partial'");
+  }
 };
+
+// Whole-weight checks around the factorization, shared by every device (ATen reductions):
+// check_panel_scale before it (a panel in the subnormal range cannot be factorized accurately),
+// check_factors after it (pivots judged against the scale of W[:, :r] and of the pivot rows, which
+// span every column, and the factors' growth bounded), so no non-finite or absurdly scaled factor
+// is ever returned.
+void check_panel_scale(const at::Tensor& W3, int64_t r, const std::string& shape);
+void check_factors(const at::Tensor& W3, const LduResult& out, int64_t r, const std::string& shape);
 
 LduResult ldu_dispatch(const at::Tensor& W, int64_t rank, PivotMode mode, const at::Tensor& forced);
 

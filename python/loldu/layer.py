@@ -9,6 +9,7 @@ holds only the base weights and every adapter's z and sigma) but still follow `.
 buffer broadcast. All adapters of one layer share them; each adapter adds r + 1 numbers.
 """
 import sys
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -17,8 +18,15 @@ import torch.nn.functional as F
 
 from .errors import AdapterError
 from .ldu import LDUResult
-from .ops import adapter_linear, delta_weight
+from .ops import adapter_linear, autocast_enabled, delta_weight
 from .reference import adapter_linear_reference
+
+# fp16 holds x U^T (and c-scaled products) safely only while the frozen factors stay small: a
+# layer whose max |PL| * max |U| exceeds this keeps fp32 factors and runs its adapter branch in
+# fp32 whenever it computes in fp16 (the base matmul stays fp16). Partial pivoting bounds |PL| by 1,
+# and at small ranks |U| is O(1) on trained weights, so this only triggers on badly scaled columns
+# or high ranks, where fp16 would overflow (65504) to Inf and Inf * 0 to NaN even at c == 0.
+FP16_SAFE_GROWTH = 256.0
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style linear (weight stored (in, out)). Looked up lazily: a model holding
@@ -89,9 +97,18 @@ class LoLDULayer(nn.Module):
 
     kind = ""
 
-    def __init__(self, base_layer: nn.Module, factors: LDUResult, factor_dtype: torch.dtype):
+    def __init__(self, base_layer: nn.Module, factors: LDUResult, factor_dtype: torch.dtype, name: str = ""):
         super().__init__()
         self.base_layer = base_layer
+        # max |PL| * max |U|: how large the adapter branch's intermediate products can grow.
+        self.growth = float(factors.PL.abs().amax() * factors.U.abs().amax())
+        if (base_layer.weight.dtype == torch.float16 and self.growth > FP16_SAFE_GROWTH
+                and factor_dtype in (torch.float16, torch.bfloat16)):
+            warnings.warn(
+                f"loldu: layer '{name}' (fp16 weight {tuple(weight_matrix(base_layer).shape)}): its frozen factors grow "
+                f"to max|PL| * max|U| = {self.growth:.3g} > {FP16_SAFE_GROWTH:g}, which fp16 cannot hold safely; they are "
+                "stored in float32 and its adapter branch runs in float32", RuntimeWarning, stacklevel=4)
+            factor_dtype = torch.float32
         self.register_buffer("loldu_PL", factors.PL.to(factor_dtype).contiguous(), persistent=False)
         self.register_buffer("loldu_U", factors.U.to(factor_dtype).contiguous(), persistent=False)
         self.register_buffer("loldu_D", factors.D.clone(), persistent=False)
@@ -234,10 +251,22 @@ class LoLDULayer(nn.Module):
 
     def _factors_for(self, x: torch.Tensor):
         """PL, U in the dtype the computation runs in (autocast casts inside the op instead)."""
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_enabled(x.device.type):
             return self.loldu_PL, self.loldu_U
         dt = self.base_layer.weight.dtype
         return self.loldu_PL.to(dt), self.loldu_U.to(dt)
+
+    def _fp32_branch(self, x: torch.Tensor) -> bool:
+        """Whether the adapter branch must run in fp32: fp16 compute with large factors."""
+        if self.growth <= FP16_SAFE_GROWTH:
+            return False
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if autocast_enabled(dev) else self.base_layer.weight.dtype
+        return dt == torch.float16
+
+    def _wide_factors(self):
+        wide = torch.float64 if self.loldu_PL.dtype == torch.float64 else torch.float32
+        return self.loldu_PL.to(wide), self.loldu_U.to(wide)
 
     def _adapted(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -255,8 +284,18 @@ class LoLDULinear(LoLDULayer):
     kind = "linear"
 
     def _adapted(self, x, c):
+        if self._fp32_branch(x):
+            return self._adapted_fp32(x, c)
         PL, U = self._factors_for(x)
         return self._linear()(x, self.base_layer.weight, self.base_layer.bias, PL, U, c)
+
+    def _adapted_fp32(self, x, c):
+        """The base layer's own fp16 forward plus the adapter branch in fp32 (exactly + 0 at c == 0)."""
+        y = self.base_layer(x)
+        PL, U = self._wide_factors()
+        with torch.autocast(x.device.type, enabled=False):
+            t = x.to(U.dtype) @ U.t()
+            return y + ((t * c.to(U.dtype)) @ PL.t()).to(y.dtype)
 
     def _linear(self):
         return adapter_linear_reference if self._export_plain else adapter_linear
@@ -272,6 +311,8 @@ class LoLDUConv1D(LoLDULinear):
     kind = "conv1d"
 
     def _adapted(self, x, c):
+        if self._fp32_branch(x):
+            return self._adapted_fp32(x, c)
         PL, U = self._factors_for(x)
         return self._linear()(x, self.base_layer.weight.t(), self.base_layer.bias, PL, U, c)
 
@@ -285,6 +326,9 @@ class LoLDUEmbedding(LoLDULayer):
         y = self.base_layer(ids)
         # c stays fp32 through the scaling; the product with U runs in the output's dtype.
         t = F.embedding(ids, self.loldu_PL).to(c.dtype) * c
+        if self._fp32_branch(y):
+            with torch.autocast(y.device.type, enabled=False):
+                return y + (t @ self.loldu_U.to(t.dtype)).to(y.dtype)
         return y + (t.to(y.dtype) @ self.loldu_U.to(y.dtype)).to(y.dtype)
 
     def _c_view(self, c_rows, ids):
@@ -304,10 +348,16 @@ class LoLDUConv2d(LoLDULayer):
     def _adapted(self, x, c):
         base = self.base_layer
         y = base(x)
-        PL, U = self._factors_for(x)
         out_ch = base.weight.shape[0]
-        u = base._conv_forward(x, U.reshape(self.rank, *base.weight.shape[1:]), None)
         cv = c.view(-1, self.rank, 1, 1) if c.dim() == 2 else c.view(self.rank, 1, 1)  # (r,1,1): also unbatched (C, H, W)
+        if self._fp32_branch(x):
+            PL, U = self._wide_factors()
+            with torch.autocast(x.device.type, enabled=False):
+                u = base._conv_forward(x.to(U.dtype), U.reshape(self.rank, *base.weight.shape[1:]), None)
+                t = u * cv.to(u.dtype)
+                return y + F.conv2d(t, PL.reshape(out_ch, self.rank, 1, 1)).to(y.dtype)
+        PL, U = self._factors_for(x)
+        u = base._conv_forward(x, U.reshape(self.rank, *base.weight.shape[1:]), None)
         t = (u.to(cv.dtype) * cv).to(u.dtype)
         return y + F.conv2d(t, PL.reshape(out_ch, self.rank, 1, 1).to(t.dtype))
 

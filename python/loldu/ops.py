@@ -13,6 +13,14 @@ from .errors import ShapeError
 from .reference import adapter_linear_reference, delta_weight_reference
 
 
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled for any device: False where autocast does not exist (e.g. meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _check(x, weight, bias, PL, U, c):
     def shapes():  # only formatted when a check fails: this runs on every forward
         return (f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, PL {tuple(PL.shape)}, "
@@ -33,7 +41,12 @@ def _check(x, weight, bias, PL, U, c):
     tensors = [weight, PL, U, c] + ([bias] if bias is not None else [])
     if any(t.device != x.device for t in tensors):
         raise ShapeError(f"loldu.adapter_linear: mixed devices {[str(t.device) for t in [x] + tensors]}; shapes: {shapes()}")
-    if any(t.dtype != x.dtype for t in [weight, PL, U] + ([bias] if bias is not None else [])):
+    if x.dtype not in _DTYPES:
+        raise ShapeError(f"loldu.adapter_linear: x must be float64, float32, float16 or bfloat16, got {x.dtype}; "
+                         f"shapes: {shapes()}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise ShapeError(f"loldu.adapter_linear: bias is {bias.dtype} but x is {x.dtype}; shapes: {shapes()}")
+    if any(t.dtype != x.dtype for t in [weight, PL, U]):
         raise ShapeError(
             f"loldu.adapter_linear: x is {x.dtype} but weight/PL/U are {weight.dtype}/{PL.dtype}/{U.dtype} "
             f"(cast them, or use torch.autocast); shapes: {shapes()}")
@@ -48,11 +61,12 @@ def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     x (..., k); weight (d, k); bias (d,) or None; PL (d, r); U (r, k); c (r,) or (..., r) per row.
     Gradients flow to x and c; weight, bias, PL and U are treated as frozen. Returns (..., d).
     """
-    if not torch.is_autocast_enabled(x.device.type):
+    autocast = autocast_enabled(x.device.type)
+    if not autocast:
         _check(x, weight, bias, PL, U, c)
     if _backend.HAS_OPS:
         return torch.ops.loldu.adapter_linear(x, weight, bias, PL, U, c)
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast:
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight, PL, U = (t.to(dt) for t in (x, weight, PL, U))
         bias = bias.to(dt) if bias is not None else None
