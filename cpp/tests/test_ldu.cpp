@@ -63,6 +63,15 @@ int main() {
     loldu::ldu(W, 4);
   });
   LOLDU_CHECK(msg.find("NaN") != std::string::npos && msg.find("W[3, 1]") != std::string::npos);
+  // Leading columns far below the rest of W: pivots are judged against the pivot rows too.
+  msg = loldu_test::error_of([] {
+    auto W = at::randn({64, 48});
+    W.narrow(1, 0, 4).mul_(1e-30);
+    loldu::ldu(W, 4);
+  });
+  LOLDU_CHECK(msg.find("scaled far below the rest") != std::string::npos && msg.find("[64, 48]") != std::string::npos);
+  msg = loldu_test::error_of([] { loldu::ldu(at::rand({64, 48}) * 1e-39, 8); });
+  LOLDU_CHECK(msg.find("too small to factorize in float32") != std::string::npos);
   msg = loldu_test::error_of([] { loldu::ldu(at::ones({5, 5}, at::kLong), 2); });
   LOLDU_CHECK(msg.find("fp64, fp32") != std::string::npos);
   return loldu_test::finish("test_ldu");
