@@ -5,7 +5,10 @@ place. Editing is transactional: all checks and all factorizations happen before
 is swapped, so a failure leaves the model exactly as it was.
 """
 import contextlib
+import functools
 import re
+import sys
+import threading
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,6 +24,7 @@ _PROGRESS_MIN_LAYERS = 32  # show a progress bar from this many layers on
 _STACK_BYTES = 256 << 20  # most bytes of weights stacked into one batched factorization call
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _SAVED_FLAGS = "_loldu_requires_grad"
+_CALL_CHECK = "_loldu_call_check"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,8 +55,53 @@ def _check_name(adapter_name) -> None:
         raise AdapterError(f"adapter name must be an identifier-like str (letters, digits, _ or -), got {adapter_name!r}")
 
 
+# torch.nn modules that read a child Linear's weight instead of calling the child, so a LoLDU layer
+# there would be silently ignored: (parent class, child attribute, why, refuse even if a subclass
+# overrides forward). A subclass with its own forward is otherwise left to the run-time check
+# (_CallCheck), which sees a bypass in every forward but not one that depends on the mode (an
+# inference fast path), so those are refused for every subclass. (nn.MultiheadAttention's packed
+# in_proj_weight and its q/k/v_proj_weight are Parameters, not modules: target_modules never sees them.)
+_IGNORED = "its adapter would get no gradient and be ignored, yet merge would change the outputs"
+_BYPASSED_CHILDREN = [
+    (nn.MultiheadAttention, "out_proj", "nn.MultiheadAttention passes out_proj.weight and out_proj.bias to "
+     f"F.multi_head_attention_forward instead of calling out_proj: {_IGNORED}", False),
+    *((nn.TransformerEncoderLayer, lin, f"nn.TransformerEncoderLayer's inference fast path (eval mode without grad) "
+       f"passes {lin}.weight to torch._transformer_encoder_layer_fwd instead of calling {lin}: its adapter would "
+       "be ignored at inference unless merged", True) for lin in ("linear1", "linear2")),
+]
+if hasattr(nn, "LinearCrossEntropyLoss"):  # torch >= 2.13
+    _BYPASSED_CHILDREN.append((nn.LinearCrossEntropyLoss, "linear", "nn.LinearCrossEntropyLoss reshapes "
+                               f"linear.weight for F.linear_cross_entropy instead of calling linear: {_IGNORED}", False))
+
+
+def _bypass_reason(parent: nn.Module, attr: str) -> Optional[str]:
+    """Why `parent` never calls its child `attr` (it reads the child's weight instead), or None."""
+    for cls, child, why, any_subclass in _BYPASSED_CHILDREN:
+        if attr == child and isinstance(parent, cls) and (any_subclass or type(parent).forward is cls.forward):
+            return why
+    return None
+
+
+def _check_not_bypassed(root: nn.Module, name: str, config: LoLDUConfig, n_found: int) -> None:
+    parent, _, attr = name.rpartition(".")
+    why = _bypass_reason(root.get_submodule(parent), attr)
+    if why is None:
+        return
+    tm = config.target_modules
+    if isinstance(tm, str):
+        how = (f"target_modules={tm!r} matches it" + (f" together with {n_found - 1} other module(s)" if n_found > 1 else "")
+               + f"; change the regex so that it does not match '{name}'")
+    else:
+        entry = next(t for t in tm if name == t or name.endswith("." + t))
+        how = f"remove it from target_modules (the entry {entry!r} selects it) or list the wanted layers by full name"
+    raise AdapterError(f"layer '{name}' cannot be adapted: {why}. Exclude it: {how}")
+
+
 def find_targets(model: nn.Module, config: LoLDUConfig) -> List[Tuple[str, nn.Module, str]]:
-    """(name, module, kind) of every module `config` targets, outside existing LoLDU layers."""
+    """(name, module, kind) of every module `config` targets, outside existing LoLDU layers.
+
+    Raises AdapterError for a module its parent does not call (e.g. nn.MultiheadAttention.out_proj).
+    """
     root = unwrap(model)
     found, inside = [], []
     for name, module in root.named_modules():
@@ -65,6 +114,8 @@ def find_targets(model: nn.Module, config: LoLDUConfig) -> List[Tuple[str, nn.Mo
             found.append((name, module, check_supported(name, module)))
     if not found:
         raise AdapterError(f"target_modules={config.target_modules!r} matches no module of {type(root).__name__}")
+    for name, _, _ in found:
+        _check_not_bypassed(root, name, config, len(found))
     return found
 
 
@@ -118,12 +169,139 @@ def build_layers(targets, factors: Dict[str, LDUResult], config: LoLDUConfig) ->
     """Wrappers around the target modules (the model is not touched yet)."""
     layers = {}
     for name, module, kind in targets:
-        layers[name] = LAYER_CLASSES[kind](module, factors[name], config.torch_factor_dtype(module.weight.dtype))
+        layers[name] = LAYER_CLASSES[kind](module, factors[name], config.torch_factor_dtype(module.weight.dtype), name)
     return layers
 
 
+def _runs(module: nn.Module) -> bool:
+    """Whether the module has a forward of its own (nn.ModuleList / nn.ModuleDict are never called)."""
+    return type(module).forward is not nn.Module.forward
+
+
+class _CallCheck:
+    """Checks, once, that every adapted layer is called when its parent module runs.
+
+    A parent that reads a child's weight instead of calling it (as nn.MultiheadAttention does with
+    out_proj) silently ignores the adapter. For each layer, its parent is the nearest ancestor with a
+    forward of its own (containers such as nn.ModuleList are skipped). Hooks on the layers and their
+    ancestors record, per thread, the outermost forward of the model (or of a submodule called on
+    its own): which parents ran and which layers were called. When it ends, every parent it covers
+    is settled: if the parent ran, each of its layers must have been called somewhere in that
+    forward (a layer used by the grandparent after the parent returned is fine), otherwise
+    AdapterError; if the parent did not run, it is not checked. Settled hooks remove themselves, so
+    after the first full forward no hook is left (no steady-state cost), except on layers that
+    failed, which fail again at every forward. A forward that raises is not checked. A layer called
+    outside any forward of the model (e.g. directly by the user) cannot be checked and is dropped.
+
+    Under torch.compile / torch.export the hooks do nothing (dynamo traces them as no-ops, so
+    fullgraph=True holds); the check then runs at the first eager forward, if any. A parent whose
+    forward itself is compiled (its hooks run eagerly, its calls do not) is not checked.
+    """
+
+    def __init__(self, root: nn.Module, names: Sequence[str]):
+        self.parent: Dict[str, str] = {}  # layer name -> name of the parent that must call it
+        for name in names:
+            p = name
+            while p:
+                p = p.rpartition(".")[0]
+                if _runs(root.get_submodule(p)):
+                    self.parent[name] = p
+                    break
+        self.frames: Dict[int, dict] = {}  # thread id -> the outermost forward in progress
+        self.handles: Dict[str, list] = {}  # module name -> hook handles
+        self.classes = {p: type(root.get_submodule(p)).__name__ for p in self.parent.values()}
+        for name in self.parent:
+            self.handles[name] = [root.get_submodule(name).register_forward_pre_hook(functools.partial(self._called, name))]
+        for a in self._ancestors():
+            m = root.get_submodule(a)
+            self.handles[a] = [m.register_forward_pre_hook(functools.partial(self._enter, a)),
+                               m.register_forward_hook(functools.partial(self._exit, a), always_call=True)]
+
+    def _ancestors(self) -> set:
+        out = set()
+        for name in self.parent:
+            p = name
+            while p:
+                p = p.rpartition(".")[0]
+                out.add(p)
+        return out
+
+    def remove(self) -> None:
+        for hs in self.handles.values():
+            for h in hs:
+                h.remove()
+        self.handles.clear()
+        self.parent.clear()
+
+    def _called(self, name, module, args):
+        if torch.compiler.is_compiling():
+            return
+        frame = self.frames.get(threading.get_ident())
+        if frame is not None:
+            frame["called"].add(name)
+        elif name in self.parent:  # used outside the model's forward: cannot be checked
+            del self.parent[name]
+            self._prune()
+
+    def _enter(self, name, module, args):
+        if torch.compiler.is_compiling():
+            return
+        frame = self.frames.setdefault(threading.get_ident(), {"depth": 0, "top": name, "ran": set(), "called": set(),
+                                                               "compiled": set(), "failed": False})
+        frame["depth"] += 1
+        frame["ran"].add(name)
+        if getattr(module.forward, "_torchdynamo_orig_callable", None) is not None:
+            frame["compiled"].add(name)  # a torch.compile'd forward: its calls are not seen
+
+    def _exit(self, name, module, args, output):
+        if torch.compiler.is_compiling():
+            return
+        tid = threading.get_ident()
+        frame = self.frames.get(tid)
+        if frame is None:
+            return
+        if sys.exc_info()[0] is not None:  # always_call: the forward raised (or runs inside an except block)
+            frame["failed"] = True
+        frame["depth"] -= 1
+        if frame["depth"] > 0:
+            return
+        del self.frames[tid]
+        if not frame["failed"]:
+            self._settle(frame)
+
+    def _settle(self, frame) -> None:
+        top, ran, called = frame["top"], frame["ran"], frame["called"]
+        missed = []
+        for name, p in list(self.parent.items()):
+            if top and p != top and not p.startswith(top + "."):
+                continue  # not covered by this forward
+            if p in ran and p not in frame["compiled"] and name not in called:
+                missed.append((name, p))
+            else:
+                del self.parent[name]
+        self._prune()
+        if missed:
+            name, p = missed[0]
+            more = f" ({len(missed)} such layers: {', '.join(repr(n) for n, _ in missed)})" if len(missed) > 1 else ""
+            raise AdapterError(
+                f"LoLDU layer '{name}' was never called in a forward where its parent '{p}' "
+                f"({self.classes[p]}) ran{more}: the parent does not call it (it reads the layer's weight, or skips the "
+                "layer in this forward), so the adapter is silently ignored (no gradient to z) while merge would "
+                "still change the outputs. Exclude it from target_modules (loldu.unload restores the model)")
+
+    def _prune(self) -> None:
+        """Removes the hooks no pending layer needs."""
+        keep = set(self.parent) | self._ancestors()
+        for name in [n for n in self.handles if n not in keep]:
+            for h in self.handles.pop(name):
+                h.remove()
+
+
 def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str) -> None:
-    """Freezes every parameter, swaps the wrappers in and activates `adapter_name`."""
+    """Freezes every parameter, swaps the wrappers in and activates `adapter_name`.
+
+    Also arms the one-time check that every layer is called by its parent (_CallCheck).
+    """
     root = unwrap(model)
     saved = [(p, p.requires_grad) for p in root.parameters()]
     originals = []
@@ -142,8 +320,9 @@ def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str) -
     for layer in layers.values():
         layer.active_adapter = adapter_name
         layer.set_trainable(adapter_name)
-    # A plain attribute (not a Module/Parameter), so it stays out of state_dict.
+    # Plain attributes (not Modules/Parameters), so they stay out of state_dict.
     object.__setattr__(root, _SAVED_FLAGS, saved)
+    object.__setattr__(root, _CALL_CHECK, _CallCheck(root, list(layers)))
 
 
 def inject(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default", *,
@@ -153,7 +332,10 @@ def inject(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default",
     Supported: nn.Linear, nn.Conv2d (groups=1), nn.Embedding, transformers Conv1D. The base weights
     are not rewritten; the adapter starts at c == 0, so outputs are unchanged. Afterwards only z
     (and sigma if config.train_scale) require grad. `progress`: tqdm bar (default: from 32 layers).
-    Raises AdapterError naming the layer (unsupported type, rank too large, degenerate weight).
+    Raises AdapterError naming the layer (unsupported type, rank too large, degenerate weight, or a
+    module its parent reads the weight of instead of calling it, e.g. nn.MultiheadAttention.out_proj).
+    The first forward checks that every adapted layer is called when its parent runs (AdapterError
+    naming the layer and the parent's class otherwise), then removes its hooks.
     With activation checkpointing, use non-reentrant checkpoints (transformers' default) or make the
     inputs require grad: a reentrant checkpoint whose inputs need no grad passes no gradient to z.
     """
@@ -230,6 +412,13 @@ def _check_unmerged(layers, what: str, state: str = "is merged") -> None:
         raise AdapterError(f"{what}: layer '{merged[0]}' {state}; call loldu.unmerge first")
 
 
+def _check_no_row_ids(layers, what: str) -> None:
+    """Raises AdapterError when a loldu.adapter_ids context is active: it holds the adapter names
+    (and the layers) it was entered with, so they must not change until it is left."""
+    if any(layer._row_ids is not None for _, layer in layers):
+        raise AdapterError(f"{what}; leave the context first")
+
+
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Makes `adapter_name` the one the forward uses and the only one whose parameters train."""
     layers = _layers_or_raise(model)
@@ -250,6 +439,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             raise AdapterError(f"loldu.delete_adapter: adapter {adapter_name!r} is merged into layer '{n}'; unmerge first")
     if len(layers[0][1].loldu_z) == 1:
         raise AdapterError(f"loldu.delete_adapter: {adapter_name!r} is the only adapter; use loldu.unload")
+    _check_no_row_ids(layers, f"loldu.delete_adapter: adapter {adapter_name!r} is in use by loldu.adapter_ids")
     was_active = layers[0][1].active_adapter == adapter_name
     if was_active:  # checked before anything changes: the replacement cannot be activated while merged
         merged = [n for n, layer in layers if layer.merged_adapter is not None]
@@ -285,6 +475,7 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     name = adapter_name or layers[0][1].active_adapter
     _check_exists(layers, name, "loldu.merge")
     _check_unmerged(layers, "loldu.merge", "is already merged")
+    _check_no_row_ids(layers, f"loldu.merge: adapter {name!r} is in use by loldu.adapter_ids")
     # A tied weight (e.g. embedding and LM head), adapted or not on the other side, would receive ΔW
     # for every module that uses it: count each base weight's occurrences among all parameters.
     holders: Dict[int, List[str]] = {}
@@ -316,6 +507,9 @@ def _strip(model: nn.Module) -> nn.Module:
         setattr(root.get_submodule(parent), attr, layer.base_layer)
     for p, flag in root.__dict__.pop(_SAVED_FLAGS, []):
         p.requires_grad_(flag)
+    check = root.__dict__.pop(_CALL_CHECK, None)
+    if check is not None:
+        check.remove()
     return model
 
 
@@ -325,6 +519,7 @@ def unload(model: nn.Module) -> nn.Module:
     The weights are the very tensors the model had: bit-identical unless it was merged meanwhile.
     """
     layers = _layers_or_raise(model)
+    _check_no_row_ids(layers, "loldu.unload: the adapters are in use by loldu.adapter_ids")
     for _, layer in layers:
         layer.unmerge()
     return _strip(model)
@@ -333,6 +528,7 @@ def unload(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     """Merges, then puts the plain modules (now holding W0 + ΔW) back: a model without loldu."""
     layers = _layers_or_raise(model)
+    _check_no_row_ids(layers, "loldu.merge_and_unload: the adapters are in use by loldu.adapter_ids")
     merged = {layer.merged_adapter for _, layer in layers if layer.merged_adapter is not None}
     if not merged:
         merge(model, adapter_name)
