@@ -278,7 +278,9 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
         and compared with the PyTorch model (the caller's, unmerged: the true reference); above the
         bound (parity_bound) it is an ExportError and no file is written.
     The file is written to a temporary file in the same directory, checked with onnx.checker, then
-    renamed: a failure never leaves a partial `path` behind. Raises ExportError.
+    renamed: a failure or a kill never leaves a partial `path` behind, and the temporaries that killed
+    exports left next to `path` are removed first (loldu.adapter_io.clean_stale_temps). Raises
+    ExportError, also for file-system failures (naming `path`).
     """
     import onnx
 
@@ -291,8 +293,11 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
     path = Path(path)
     if path.suffix != ".onnx":
         raise ExportError(f"loldu.export: output path {str(path)!r} must end in .onnx")
+    if path.is_dir():
+        raise ExportError(f"loldu.export: output path {str(path)!r} is a directory")
     if not path.parent.is_dir():
-        raise ExportError(f"loldu.export: output directory {str(path.parent)!r} does not exist")
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise ExportError(f"loldu.export: output path {str(path)!r}: directory {str(path.parent)!r} {what}")
     names, inputs, by_kw = _normalize_inputs(example_inputs)
     if input_names is not None:
         if len(input_names) != len(inputs):
@@ -326,7 +331,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
     if unknown:
         raise ExportError(f"loldu.export: dynamic_axes names {sorted(unknown)} are neither inputs {all_in} "
                           f"nor outputs {out_names}")
-    with atomic_paths([path]) as (tmp,):
+    with _os_errors_named(path), atomic_paths([path]) as (tmp,):
         with torch.no_grad(), _plain_layers([layer for _, layer in layers]), warnings.catch_warnings():
             # The TorchScript exporter's deprecation notice and tracer warnings about Python
             # conditionals in transformers' mask code (shape checks that hold for every input).
@@ -358,6 +363,17 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
         if check_inputs is not None:
             _parity(report, tmp, model, check_inputs, c_layers, adapter_name, provider, names, names_out)
     return report
+
+
+@contextlib.contextmanager
+def _os_errors_named(path: Path):
+    """A file-system failure while writing `path` (read-only or vanished directory, disk full) as an
+    ExportError naming it."""
+    try:
+        yield
+    except OSError as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise ExportError(f"loldu.export: cannot write {str(path)!r} ({reason}); nothing was written there") from None
 
 
 def pytorch_outputs(model: nn.Module, inputs, adapter_name: Optional[str] = None) -> List[torch.Tensor]:
@@ -428,7 +444,14 @@ def adapter_metadata(onnx_model) -> List[dict]:
             raise ExportError(f"{p}: not a readable ONNX file ({type(e).__name__}: {e})") from None
     for entry in proto.metadata_props:
         if entry.key == META_KEY:
-            return json.loads(entry.value)["layers"]
+            try:
+                layers = json.loads(entry.value)["layers"]
+            except (ValueError, RecursionError, KeyError, TypeError) as e:
+                raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: corrupted loldu adapter metadata "
+                                  f"({type(e).__name__})") from None
+            if not isinstance(layers, list) or not all(isinstance(r, dict) for r in layers):
+                raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: corrupted loldu adapter metadata")
+            return layers
     raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: not exported with adapter_inputs=True "
                       "(no loldu adapter metadata)")
 

@@ -124,11 +124,15 @@ class OrtRunner:
 
     # -- running ------------------------------------------------------------------------------------
     def run(self, feeds: Union[Mapping[str, object], Sequence[object]], adapter=None) -> Dict[str, object]:
-        """{output name: array}. feeds: {input name: array or tensor}, or a sequence in input order.
+        """{output name: array}. feeds: {input name: array or tensor}, or a list/tuple in input order.
 
         adapter: for an export with adapter inputs, a dict of c feeds, a model with LoLDU layers, or an
         adapter directory (see loldu.export.adapter_feeds); merged into feeds.
         """
+        if not isinstance(feeds, (Mapping, list, tuple)):
+            raise ExportError(f"{self.path}: run() takes a dict {{input name: numpy array or torch tensor}} or a "
+                              f"list/tuple of them in input order, got {type(feeds).__name__}; the model's inputs "
+                              f"are {self._describe()}")
         if not isinstance(feeds, Mapping):
             names = [n for n in self.inputs if not n.startswith("loldu.c.")]
             if len(feeds) == len(self.inputs):
@@ -143,6 +147,10 @@ class OrtRunner:
                 from .onnx_export import adapter_feeds
                 adapter = adapter_feeds(adapter, self)
             feeds.update(adapter)
+        for name, v in feeds.items():
+            if not isinstance(v, (np.ndarray, np.generic, torch.Tensor)):
+                raise ExportError(f"{self.path}: input {name!r} must be a numpy array or a torch tensor, "
+                                  f"got {type(v).__name__}")
         self._check(feeds)
         on_device = self.provider == "CUDAExecutionProvider" and any(
             isinstance(v, torch.Tensor) and v.is_cuda for v in feeds.values())

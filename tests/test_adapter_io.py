@@ -1,17 +1,22 @@
 """save_adapter / load_adapter: round trips, refusals (model and files unchanged), atomic writes."""
 import copy
+import hashlib
 import json
 import os
+import random
+import time
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 from _model_helpers import TARGETS, TinyNet, assert_same_snapshot, inputs, perturb, snapshot
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import loldu
 from loldu import AdapterError, LoLDUConfig
-from loldu.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from loldu.adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterWarning
 
 
 def trained(base, rank=3, **kw):
@@ -37,6 +42,9 @@ def test_io_round_trip_into_plain_base_is_identical(tmp_path):
         "pivots": (torch.int32, (5, 4)), "fingerprint": (torch.uint8, (5, 32))}
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert cfg["config"]["rank"] == 4 and [e["name"] for e in cfg["layers"]] == TARGETS
+    # format 2: the weights file holds the config too; adapter_config.json is a byte-identical copy
+    meta = metadata(tmp_path)
+    assert meta["loldu_format"] == "loldu-adapter/2" and meta["loldu_config"] == (tmp_path / CONFIG_NAME).read_text()
     fresh = copy.deepcopy(base)
     loaded = loldu.load_adapter(fresh, tmp_path)
     assert loaded is fresh and loldu.active_adapter(fresh) == "default"
@@ -82,6 +90,28 @@ def test_io_save_named_adapter_and_refuse_merged(tmp_path):
     assert not (tmp_path / "merged").exists()
 
 
+def metadata(d):
+    with safe_open(str(d / WEIGHTS_NAME), "pt") as f:
+        return f.metadata()
+
+
+def rewrite_metadata(d, **changes):
+    meta = {**metadata(d), **changes}
+    save_file(load_file(d / WEIGHTS_NAME), str(d / WEIGHTS_NAME), metadata=meta)
+
+
+def to_format_1(d):
+    """Rewrites a format-2 directory as format 1 wrote it: the config only in adapter_config.json,
+    whose sha256 the weights' metadata records."""
+    header = json.loads(metadata(d)["loldu_config"])
+    header["format_version"] = 1
+    config_bytes = json.dumps(header, indent=1).encode()
+    (d / CONFIG_NAME).write_bytes(config_bytes)
+    save_file(load_file(d / WEIGHTS_NAME), str(d / WEIGHTS_NAME),
+              metadata={"format": "pt", "loldu_format": "loldu-adapter/1",
+                        "config_sha256": hashlib.sha256(config_bytes).hexdigest()})
+
+
 def _refused(model, directory, *words, **kw):
     before = snapshot(model)
     on_disk = files(directory)
@@ -101,7 +131,7 @@ def test_io_refuses_a_different_base(tmp_path):
     other = copy.deepcopy(base)
     with torch.no_grad():
         other.proj.weight[1, 0] += 1e-3  # Conv1D: W0 = weight^T, so this is W0[0, 1], inside W0[:, :r]
-    _refused(other, tmp_path, str(tmp_path / CONFIG_NAME), "'proj'", "fingerprint")
+    _refused(other, tmp_path, str(tmp_path / WEIGHTS_NAME), "'proj'", "fingerprint")
     # the same check on an already injected model
     injected = loldu.inject(copy.deepcopy(other), LoLDUConfig(rank=3, target_modules=TARGETS))
     _refused(injected, tmp_path, "'proj'", "fingerprint", adapter_name="second")
@@ -133,17 +163,37 @@ def _corrupt_data_byte(d):
     (d / WEIGHTS_NAME).write_bytes(bytes(raw))
 
 
+def _edit_stored_config(d, old, new):
+    """Edits the config inside the weights file, keeping its length (a bit rot, not a re-save)."""
+    raw = (d / WEIGHTS_NAME).read_bytes()
+    assert raw.count(old) == 1 and len(old) == len(new)
+    (d / WEIGHTS_NAME).write_bytes(raw.replace(old, new))
+
+
+def _deeply_nested(d):
+    text = "[" * 100000 + "]" * 100000
+    rewrite_metadata(d, loldu_config=text, loldu_config_sha256=hashlib.sha256(text.encode()).hexdigest())
+
+
+def _nested_safetensors_header(d):
+    header = b"[" * 100000 + b"]" * 100000
+    (d / WEIGHTS_NAME).write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+@pytest.mark.parametrize("fmt", [2, 1])
 @pytest.mark.parametrize("damage, word", [
     (_corrupt_data_byte, "corrupted"),
     (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:-9]), WEIGHTS_NAME),
     (lambda d: (d / WEIGHTS_NAME).write_bytes(b"\xff" * 4), "truncated"),
-    (lambda d: (d / CONFIG_NAME).write_text("{not json"), "not valid JSON"),
-    (lambda d: (d / CONFIG_NAME).write_text((d / CONFIG_NAME).read_text().replace('"rank": 3', '"rank": 2')), "config hash"),
     (lambda d: (d / WEIGHTS_NAME).unlink(), "no such adapter file"),
+    (_nested_safetensors_header, "nested too deeply"),
+    (lambda d: rewrite_metadata(d, loldu_format="loldu-adapter/3"), "format_version 3 is not supported"),
 ])
-def test_io_refuses_corrupted_files(tmp_path, damage, word):
+def test_io_refuses_corrupted_files(tmp_path, damage, word, fmt):
     base = TinyNet()
     loldu.save_adapter(trained(base), tmp_path)
+    if fmt == 1:
+        to_format_1(tmp_path)
     damage(tmp_path)
     fresh = copy.deepcopy(base)
     msg = _refused(fresh, tmp_path, word)
@@ -151,10 +201,117 @@ def test_io_refuses_corrupted_files(tmp_path, damage, word):
     assert not loldu.adapted_layers(fresh)
 
 
-def test_io_refuses_mixed_up_pair(tmp_path):
+@pytest.mark.parametrize("damage, word", [
+    (lambda d: _edit_stored_config(d, b'\\"rank\\": 3', b'\\"rank\\": 2'), "does not match its hash"),
+    (lambda d: _edit_stored_config(d, b'\\"conv2d\\"', b'\\"conv3d\\"'), "does not match its hash"),
+    (lambda d: rewrite_metadata(d, loldu_config_sha256="0" * 64), "does not match its hash"),
+    (_deeply_nested, "nested too deeply"),
+    (lambda d: rewrite_metadata(d, loldu_config="{not json", loldu_config_sha256=hashlib.sha256(b"{not json").hexdigest()),
+     "not valid JSON"),
+])
+def test_io_refuses_a_damaged_stored_config(tmp_path, damage, word):
+    base = TinyNet()
+    loldu.save_adapter(trained(base), tmp_path)
+    damage(tmp_path)
+    msg = _refused(copy.deepcopy(base), tmp_path, word, str(tmp_path / WEIGHTS_NAME))
+    assert "\n" not in msg
+
+
+def test_io_random_bit_flips_never_load_another_adapter(tmp_path):
+    """Any single flipped bit in the weights file is refused, or (in safetensors' own `format`
+    entry, which nothing reads) changes nothing: never a silently different adapter."""
+    base = TinyNet()
+    m = trained(base, train_scale=True)
+    loldu.save_adapter(m, tmp_path)
+    good = (tmp_path / WEIGHTS_NAME).read_bytes()
+    ids, img = inputs()
+    want = m(ids, img)[0]
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    refused = 0
+    for _ in range(150):
+        raw = bytearray(good)
+        i = rng.randrange(len(raw))
+        raw[i] ^= 1 << rng.randrange(8)
+        (tmp_path / WEIGHTS_NAME).write_bytes(bytes(raw))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AdapterWarning)
+                fresh = loldu.load_adapter(copy.deepcopy(base), tmp_path)
+        except AdapterError:
+            refused += 1
+            continue
+        assert torch.equal(fresh(ids, img)[0], want), f"byte {i}: a flipped bit loaded a different adapter"
+    assert refused >= 140
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: (d / CONFIG_NAME).write_text("{not json"),
+    lambda d: (d / CONFIG_NAME).write_text((d / CONFIG_NAME).read_text().replace('"rank": 3', '"rank": 2')),
+    lambda d: (d / CONFIG_NAME).write_text("[" * 100000 + "]" * 100000),
+    lambda d: (d / CONFIG_NAME).unlink(),
+    lambda d: (d / CONFIG_NAME).write_bytes((d.parent / "other" / CONFIG_NAME).read_bytes()),
+])
+def test_io_config_copy_is_ignored_when_it_differs(tmp_path, damage):
+    """Format 2: the weights file decides; a stale or edited adapter_config.json is reported, not used."""
+    base = TinyNet()
+    m = trained(base)
+    loldu.save_adapter(m, tmp_path / "a")
+    loldu.save_adapter(trained(base, rank=2), tmp_path / "other")
+    damage(tmp_path / "a")
+    with pytest.warns(AdapterWarning, match=CONFIG_NAME):
+        fresh = loldu.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    ids, img = inputs()
+    assert torch.equal(fresh(ids, img)[0], m(ids, img)[0])
+    loldu.save_adapter(fresh, tmp_path / "a")  # the next save rewrites the copy
+    assert (tmp_path / "a" / CONFIG_NAME).read_text() == metadata(tmp_path / "a")["loldu_config"]
+
+
+def test_io_mixed_up_pair_loads_the_weights_file(tmp_path):
+    """Format 2: weights copied from another adapter are a complete adapter of their own."""
+    base = TinyNet()
+    loldu.save_adapter(trained(base), tmp_path / "a")
+    b = trained(base)
+    loldu.save_adapter(b, tmp_path / "b")
+    (tmp_path / "a" / WEIGHTS_NAME).write_bytes((tmp_path / "b" / WEIGHTS_NAME).read_bytes())
+    with pytest.warns(AdapterWarning, match="differs"):
+        fresh = loldu.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    ids, img = inputs()
+    assert torch.equal(fresh(ids, img)[0], b(ids, img)[0])
+
+
+def test_io_reads_format_1(tmp_path):
+    base = TinyNet()
+    m = trained(base, train_scale=True)
+    loldu.save_adapter(m, tmp_path / "a")
+    to_format_1(tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # format 1 has no stored copy to compare with
+        fresh = loldu.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    ids, img = inputs()
+    assert torch.equal(fresh(ids, img)[0], m(ids, img)[0])
+
+
+@pytest.mark.parametrize("damage, word", [
+    (lambda d: (d / CONFIG_NAME).write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / CONFIG_NAME).write_text("[" * 100000 + "]" * 100000), "nested too deeply"),
+    (lambda d: (d / CONFIG_NAME).write_text((d / CONFIG_NAME).read_text().replace('"rank": 3', '"rank": 2')), "config hash"),
+    (lambda d: (d / CONFIG_NAME).unlink(), "no such adapter file"),
+])
+def test_io_format_1_refuses_a_damaged_config(tmp_path, damage, word):
+    base = TinyNet()
+    loldu.save_adapter(trained(base), tmp_path)
+    to_format_1(tmp_path)
+    damage(tmp_path)
+    msg = _refused(copy.deepcopy(base), tmp_path, word)
+    assert str(tmp_path) in msg and "\n" not in msg
+
+
+def test_io_format_1_refuses_mixed_up_pair(tmp_path):
     base = TinyNet()
     loldu.save_adapter(trained(base), tmp_path / "a")
     loldu.save_adapter(trained(base), tmp_path / "b")
+    for d in ("a", "b"):
+        to_format_1(tmp_path / d)
     (tmp_path / "a" / WEIGHTS_NAME).write_bytes((tmp_path / "b" / WEIGHTS_NAME).read_bytes())
     _refused(copy.deepcopy(base), tmp_path / "a", "does not belong")
 
@@ -170,7 +327,7 @@ def test_io_save_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(AdapterError, match=f"{tmp_path}.*disk full"):
         loldu.save_adapter(m, tmp_path)
     assert files(tmp_path) == good  # old files intact, no temporary files left behind
     monkeypatch.undo()
@@ -201,7 +358,7 @@ def test_io_save_second_file_failure_keeps_old_pair(tmp_path, monkeypatch):
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", second_fails)
-    with pytest.raises(OSError, match="second file"):
+    with pytest.raises(AdapterError, match="second file"):
         loldu.save_adapter(m, tmp_path)
     monkeypatch.undo()
     assert files(tmp_path) == good  # the old pair, whole; no temporary files
@@ -219,9 +376,6 @@ def test_io_saved_files_follow_umask(tmp_path):
 
 
 def test_io_refuses_crafted_0dim_tensor_as_adapter_error(tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     base = TinyNet()
     loldu.save_adapter(trained(base), tmp_path)
     with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
@@ -230,3 +384,88 @@ def test_io_refuses_crafted_0dim_tensor_as_adapter_error(tmp_path):
     t["sigma"] = torch.tensor(0.25)  # 0-dim: hashing it raw would raise RuntimeError
     save_file(t, str(tmp_path / WEIGHTS_NAME), metadata=meta)
     _refused(copy.deepcopy(base), tmp_path, "tensor 'sigma'")
+
+
+def _as_root():
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "is_a_file", "proc"])
+def test_io_save_file_system_errors_are_adapter_errors(tmp_path, where):
+    """Paths that fail for root too: below a regular file, a regular file, a directory in /proc."""
+    (tmp_path / "plain").write_text("x")
+    target = {"under_a_file": tmp_path / "plain" / "sub", "is_a_file": tmp_path / "plain",
+              "proc": "/proc/self" if os.path.isdir("/proc/self") else None}[where]
+    if target is None:
+        pytest.skip("no /proc")
+    with pytest.raises(AdapterError) as e:
+        loldu.save_adapter(trained(TinyNet()), target)
+    assert str(target) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(_as_root(), reason="root writes into read-only directories")
+def test_io_read_only_directory_is_adapter_error(tmp_path):
+    m = trained(TinyNet())
+    loldu.save_adapter(m, tmp_path / "ro")
+    good = files(tmp_path / "ro")
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        with pytest.raises(AdapterError, match="PermissionError"):
+            loldu.save_adapter(m, tmp_path / "ro")
+        assert files(tmp_path / "ro") == good
+        os.chmod(tmp_path / "ro" / WEIGHTS_NAME, 0)
+        with pytest.raises(AdapterError, match="cannot read"):
+            loldu.load_adapter(TinyNet(), tmp_path / "ro")
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+
+
+@pytest.mark.parametrize("where", ["file", "weights_is_a_dir", "missing"])
+def test_io_load_file_system_errors_are_adapter_errors(tmp_path, where):
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "d" / WEIGHTS_NAME).mkdir(parents=True)
+    directory = {"file": tmp_path / "plain", "weights_is_a_dir": tmp_path / "d", "missing": tmp_path / "nope"}[where]
+    with pytest.raises(AdapterError, match="no such adapter file") as e:
+        loldu.load_adapter(TinyNet(), directory)
+    assert str(directory / WEIGHTS_NAME) in str(e.value)
+
+
+def test_io_save_removes_stale_temporaries_only(tmp_path):
+    """Killed writers' temporaries go at the next save; a live writer's (flocked) one, a fresh empty
+    one of a live process (it may not have locked it yet) and other files stay."""
+    import subprocess
+    import sys
+
+    fcntl = pytest.importorskip("fcntl")
+    base = TinyNet()
+    m = trained(base)
+    loldu.save_adapter(m, tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    me, dead, hours_ago = os.getpid(), gone.pid, time.time() - 7200
+    W, C = WEIGHTS_NAME, CONFIG_NAME
+    remove = {  # name: (content, mtime)
+        f".{W}.{dead}-ab3_9xyz.tmp": (b"partial", None),    # killed while writing
+        f".{C}.{me}-k2m4q8r0.tmp": (b"partial", None),      # unlocked and written: its writer is gone
+        f".{W}.{dead}-e0e0e0e0.tmp": (b"", None),           # killed before writing
+        f".{C}.{me}-e1e1e1e1.tmp": (b"", hours_ago),        # empty for hours
+        f".{W}.ab3_9xyz.tmp": (b"partial", hours_ago),      # an older loldu's (unlocked) temporary
+    }
+    keep = {
+        f".{W}.{me}-new00000.tmp": (b"", None),             # created by a live process, not locked yet
+        f".{W}.abcdefgh.tmp": (b"partial", None),           # an older loldu's, maybe still writing
+        f".{W}.tmp": (b"x", hours_ago), f".{W}.{dead}-ABCDEFGH.tmp": (b"x", hours_ago),
+        f".{W}.abc.tmp": (b"x", hours_ago), f".other.{dead}-abcdefgh.tmp": (b"x", hours_ago), "notes.tmp": (b"x", hours_ago),
+    }
+    live = f".{W}.{dead}-live0000.tmp"
+    for n, (data, mtime) in {**remove, **keep, live: (b"partial", hours_ago)}.items():
+        (tmp_path / n).write_bytes(data)
+        if mtime:
+            os.utime(tmp_path / n, (mtime, mtime))
+    with open(tmp_path / live, "rb") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)  # as a writer in another process holds it
+        perturb(m)
+        loldu.save_adapter(m, tmp_path)
+        left = set(os.listdir(tmp_path))
+    assert left == {CONFIG_NAME, WEIGHTS_NAME, live, *keep}
+    loldu.load_adapter(copy.deepcopy(base), tmp_path)

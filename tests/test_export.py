@@ -276,3 +276,78 @@ def test_parity_pairs_check_inputs_by_name_when_an_input_is_dropped(tmp_path):
     ex = (torch.ones(3, dtype=torch.long), torch.randn(2, 6))
     rep = lx.to_onnx(m, ex, tmp_path / "m.onnx", check_inputs=(torch.ones(3, dtype=torch.long), torch.randn(5, 6)))
     assert rep.input_names == ["input_1"] and rep.max_abs_diff <= lx.FP32_BOUND
+
+
+@pytest.mark.parametrize("feeds, match", [
+    (None, "takes a dict .* got NoneType"),
+    ("input_0", "takes a dict .* got str"),
+    (b"x", "takes a dict .* got bytes"),
+    (7, "takes a dict .* got int"),
+    ([[1, 2, 3], [[0.5]]], "input 'input_0' must be a numpy array or a torch tensor, got list"),
+    ({"input_0": [[1, 2, 3]], "input_1": None}, "input 'input_0' must be a numpy array or a torch tensor, got list"),
+])
+def test_runner_run_rejects_what_is_not_feeds(tmp_path, feeds, match):
+    _, model = adapted(seed=8)
+    runner = lx.OrtRunner(lx.to_onnx(model, inputs(), tmp_path / "m.onnx").path, provider="cpu")
+    with pytest.raises(loldu.ExportError, match=match) as e:
+        runner.run(feeds)
+    assert str(tmp_path / "m.onnx") in str(e.value)
+
+
+@pytest.mark.parametrize("where, match", [
+    ("dir", "is a directory"),
+    ("under_a_file", "is not a directory"),
+    ("under_a_file_deeper", "does not exist"),
+    ("proc", "cannot write '/proc/self/loldu-test.onnx'"),  # creating files there fails for root too
+])
+def test_export_file_system_errors_are_export_errors(tmp_path, where, match):
+    _, model = adapted(seed=7)
+    (tmp_path / "d.onnx").mkdir()
+    (tmp_path / "plain").write_text("x")
+    if where == "proc" and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc")
+    path = {"dir": tmp_path / "d.onnx", "under_a_file": tmp_path / "plain" / "m.onnx",
+            "under_a_file_deeper": tmp_path / "plain" / "sub" / "m.onnx", "proc": "/proc/self/loldu-test.onnx"}[where]
+    before = snapshot(model)
+    with pytest.raises(loldu.ExportError, match=match) as e:
+        lx.to_onnx(model, inputs(), path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["d.onnx", "plain"] and os.listdir(tmp_path / "d.onnx") == []
+    assert_same_state(model, before)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only directories")
+def test_export_into_read_only_directory_is_export_error(tmp_path):
+    _, model = adapted(seed=7)
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        with pytest.raises(loldu.ExportError, match="PermissionError"):
+            lx.to_onnx(model, inputs(), tmp_path / "ro" / "m.onnx")
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+    assert os.listdir(tmp_path / "ro") == []
+
+
+def test_next_export_removes_killed_exports_temporaries(tmp_path):
+    """A killed export's temporary (unlocked, writer gone) is removed by the next export to that path;
+    a live export's (flocked) one, and other paths' ones, stay. tests/test_crash_safety.py kills real ones."""
+    import subprocess
+    import sys
+
+    fcntl = pytest.importorskip("fcntl")
+    _, model = adapted(seed=7)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = [f".m.onnx.{gone.pid}-ab3_9xyz.tmp", f".m.onnx.{gone.pid}-e0e0e0e0.tmp"]
+    live, other = f".m.onnx.{gone.pid}-live0000.tmp", f".n.onnx.{gone.pid}-ab3_9xyz.tmp"
+    (tmp_path / dead[0]).write_bytes(b"partial onnx")
+    (tmp_path / dead[1]).write_bytes(b"")
+    for n in (live, other):
+        (tmp_path / n).write_bytes(b"partial onnx")
+    with open(tmp_path / live, "rb") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        lx.to_onnx(model, inputs(), tmp_path / "m.onnx")
+        assert sorted(os.listdir(tmp_path)) == sorted([live, other, "m.onnx"])
+    lx.to_onnx(model, inputs(), tmp_path / "m.onnx")
+    assert sorted(os.listdir(tmp_path)) == sorted([other, "m.onnx"])

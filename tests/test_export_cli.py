@@ -1,4 +1,5 @@
-"""`loldu export` (in-process through loldu.cli.main, and once as `python -m loldu`)."""
+"""`loldu export` (in-process through loldu.cli.main, and as `python -m loldu`)."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -84,12 +85,43 @@ def test_cli_export_merged_and_adapter_inputs(spec, tmp_path, capsys):
     assert np.abs(y16.astype(np.float32) - ref.numpy()).max() <= lx.parity_bound("fp16", [ref])
 
 
+def nest_stored_config(directory):
+    """The adapter's config (stored in its weights file, hash updated) replaced by [[[...]]] 100000 deep."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    w = directory / "adapter_model.safetensors"
+    with safe_open(str(w), "pt") as f:
+        meta = f.metadata()
+    text = "[" * 100000 + "]" * 100000
+    meta.update(loldu_config=text, loldu_config_sha256=hashlib.sha256(text.encode()).hexdigest())
+    save_file(load_file(w), str(w), metadata=meta)
+
+
+def nest_format_1_config(directory):
+    """A format-1 adapter (config only in adapter_config.json) whose config is [[[...]]] 100000 deep."""
+    from safetensors.torch import load_file, save_file
+
+    text = ("[" * 100000 + "]" * 100000).encode()
+    (directory / "adapter_config.json").write_bytes(text)
+    w = directory / "adapter_model.safetensors"
+    save_file(load_file(w), str(w), metadata={"format": "pt", "loldu_format": "loldu-adapter/1",
+                                              "config_sha256": hashlib.sha256(text).hexdigest()})
+
+
 @pytest.mark.parametrize("case", ["no_base", "bad_spec", "no_adapter", "foreign_adapter", "no_out_dir", "not_onnx",
-                                  "inputs_without_adapter"])
+                                  "inputs_without_adapter", "out_is_a_dir", "out_under_a_file", "out_read_only",
+                                  "nested_config", "nested_format_1_config"])
 def test_cli_errors_one_line_nonzero_no_file(case, spec, tmp_path, capsys):
     trained_adapter(spec, tmp_path / "ad")
     trained_adapter(spec, tmp_path / "foreign", factory="other")
     out = tmp_path / "m.onnx"
+    (tmp_path / "dirs" / "m.onnx").mkdir(parents=True)
+    (tmp_path / "plain").write_text("x")
+    if case == "out_read_only" and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc")
+    if case.startswith("nested"):
+        (nest_stored_config if case == "nested_config" else nest_format_1_config)(tmp_path / "ad")
     args = {
         "no_base": ["--base", str(tmp_path / "nowhere"), "--out", str(out)],
         "bad_spec": ["--base", "loldu_cli_testmod:missing", "--out", str(out)],
@@ -98,12 +130,47 @@ def test_cli_errors_one_line_nonzero_no_file(case, spec, tmp_path, capsys):
         "no_out_dir": ["--base", "loldu_cli_testmod:tiny", "--out", str(tmp_path / "sub" / "m.onnx")],
         "not_onnx": ["--base", "loldu_cli_testmod:tiny", "--out", str(tmp_path / "m.pt")],
         "inputs_without_adapter": ["--base", "loldu_cli_testmod:tiny", "--out", str(out), "--adapter-inputs"],
+        "out_is_a_dir": ["--base", "loldu_cli_testmod:tiny", "--out", str(tmp_path / "dirs" / "m.onnx")],
+        "out_under_a_file": ["--base", "loldu_cli_testmod:tiny", "--out", str(tmp_path / "plain" / "m.onnx")],
+        # /proc: a directory where even root cannot create files
+        "out_read_only": ["--base", "loldu_cli_testmod:tiny", "--out", "/proc/self/loldu-test.onnx"],
+        "nested_config": ["--base", "loldu_cli_testmod:tiny", "--adapter", str(tmp_path / "ad"), "--out", str(out)],
+        "nested_format_1_config": ["--base", "loldu_cli_testmod:tiny", "--adapter", str(tmp_path / "ad"),
+                                   "--out", str(out)],
     }[case]
     assert main(["export"] + args) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("loldu export: error: ") and "\n" not in err
     assert "Traceback" not in err
-    assert leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == [] and os.listdir(tmp_path / "dirs" / "m.onnx") == []
+    where = {"out_is_a_dir": "is a directory", "out_under_a_file": "is not a directory",
+             "out_read_only": "/proc/self/loldu-test.onnx", "nested_config": "nested too deeply",
+             "nested_format_1_config": "nested too deeply"}.get(case)
+    if where:
+        assert where in err, err
+
+
+def test_cli_stale_config_copy_is_one_warning_line(spec, tmp_path, capsys):
+    """A nested (or otherwise stale) adapter_config.json copy is ignored: the weights file decides."""
+    trained_adapter(spec, tmp_path / "ad")
+    (tmp_path / "ad" / "adapter_config.json").write_text("[" * 100000 + "]" * 100000)
+    assert main(["export", "--base", "loldu_cli_testmod:tiny", "--adapter", str(tmp_path / "ad"),
+                 "--out", str(tmp_path / "m.onnx")]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loldu export: warning: ") and "adapter_config.json" in err and "\n" not in err
+
+
+def test_cli_subprocess_errors_have_no_traceback(spec, tmp_path):
+    """As users run it: `--out` an existing directory, and an adapter nested 100000 deep."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+    trained_adapter(spec, tmp_path / "ad")
+    nest_stored_config(tmp_path / "ad")
+    (tmp_path / "d.onnx").mkdir()
+    for extra in (["--out", str(tmp_path / "d.onnx")], ["--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m.onnx")]):
+        r = subprocess.run([sys.executable, "-m", "loldu", "export", "--base", "loldu_cli_testmod:tiny"] + extra,
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("loldu export: error: ") and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_python_dash_m_loldu(spec, tmp_path):

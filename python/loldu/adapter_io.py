@@ -1,23 +1,49 @@
-"""Saving and loading one adapter: `adapter_config.json` + `adapter_model.safetensors` (no pickle).
+"""Saving and loading one adapter: `adapter_model.safetensors` (+ `adapter_config.json`), no pickle.
 
 An adapter file holds, per layer, z (r,), sigma, the r pivot indices and a fingerprint of the base
 weight; nothing of size d or k (LOLDU.md, fact 6). The frozen factors are re-derived on load from
 the base weights and the stored pivots, after checking the fingerprint.
 
-adapter_model.safetensors: one row per layer, in the order of `layers` in adapter_config.json:
+Format 2: adapter_model.safetensors alone is the whole adapter. Its tensors, one row per layer in
+the order of the config's `layers`:
     z (L, r) fp32 | sigma (L,) fp32 | pivots (L, r) int32 | fingerprint (L, 32) uint8 (sha256)
-and metadata holding the sha256 of adapter_config.json and of the tensor data, so a corrupted or
-mismatched pair of files is refused. The fingerprint hashes the weight's (d, k) shape, dtype,
+Its metadata: `loldu_format` ("loldu-adapter/2"), `loldu_config` (the config JSON text: adapter
+name, LoLDUConfig, per layer name/kind/shape/dtype, and the sha256 of the tensor data) and
+`loldu_config_sha256` (the sha256 of that text), so a flipped bit in the config or the tensors is refused.
+adapter_config.json is a byte-identical copy of `loldu_config`, for people and tools; the loader
+does not need it, and ignores it with one AdapterWarning when it differs (left stale by an
+interrupted save, or edited by hand). The fingerprint hashes the weight's (d, k) shape, dtype,
 W[:, :r] and W[pivots, :]: exactly what the factorization reads.
+Format 1 (the config read from adapter_config.json, whose sha256 the weights' metadata records) is
+still read.
+
+Crash safety: save_adapter writes each file to a fsynced temporary file in the directory, renames the
+weights file over the old one (the single atomic commit), then the config copy, then fsyncs the
+directory. Killed at any moment, the directory loads as exactly the old or exactly the new adapter.
+Temporary files are named `.<target name>.<writer pid>-<8 random chars>.tmp`, and their writer holds
+an exclusive flock on each while it lives (the kernel drops it when the process dies, SIGKILL
+included). Every save or export first removes the temporaries of its target names that no process
+holds locked (clean_stale_temps): a live writer's temporary is never removed, so concurrent writers
+do not break each other; the last rename wins.
 """
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
 
 import torch
 import torch.nn as nn
@@ -34,9 +60,18 @@ from .model import (
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "loldu-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # Pivots are row indices of a (d, k) weight: int32 on disk halves their share of the file.
 _TENSORS = {"z": torch.float32, "sigma": torch.float32, "pivots": torch.int32, "fingerprint": torch.uint8}
+# Unlocked temporaries of ours that are removed by the next write to the same target (see above).
+STALE_EMPTY_SECONDS = 10.0
+STALE_UNLOCKED_SECONDS = 3600.0
+_TEMP_SUFFIX = ".tmp"
+
+
+class AdapterWarning(UserWarning):
+    """load_adapter ignored an adapter_config.json that differs from the config in the weights file."""
 
 
 def fingerprint(W: torch.Tensor, pivots: torch.Tensor) -> bytes:
@@ -76,55 +111,188 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+# -- temporary files -----------------------------------------------------------------------------
+def _temp_patterns(target: Path) -> Tuple["re.Pattern", "re.Pattern"]:
+    """Our temporaries' names: `.<name>.<pid>-<8 chars>.tmp` (tempfile.mkstemp's 8 characters of
+    [a-z0-9_]), and `.<name>.<8 chars>.tmp` as loldu wrote them before it locked its temporaries."""
+    head, tail = re.escape(f".{target.name}."), r"[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX)
+    return re.compile(head + r"([0-9]+)-" + tail), re.compile(head + tail)
+
+
+def _try_lock(fd: int) -> Optional[bool]:
+    """Exclusive non-blocking flock: True if taken, False if another open file holds it, None if
+    this file system cannot lock."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):  # another user's process, or not a pid we can ask about
+        return True
+    return True
+
+
+def clean_stale_temps(target) -> List[str]:
+    """Removes the temporary files of `target` that killed writers left behind; returns their paths.
+
+    Only names of our pattern are considered, and a file is removed only when no process holds its
+    flock (its writer is gone: the kernel drops the lock of a dead process) and it is non-empty
+    (written after locking), or empty with its writer's pid (in the name) gone or older than
+    STALE_EMPTY_SECONDS (a live writer may be between creating and locking it). Without flock, and
+    for the unlocked temporaries of older loldu versions: older than STALE_UNLOCKED_SECONDS.
+    Best effort: a file that cannot be examined is left.
+    """
+    target = Path(target)
+    ours, legacy = _temp_patterns(target)
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    removed = []
+    for n in names:
+        m = ours.fullmatch(n)
+        if m is None and not legacy.fullmatch(n):
+            continue
+        p = target.parent / n
+        try:  # no symlink followed, no FIFO waited on
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            age = time.time() - st.st_mtime
+            locked = _try_lock(fd) if m else None
+            if locked is False:
+                continue  # a live writer's file
+            if locked is None:
+                stale = age > STALE_UNLOCKED_SECONDS
+            else:
+                stale = st.st_size > 0 or age > STALE_EMPTY_SECONDS or not _pid_alive(int(m.group(1)))
+            if not stale:
+                continue
+            now = os.stat(p, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):  # still the file examined
+                os.unlink(p)
+                removed.append(str(p))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _locked_temp(target: Path, mode: int) -> Tuple[int, str]:
+    """A new temporary file next to `target`, with `mode`, exclusively flocked: (fd, path)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}-", suffix=_TEMP_SUFFIX)
+    try:
+        if fcntl is not None:
+            try:  # blocking: a cleaner examining the new (empty) file holds it for a moment only
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks: cleaners fall back to the file's age
+                pass
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Makes completed renames durable; best effort (not every platform can open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_paths(paths: Sequence) -> Iterator[List[str]]:
     """Temporary files next to each of `paths`, for the body to write (by name).
 
-    They are created with the mode a plain open() would give them (0o666 & ~umask). When the body
-    returns, they are renamed over `paths` back to back (after every file is complete); when it
-    raises, they are removed and the targets are untouched. Used for every file loldu writes.
+    Stale temporaries of the same targets are removed first (clean_stale_temps). The new ones are
+    created with the mode a plain open() would give them (0o666 & ~umask) and stay flocked while
+    they live. When the body returns, they are renamed over `paths` in order; when it raises, they
+    are removed and the targets are untouched. Raises OSError (callers name their own error type).
     """
     paths = [Path(p) for p in paths]
-    tmps: List[str] = []
+    made: List[Tuple[int, str]] = []
     try:
         mode = _file_mode()
         for p in paths:
-            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-            tmps.append(tmp)
-            try:
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-        yield tmps
-        for tmp, p in zip(tmps, paths):
+            clean_stale_temps(p)
+        for p in paths:
+            made.append(_locked_temp(p, mode))
+        yield [tmp for _, tmp in made]
+        for (_, tmp), p in zip(made, paths):
             os.replace(tmp, p)
+        for d in {p.parent for p in paths}:
+            _fsync_dir(d)
     finally:
-        for tmp in tmps:
+        for fd, tmp in made:  # unlink before closing: the file stays locked until it is gone
             if os.path.exists(tmp):
                 os.unlink(tmp)
-
-
-def _write_synced(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+            os.close(fd)
 
 
 def write_atomic(files: Dict) -> None:
-    """Writes {path: bytes}: every file to a fsynced temporary file first, then all renamed into place."""
-    items = list(files.items())
-    with atomic_paths([p for p, _ in items]) as tmps:
-        for tmp, (_, data) in zip(tmps, items):
-            _write_synced(tmp, data)
+    """Writes {path: bytes}: each file to a fsynced, flocked temporary file in turn, then renames
+    them into place in the given order (so the first is the commit point), then fsyncs the directory.
+    On any failure nothing is renamed and the temporaries are removed. Raises OSError."""
+    items = [(Path(p), data) for p, data in files.items()]
+    made: List[Tuple[int, str]] = []
+    try:
+        mode = _file_mode()
+        for p, _ in items:
+            clean_stale_temps(p)
+        for p, data in items:  # one at a time: a kill leaves at most one unwritten temporary
+            fd, tmp = _locked_temp(p, mode)
+            made.append((fd, tmp))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        for (_, tmp), (p, _) in zip(made, items):
+            os.replace(tmp, p)
+        for d in {p.parent for p, _ in items}:
+            _fsync_dir(d)
+    finally:
+        for fd, tmp in made:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            os.close(fd)
 
 
 def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None) -> Dict[str, int]:
     """Writes adapter `adapter_name` (default: the active one) of `model` into `directory`.
 
-    Both files are written to temporary files in `directory` and fsynced, then renamed over the
-    targets back to back (weights first); the config records the weights' hash.
-    Returns {file name: size in bytes}. Raises AdapterError if the model is merged.
+    adapter_model.safetensors holds the whole adapter (config included) and is committed by one
+    atomic rename; adapter_config.json, a copy of its config, follows. Killed at any moment, the
+    directory loads as the old adapter or the new one (see the module docstring).
+    Returns {file name: size in bytes}. Raises AdapterError if the model is merged, and AdapterError
+    naming the directory when it cannot be created or written.
     """
     layers = adapted_layers(model)
     if not layers:
@@ -149,14 +317,31 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     tensors = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv).to(torch.int32), "fingerprint": torch.stack(fps)}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter_name": name,
               "config": config.to_dict(), "data_sha256": _data_hash(tensors), "layers": entries}
-    config_bytes = _dumps(header).encode()
+    config_text = _dumps(header)
+    config_bytes = config_text.encode()
     weights_bytes = st_save(tensors, metadata={"format": "pt", "loldu_format": f"{FORMAT}/{FORMAT_VERSION}",
-                                               "config_sha256": hashlib.sha256(config_bytes).hexdigest()})
+                                               "loldu_config": config_text,
+                                               "loldu_config_sha256": hashlib.sha256(config_bytes).hexdigest()})
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    # Both files are complete and fsynced before either is renamed: a failed write keeps the old pair.
-    write_atomic({d / WEIGHTS_NAME: weights_bytes, d / CONFIG_NAME: config_bytes})
+    if d.exists() and not d.is_dir():
+        raise AdapterError(f"loldu.save_adapter: {str(d)!r} exists and is not a directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AdapterError(f"loldu.save_adapter: cannot create the adapter directory {str(d)!r} "
+                           f"({_os_reason(e)})") from None
+    try:
+        # The weights file is the commit: renamed first, it alone is a complete adapter.
+        write_atomic({d / WEIGHTS_NAME: weights_bytes, d / CONFIG_NAME: config_bytes})
+    except OSError as e:
+        raise AdapterError(f"loldu.save_adapter: cannot write the adapter into {str(d)!r} ({_os_reason(e)}); "
+                           "the adapter there before, if any, is unchanged") from None
     return {WEIGHTS_NAME: len(weights_bytes), CONFIG_NAME: len(config_bytes)}
+
+
+def _os_reason(e: OSError) -> str:
+    """'PermissionError: [Errno 13] Permission denied: '/x/y'' in one line."""
+    return " ".join(f"{type(e).__name__}: {e}".split())
 
 
 def _st_metadata(raw: bytes, path: Path) -> dict:
@@ -169,47 +354,92 @@ def _st_metadata(raw: bytes, path: Path) -> dict:
         meta = json.loads(raw[8 : 8 + n]).get("__metadata__", {})
     except (ValueError, AttributeError) as e:
         raise AdapterError(f"{path}: corrupted safetensors header ({e})") from None
+    except RecursionError:
+        raise AdapterError(f"{path}: corrupted safetensors header (JSON nested too deeply)") from None
     if not isinstance(meta, dict):
         raise AdapterError(f"{path}: corrupted safetensors metadata")
     return meta
 
 
-def read_adapter(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor]]:
-    """Reads and fully checks both files: (header, config, tensors). Touches no model.
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise AdapterError(f"{path}: no such adapter file")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read the adapter file ({_os_reason(e)})") from None
 
-    Raises AdapterError naming the file on a missing, corrupted or mismatched file.
-    """
+
+def _parse_header(text, path: Path) -> dict:
+    try:
+        header = json.loads(text)
+    except ValueError as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise AdapterError(f"{path}: not a loldu adapter config (JSON nested too deeply)") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise AdapterError(f"{path}: not a loldu adapter config (format {header.get('format') if isinstance(header, dict) else None!r})")
+    return header
+
+
+def _stored_version(meta: dict, wpath: Path) -> int:
+    fmt = meta.get("loldu_format")
+    if fmt is None and "config_sha256" in meta:
+        return 1
+    m = re.fullmatch(re.escape(FORMAT) + "/([0-9]{1,6})", fmt) if isinstance(fmt, str) else None
+    if m:
+        version = int(m.group(1))
+        if version in READABLE_VERSIONS:
+            return version
+        raise AdapterError(f"{wpath}: format_version {version} is not supported (this loldu reads "
+                           f"{', '.join(map(str, READABLE_VERSIONS))})")
+    raise AdapterError(f"{wpath}: not a loldu adapter file (loldu_format {fmt!r})")
+
+
+def _read(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor], Path]:
+    """read_adapter, plus the file the config was read from."""
     d = Path(directory)
     cpath, wpath = d / CONFIG_NAME, d / WEIGHTS_NAME
-    for p in (cpath, wpath):
-        if not p.is_file():
-            raise AdapterError(f"{p}: no such adapter file")
-    config_bytes, raw = cpath.read_bytes(), wpath.read_bytes()
-    try:
-        header = json.loads(config_bytes)
-    except ValueError as e:
-        raise AdapterError(f"{cpath}: not valid JSON ({e})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise AdapterError(f"{cpath}: not a loldu adapter config (format {header.get('format') if isinstance(header, dict) else None!r})")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{cpath}: format_version {header.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+    raw = _read_bytes(wpath)
+    meta = _st_metadata(raw, wpath)
+    version = _stored_version(meta, wpath)
+    if version >= 2:
+        # The weights file is the whole adapter; adapter_config.json is a copy, checked but not needed.
+        text = meta.get("loldu_config")
+        stored = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else None
+        if stored is None or meta.get("loldu_config_sha256") != hashlib.sha256(stored).hexdigest():
+            raise AdapterError(f"{wpath}: the config stored in the file does not match its hash: the file is corrupted")
+        header, source = _parse_header(text, wpath), wpath
+        try:
+            copy_ok = cpath.read_bytes() == stored
+        except OSError:
+            copy_ok = False
+        if not copy_ok:
+            warnings.warn(f"{cpath}: missing or differs from the config stored in {wpath} (an interrupted save, "
+                          "or an edit); using the stored one. The next save_adapter rewrites it.",
+                          AdapterWarning, stacklevel=3)
+    else:
+        config_bytes = _read_bytes(cpath)
+        header, source = _parse_header(config_bytes, cpath), cpath
+        if meta.get("config_sha256") != hashlib.sha256(config_bytes).hexdigest():
+            raise AdapterError(f"{wpath}: does not belong to {cpath} (config hash mismatch): the pair is corrupted or mixed up")
+    if header.get("format_version") != version:
+        raise AdapterError(f"{source}: format_version {header.get('format_version')!r} is not supported here "
+                           f"(the weights file says {version})")
     try:
         config = LoLDUConfig.from_dict(header.get("config"))
-    except (AdapterError, TypeError) as e:
-        raise AdapterError(f"{cpath}: invalid config: {e}") from None
+    except (TypeError, ValueError, RecursionError) as e:  # AdapterError is a ValueError
+        raise AdapterError(f"{source}: invalid config: {e}") from None
     layers = header.get("layers")
     ok = isinstance(layers, list) and layers and all(
         isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("kind"), str)
         and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list) and len(e["shape"]) == 2
         and all(isinstance(s, int) and s > 0 for s in e["shape"]) for e in layers)
     if not ok:
-        raise AdapterError(f"{cpath}: 'layers' must be a non-empty list of {{name, kind, shape [d, k], dtype}}")
+        raise AdapterError(f"{source}: 'layers' must be a non-empty list of {{name, kind, shape [d, k], dtype}}")
     names = [e["name"] for e in layers]
     if len(set(names)) != len(names):
-        raise AdapterError(f"{cpath}: repeated layer names")
-    meta = _st_metadata(raw, wpath)
-    if meta.get("config_sha256") != hashlib.sha256(config_bytes).hexdigest():
-        raise AdapterError(f"{wpath}: does not belong to {cpath} (config hash mismatch): the pair is corrupted or mixed up")
+        raise AdapterError(f"{source}: repeated layer names")
     try:
         tensors = st_load(raw)
     except Exception as e:  # safetensors raises its own SafetensorError
@@ -224,7 +454,7 @@ def read_adapter(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor]]
             raise AdapterError(f"{wpath}: tensor '{key}' is {t.dtype} {tuple(t.shape)}, expected {dt} {shapes[key]} "
                                f"({L} layers, rank {r})")
     if header.get("data_sha256") != _data_hash(tensors):
-        raise AdapterError(f"{wpath}: tensor data does not match the hash in {cpath}: the file is corrupted")
+        raise AdapterError(f"{wpath}: tensor data does not match the hash in {source}: the file is corrupted")
     tensors["pivots"] = tensors["pivots"].long()  # loldu.ldu's index dtype
     if not (torch.isfinite(tensors["z"]).all() and torch.isfinite(tensors["sigma"]).all()):
         raise AdapterError(f"{wpath}: z or sigma holds NaN/Inf")
@@ -232,6 +462,17 @@ def read_adapter(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor]]
         p = tensors["pivots"][i]
         if int(p.min()) < 0 or int(p.max()) >= e["shape"][0] or p.unique().numel() != r:
             raise AdapterError(f"{wpath}: layer '{e['name']}': pivots must be {r} distinct rows in [0, {e['shape'][0]})")
+    return header, config, tensors, source
+
+
+def read_adapter(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor]]:
+    """Reads and fully checks an adapter directory: (header, config, tensors). Touches no model.
+
+    Format 2 needs only adapter_model.safetensors (a differing adapter_config.json is ignored with
+    an AdapterWarning); format 1 needs both files. Raises AdapterError naming the file on a missing,
+    unreadable, corrupted or mismatched file.
+    """
+    header, config, tensors, _ = _read(directory)
     return header, config, tensors
 
 
@@ -258,8 +499,8 @@ def load_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     activated (loldu.set_adapter). Frozen factors come from the base weights and the stored pivots.
     Everything is checked first; on any AdapterError (naming the file and layer) the model is unchanged.
     """
-    header, config, tensors = read_adapter(directory)
-    where = str(Path(directory) / CONFIG_NAME)
+    header, config, tensors, source = _read(directory)
+    where = str(source)
     name = adapter_name or header.get("adapter_name") or "default"
     _check_name(name)
     entries = {e["name"]: (i, e) for i, e in enumerate(header["layers"])}

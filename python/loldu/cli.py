@@ -10,11 +10,13 @@ inputs come from `example_inputs()` in the same module (or a method of the model
 tensor, a tuple of tensors or a dict of them; it is called twice, for tracing and for the parity check.
 
 Errors print one line, `loldu export: error: ...`, and exit with status 1; no .onnx file is left behind.
+Warnings print one line each, `loldu export: warning: ...`.
 """
 import argparse
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -103,8 +105,11 @@ def cmd_export(args) -> int:
     out = Path(args.out)
     if out.suffix != ".onnx":
         raise CliError(f"--out {args.out}: must end in .onnx")
+    if out.is_dir():
+        raise CliError(f"--out {args.out}: is a directory")
     if not out.parent.is_dir():
-        raise CliError(f"--out {args.out}: directory {str(out.parent)!r} does not exist")
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise CliError(f"--out {args.out}: {str(out.parent)!r} {what}")
     if args.adapter_inputs and not args.adapter:
         raise CliError("--adapter-inputs needs --adapter (the adapter fixes which layers take a c input)")
     if args.adapter and not Path(args.adapter).is_dir():
@@ -146,10 +151,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from loldu.errors import LolduError
 
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"loldu {args.command}: warning: {_one_line(message)}", file=sys.stderr)
+
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            return args.func(args)
     except (CliError, LolduError) as e:
         print(f"loldu {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file-system failure loldu did not name itself (its message names the path)
+        print(f"loldu {args.command}: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except RecursionError as e:
+        print(f"loldu {args.command}: error: RecursionError: {_one_line(e)}", file=sys.stderr)
         return 1
 
 
