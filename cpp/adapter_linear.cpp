@@ -13,6 +13,7 @@
 // t is recomputed from x in backward: the only saved activation is x. No (d, k) temporary.
 #include "loldu/loldu.h"
 #include "cuda_glue.h"
+#include "ldu_common.h"
 
 #include <ATen/OpMathType.h>
 
@@ -63,16 +64,17 @@ void check_adapter_args(const at::Tensor& x, const at::Tensor& weight,
   if (bias) TORCH_CHECK_VALUE(bias->device() == x.device(), "loldu.adapter_linear: bias on ", bias->device(),
                               " but x on ", x.device());
   const auto dt = x.scalar_type();
-  TORCH_CHECK_VALUE(at::isFloatingType(dt), "loldu.adapter_linear: x must be floating, got ", dt);
-  for (const at::Tensor* t : {&weight, &PL, &U}) {
-    TORCH_CHECK_VALUE(t->scalar_type() == dt, "loldu.adapter_linear: x is ", dt,
-                      " but weight/PL/U are ", weight.scalar_type(), "/", PL.scalar_type(), "/",
-                      U.scalar_type(), " (cast them, or use torch.autocast); shapes: ", all());
-  }
+  TORCH_CHECK_VALUE(is_supported_float(dt), "loldu.adapter_linear: x must be float64, float32, float16 or bfloat16, got ",
+                    py_dtype(dt), "; shapes: ", all());
   if (bias) TORCH_CHECK_VALUE(bias->scalar_type() == dt, "loldu.adapter_linear: bias is ",
-                              bias->scalar_type(), " but x is ", dt);
+                              py_dtype(bias->scalar_type()), " but x is ", py_dtype(dt), "; shapes: ", all());
+  for (const at::Tensor* t : {&weight, &PL, &U}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == dt, "loldu.adapter_linear: x is ", py_dtype(dt),
+                      " but weight/PL/U are ", py_dtype(weight.scalar_type()), "/", py_dtype(PL.scalar_type()), "/",
+                      py_dtype(U.scalar_type()), " (cast them, or use torch.autocast); shapes: ", all());
+  }
   TORCH_CHECK_VALUE(c.scalar_type() == dt || c.scalar_type() == at::kFloat,
-                    "loldu.adapter_linear: c must be ", dt, " or float32, got ", c.scalar_type());
+                    "loldu.adapter_linear: c must be ", py_dtype(dt), " or float32, got ", py_dtype(c.scalar_type()));
 }
 
 // grad_c[j] = sum_i t[i, j] * h[i, j], accumulated in fp32 (fp64 for fp64), one pass.

@@ -18,6 +18,23 @@ inline PivotMode parse_pivoting(const std::string& p) {
   TORCH_CHECK_VALUE(false, "loldu.ldu: pivoting must be 'partial' or 'none', got '", p, "'");
 }
 
+// A dtype as Python spells it ("torch.float32"), so messages read the same from either language.
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return "torch.float64";
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
 inline at::ScalarType working_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -29,10 +46,8 @@ inline std::string check_ldu_args(const at::Tensor& W, int64_t rank) {
   const std::string shape = s.str();
   TORCH_CHECK_VALUE(W.dim() == 2 || W.dim() == 3,
                     "loldu.ldu: W must be (d, k) or a batch (B, d, k), got shape ", shape);
-  const auto dt = W.scalar_type();
-  TORCH_CHECK_VALUE(!W.is_quantized() && (dt == at::kDouble || dt == at::kFloat || dt == at::kHalf ||
-                                          dt == at::kBFloat16),
-                    "loldu.ldu: W must be fp64, fp32, fp16 or bf16, got ", W.scalar_type(),
+  TORCH_CHECK_VALUE(!W.is_quantized() && is_supported_float(W.scalar_type()),
+                    "loldu.ldu: W must be fp64, fp32, fp16 or bf16, got ", py_dtype(W.scalar_type()),
                     " of shape ", shape);
   const int64_t d = W.size(-2), k = W.size(-1);
   const int64_t m = d < k ? d : k;

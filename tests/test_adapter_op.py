@@ -114,7 +114,9 @@ def test_autocast_bf16_keeps_coefficients_fp32(device):
     assert y.dtype == torch.bfloat16
     gz = torch.autograd.grad(y.float().sum(), z)[0]
     assert gz.dtype == torch.float32
-    torch.testing.assert_close(y.float(), y32, rtol=5e-2, atol=5e-2)
+    # bf16 rounds every input to 8 bits: the error scales with the outputs, so the bound is 4 bf16
+    # ulps of the largest fp32 output (a fixed 5e-2 failed ~3% of seeds where max |y| ~ 16).
+    torch.testing.assert_close(y.float(), y32, rtol=5e-2, atol=2**-6 * float(y32.detach().abs().max()))
     torch.testing.assert_close(gz, g32, rtol=5e-2, atol=5e-1)
 
 
@@ -164,6 +166,8 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
+@pytest.mark.skipif(loldu.build_info()["backend"] == "pytorch",
+                    reason="a property of the compiled kernels; the reference op is plain autograd over aten ops")
 def test_no_dk_temporary_and_only_x_saved():
     # d*k dominates: any (d, k) temporary would be 16x larger than anything legitimate.
     d, k, r, n = 1024, 1024, 16, 32
@@ -219,7 +223,7 @@ def test_bad_inputs():
     for args, match in cases:
         with pytest.raises(loldu.ShapeError, match=match) as info:
             loldu.adapter_linear(*args)
-        assert "x (" in str(info.value) or "bias" in str(info.value) or "c must be" in str(info.value)
+        assert "x [" in str(info.value) or "bias" in str(info.value) or "c must be" in str(info.value)
     # The C++ op checks too (for C++ callers and direct torch.ops use).
     with pytest.raises(ValueError, match="features"):
         torch.ops.loldu.adapter_linear(torch.randn(3, k + 1), W, b, PL, U, c)

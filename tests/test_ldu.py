@@ -78,11 +78,18 @@ def test_batch_equals_one_at_a_time(device):
     W = torch.randn(5, 120, 80, device=device)
     res = loldu.ldu(W, 24)
     assert res.PL.shape == (5, 120, 24) and res.U.shape == (5, 24, 80) and res.pivots.shape == (5, 24)
-    # Exact: r <= 64 runs no BLAS call (no blocked GEMM/TRSM), every matrix the same per-matrix code.
+    # Compiled: exact, r <= 64 runs no BLAS call (no blocked GEMM/TRSM), every matrix the same
+    # per-matrix code. The reference backend's batched torch ops (solve_triangular over a batch) may
+    # block differently from one matrix: bounded at a few fp32 ulps of the factors' scale.
+    exact = loldu.build_info()["backend"] != "pytorch"
     for b in range(5):
         one = loldu.ldu(W[b], 24)
-        for got, want in zip(res, one):
-            assert torch.equal(got[b], want)
+        assert torch.equal(res.pivots[b], one.pivots)
+        for got, want in zip(res[:3], one[:3]):
+            if exact:
+                assert torch.equal(got[b], want)
+            else:
+                torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -60,7 +60,12 @@ def _load():
 
 
 BACKEND, _MODULE, _REASON = _load()
-HAS_OPS = BACKEND != "pytorch"
+# Whether compiled kernels implement the ops; without them the reference defines the same ops.
+COMPILED = BACKEND != "pytorch"
+if not COMPILED:
+    from .reference import define_ops
+
+    define_ops()
 
 
 def build_info() -> dict:

@@ -1,57 +1,83 @@
-"""The fused LoLDU linear op (LOLDU.md, facts 3 and 4) and its Python registrations.
+"""The loldu ops: `torch.ops.loldu.{ldu, ldu_from_pivots, adapter_linear, adapter_linear_backward,
+delta_weight}`, their fake (meta) kernels and autograd formula, and the Python functions users call.
 
-torch.ops.loldu.adapter_linear has one schema and CPU/CUDA kernels in C++ (cpp/ops.cpp); this
-file attaches the autograd formula and the fake (meta) implementation, so the op runs under
-torch.compile(fullgraph=True) and passes torch.library.opcheck.
+Each op has one schema. Its kernels are the compiled ones (cpp/ops.cpp: CPU, CUDA and autocast)
+or, where no extension could be built, the pure-PyTorch reference registered under the same schema
+(reference.define_ops). Either way every caller goes through `torch.ops.loldu.*`, so the argument
+checks live in the ops' implementations; the functions below only turn the ops' ValueErrors into
+loldu's error types. The method (facts used here: docs/method.md): y = x W0^T + b + ((x U^T) c) PL^T.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import _backend
-from .errors import ShapeError
-from .reference import adapter_linear_reference, delta_weight_reference
+from .errors import FactorizationError, LolduError, ShapeError
+from .reference import autocast_enabled, check_adapter_args, check_pivots, working_dtype
+
+__all__ = ["LDUResult", "adapter_linear", "autocast_enabled", "delta_weight", "ldu", "ldu_from_pivots",
+           "working_dtype"]
 
 
-_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+class LDUResult(NamedTuple):
+    """PL (..., d, r) in W's row order; D (..., r); U (..., r, k) unit upper; pivots (..., r) int64.
+
+    Factors are fp64 for fp64 W and fp32 otherwise (fp16/bf16 are factorized in fp32).
+    """
+
+    PL: torch.Tensor
+    D: torch.Tensor
+    U: torch.Tensor
+    pivots: torch.Tensor
 
 
-def autocast_enabled(device_type: str) -> bool:
-    """torch.is_autocast_enabled for any device: False where autocast does not exist (e.g. meta)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+def _op_error(e: Exception, kind) -> LolduError:
+    """The loldu error for an op's ValueError (the compiled checks raise ValueError, the reference's
+    raise loldu errors already), without the C++ source location torch appends."""
+    if isinstance(e, LolduError):
+        return e
+    return kind(str(e).split("\nException raised from")[0])
 
 
-def _check(x, weight, bias, PL, U, c):
-    def shapes():  # only formatted when a check fails: this runs on every forward
-        return (f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, PL {tuple(PL.shape)}, "
-                f"U {tuple(U.shape)}, c {tuple(c.shape)}")
+def _check_routable(W: torch.Tensor, what: str) -> None:
+    """Quantized and sparse tensors never reach the ops' kernels (the dispatcher has none for them)."""
+    if W.is_quantized or W.layout != torch.strided:
+        raise FactorizationError(f"{what}: W must be fp64, fp32, fp16 or bf16 (dense), got {W.dtype} "
+                                 f"({W.layout}) of shape {list(W.shape)}")
 
-    if weight.dim() != 2 or PL.dim() != 2 or U.dim() != 2 or x.dim() < 1:
-        raise ShapeError(f"loldu.adapter_linear: expected x (..., k), weight (d, k), PL (d, r), U (r, k); got {shapes()}")
-    d, k = weight.shape
-    r = PL.shape[1]
-    if x.shape[-1] != k:
-        raise ShapeError(f"loldu.adapter_linear: x has {x.shape[-1]} features but weight expects k={k}; got {shapes()}")
-    if PL.shape[0] != d or tuple(U.shape) != (r, k) or r < 1:
-        raise ShapeError(f"loldu.adapter_linear: inconsistent rank or shapes, expected PL ({d}, r), U (r, {k}); got {shapes()}")
-    if tuple(c.shape) != (r,) and tuple(c.shape) != (*x.shape[:-1], r):
-        raise ShapeError(f"loldu.adapter_linear: c must be (r,) = ({r},) or x's leading shape + (r,); got {shapes()}")
-    if bias is not None and tuple(bias.shape) != (d,):
-        raise ShapeError(f"loldu.adapter_linear: bias must be ({d},), got {tuple(bias.shape)}")
-    tensors = [weight, PL, U, c] + ([bias] if bias is not None else [])
-    if any(t.device != x.device for t in tensors):
-        raise ShapeError(f"loldu.adapter_linear: mixed devices {[str(t.device) for t in [x] + tensors]}; shapes: {shapes()}")
-    if x.dtype not in _DTYPES:
-        raise ShapeError(f"loldu.adapter_linear: x must be float64, float32, float16 or bfloat16, got {x.dtype}; "
-                         f"shapes: {shapes()}")
-    if bias is not None and bias.dtype != x.dtype:
-        raise ShapeError(f"loldu.adapter_linear: bias is {bias.dtype} but x is {x.dtype}; shapes: {shapes()}")
-    if any(t.dtype != x.dtype for t in [weight, PL, U]):
-        raise ShapeError(
-            f"loldu.adapter_linear: x is {x.dtype} but weight/PL/U are {weight.dtype}/{PL.dtype}/{U.dtype} "
-            f"(cast them, or use torch.autocast); shapes: {shapes()}")
-    if c.dtype not in (x.dtype, torch.float32):
-        raise ShapeError(f"loldu.adapter_linear: c must be {x.dtype} or float32, got {c.dtype}")
+
+def ldu(W: torch.Tensor, rank: int, *, pivoting: str = "partial") -> LDUResult:
+    """Leading-`rank` components of W = P L D U, reading only W[:, :rank] and the pivot rows.
+
+    W: (d, k) or a batch (B, d, k) of fp64/fp32/fp16/bf16, on CPU or CUDA; 1 <= rank <= min(d, k).
+    pivoting: "partial" (the pivots of torch.linalg.lu) or "none".
+    Raises FactorizationError naming the shape, rank and step on bad rank/dtype, NaN/Inf, a
+    negligible pivot (judged against the scale of W[:, :rank] and the pivot rows) or factors that
+    grow beyond 1/eps. Cost O((d + k) rank^2).
+    """
+    if not isinstance(W, torch.Tensor) or isinstance(rank, bool) or not isinstance(rank, int):
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise FactorizationError(f"loldu.ldu: expected a tensor W and an int rank, got W {shape}, rank={rank!r}")
+    _check_routable(W, "loldu.ldu")
+    try:
+        return LDUResult(*torch.ops.loldu.ldu(W.detach(), rank, pivoting))
+    except (RuntimeError, ValueError) as e:
+        raise _op_error(e, FactorizationError) from None
+
+
+def ldu_from_pivots(W: torch.Tensor, pivots: torch.Tensor) -> LDUResult:
+    """Re-derives the frozen factors of W from stored pivot rows (as loaded from an adapter file).
+
+    Equals ldu(W, r) when `pivots` are the pivots ldu chose for W.
+    """
+    if not isinstance(W, torch.Tensor) or not isinstance(pivots, torch.Tensor):
+        raise FactorizationError(f"loldu.ldu_from_pivots: W and pivots must be tensors, got "
+                                 f"{type(W).__name__}, {type(pivots).__name__}")
+    _check_routable(W, "loldu.ldu_from_pivots")
+    try:
+        return LDUResult(*torch.ops.loldu.ldu_from_pivots(W.detach(), pivots))
+    except (RuntimeError, ValueError) as e:
+        raise _op_error(e, FactorizationError) from None
 
 
 def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], PL: torch.Tensor,
@@ -60,37 +86,58 @@ def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
     x (..., k); weight (d, k); bias (d,) or None; PL (d, r); U (r, k); c (r,) or (..., r) per row.
     Gradients flow to x and c; weight, bias, PL and U are treated as frozen. Returns (..., d).
+    Under torch.autocast the matmuls run in the autocast dtype and c stays fp32.
     """
-    autocast = autocast_enabled(x.device.type)
-    if not autocast:
-        _check(x, weight, bias, PL, U, c)
-    if _backend.HAS_OPS:
+    try:
         return torch.ops.loldu.adapter_linear(x, weight, bias, PL, U, c)
-    if autocast:
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weight, PL, U = (t.to(dt) for t in (x, weight, PL, U))
-        bias = bias.to(dt) if bias is not None else None
-        c = c.float()
-    return adapter_linear_reference(x, weight.detach(), None if bias is None else bias.detach(),
-                                    PL.detach(), U.detach(), c)
+    except ValueError as e:
+        raise _op_error(e, ShapeError) from None
 
 
 def delta_weight(PL: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """ΔW = PL diag(c) U, (d, k), in fp32 (fp64 for fp64 factors). Used by merge."""
-    if _backend.HAS_OPS:
+    try:
         return torch.ops.loldu.delta_weight(PL, U, c)
-    return delta_weight_reference(PL, U, c)
+    except ValueError as e:
+        raise _op_error(e, ShapeError) from None
 
 
-if _backend.HAS_OPS:
+# -- registrations: fake kernels (shapes only) and the autograd formula -----------------------------
+def _ldu_fake_shapes(W, r):
+    acc = working_dtype(W.dtype)
+    lead = W.shape[:-2]
+    d, k = W.shape[-2:]
+    return (W.new_empty((*lead, d, r), dtype=acc), W.new_empty((*lead, r), dtype=acc),
+            W.new_empty((*lead, r, k), dtype=acc), W.new_empty((*lead, r), dtype=torch.int64))
+
+
+@torch.library.register_fake("loldu::ldu")
+def _ldu_fake(W, rank, pivoting="partial"):
+    from .reference import check_ldu_args
+
+    check_ldu_args(W, rank)
+    return _ldu_fake_shapes(W, rank)
+
+
+@torch.library.register_fake("loldu::ldu_from_pivots")
+def _ldu_from_pivots_fake(W, pivots):
+    if pivots.dtype != torch.int64 or pivots.dim() < 1:
+        raise FactorizationError(f"loldu.ldu_from_pivots: pivots must be an int64 tensor (..., r), got {pivots.dtype}")
+    return _ldu_fake_shapes(W, pivots.shape[-1])
+
+
+if _backend.COMPILED:
+    # The compiled adapter_linear is a kernel per device; the reference one decomposes into aten ops
+    # (CompositeImplicitAutograd), which bring their own fake kernels and gradients.
 
     @torch.library.register_fake("loldu::adapter_linear")
     def _adapter_linear_fake(x, weight, bias, PL, U, c):
-        _check(x, weight, bias, PL, U, c)
+        check_adapter_args(x, weight, bias, PL, U, c)
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("loldu::adapter_linear_backward")
     def _adapter_linear_backward_fake(grad_y, x, weight, PL, U, c, need_grad_x):
+        check_adapter_args(x, weight, None, PL, U, c)
         gx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
         return gx, c.new_empty(c.shape)
 

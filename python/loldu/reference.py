@@ -1,18 +1,37 @@
-"""The pure-PyTorch reference path: the math of LOLDU.md written plainly with torch ops.
+"""The pure-PyTorch reference: the math of the ops written plainly with torch ops (docs/method.md).
 
-It is what the compiled ops are tested against and what runs where no extension can be built.
+It is what the compiled kernels are tested against, and, where no extension can be built, it is
+registered as the implementation of the very same `torch.ops.loldu.*` schemas (`define_ops`), so
+every caller goes through the ops either way. The argument checks here are the Python side of the
+ops' checks: the reference kernels and the fake (meta) kernels of both backends run them.
 """
 import torch
 import torch.nn.functional as F
 
-from .errors import FactorizationError
+from .errors import FactorizationError, ShapeError
+
+# The ops' schemas, as cpp/ops.cpp declares them (a test checks the two agree).
+SCHEMAS = {
+    "ldu": "ldu(Tensor W, int rank, str pivoting='partial') -> (Tensor PL, Tensor D, Tensor U, Tensor pivots)",
+    "ldu_from_pivots": "ldu_from_pivots(Tensor W, Tensor pivots) -> (Tensor PL, Tensor D, Tensor U, Tensor pivots)",
+    "adapter_linear": "adapter_linear(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, Tensor c) -> Tensor",
+    "adapter_linear_backward": "adapter_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor PL, Tensor U, "
+                               "Tensor c, bool need_grad_x) -> (Tensor grad_x, Tensor grad_c)",
+    "delta_weight": "delta_weight(Tensor PL, Tensor U, Tensor c) -> Tensor",
+}
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled for any device: False where autocast does not exist (e.g. meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def check_ldu_args(W: torch.Tensor, rank) -> None:
     shape = tuple(W.shape) if isinstance(W, torch.Tensor) else None
     if not isinstance(W, torch.Tensor) or W.dim() not in (2, 3):
         raise FactorizationError(f"loldu.ldu: W must be a (d, k) or (B, d, k) tensor, got {shape}")
-    if W.is_quantized or W.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    if W.is_quantized or W.dtype not in FLOAT_DTYPES:
         raise FactorizationError(f"loldu.ldu: W must be fp64, fp32, fp16 or bf16, got {W.dtype} of shape {shape}")
     m = min(W.shape[-2], W.shape[-1])
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= m:
@@ -21,7 +40,66 @@ def check_ldu_args(W: torch.Tensor, rank) -> None:
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the factorization and the coefficients c are computed in: fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_pivots(W: torch.Tensor, pivots) -> None:
+    """Stored pivots for ldu_from_pivots: int64 (..., r), distinct, in [0, d), batch matching W."""
+    if not isinstance(pivots, torch.Tensor) or pivots.dtype != torch.int64 or pivots.dim() < 1:
+        raise FactorizationError(f"loldu.ldu_from_pivots: pivots must be an int64 tensor (..., r), got {pivots!r}")
+    check_ldu_args(W, pivots.shape[-1])
+    if pivots.dim() != W.dim() - 1 or (W.dim() == 3 and pivots.shape[0] != W.shape[0]):
+        raise FactorizationError(f"loldu.ldu_from_pivots: batch of pivots {tuple(pivots.shape)} does not match W "
+                                 f"{tuple(W.shape)}")
+    d = W.shape[-2]
+    if pivots.numel() and (int(pivots.min()) < 0 or int(pivots.max()) >= d):
+        raise FactorizationError(f"loldu.ldu_from_pivots: pivot index out of range [0, {d}) for W of shape {tuple(W.shape)}")
+    s = pivots.sort(dim=-1).values
+    if (s[..., 1:] == s[..., :-1]).any():
+        raise FactorizationError(f"loldu.ldu_from_pivots: repeated pivot index for W of shape {tuple(W.shape)}")
+
+
+def check_adapter_args(x, weight, bias, PL, U, c, autocast: bool = False) -> None:
+    """adapter_linear's arguments (see ops.adapter_linear); dtypes are not compared under autocast."""
+    def shapes():  # only formatted when a check fails; shapes as the C++ kernels print them
+        return (f"x {list(x.shape)}, weight {list(weight.shape)}, PL {list(PL.shape)}, "
+                f"U {list(U.shape)}, c {list(c.shape)}")
+
+    if weight.dim() != 2 or PL.dim() != 2 or U.dim() != 2 or x.dim() < 1:
+        raise ShapeError(f"loldu.adapter_linear: expected x (..., k), weight (d, k), PL (d, r), U (r, k); got {shapes()}")
+    d, k = weight.shape
+    r = PL.shape[1]
+    if x.shape[-1] != k:
+        raise ShapeError(f"loldu.adapter_linear: x has {x.shape[-1]} features but weight expects k={k}; got {shapes()}")
+    if PL.shape[0] != d or tuple(U.shape) != (r, k) or r < 1:
+        raise ShapeError(f"loldu.adapter_linear: inconsistent rank or shapes, expected PL ({d}, r), U (r, {k}); got {shapes()}")
+    if tuple(c.shape) != (r,) and tuple(c.shape) != (*x.shape[:-1], r):
+        raise ShapeError(f"loldu.adapter_linear: c must be (r,) = ({r},) or x's leading shape + (r,); got {shapes()}")
+    if bias is not None and tuple(bias.shape) != (d,):
+        raise ShapeError(f"loldu.adapter_linear: bias must be ({d},), got {list(bias.shape)}")
+    tensors = [weight, PL, U, c] + ([bias] if bias is not None else [])
+    if any(t.device != x.device for t in tensors):
+        raise ShapeError(f"loldu.adapter_linear: mixed devices {[str(t.device) for t in [x] + tensors]}; shapes: {shapes()}")
+    if autocast:
+        return
+    if x.dtype not in FLOAT_DTYPES:
+        raise ShapeError(f"loldu.adapter_linear: x must be float64, float32, float16 or bfloat16, got {x.dtype}; "
+                         f"shapes: {shapes()}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise ShapeError(f"loldu.adapter_linear: bias is {bias.dtype} but x is {x.dtype}; shapes: {shapes()}")
+    if any(t.dtype != x.dtype for t in [weight, PL, U]):
+        raise ShapeError(
+            f"loldu.adapter_linear: x is {x.dtype} but weight/PL/U are {weight.dtype}/{PL.dtype}/{U.dtype} "
+            f"(cast them, or use torch.autocast); shapes: {shapes()}")
+    if c.dtype not in (x.dtype, torch.float32):
+        raise ShapeError(f"loldu.adapter_linear: c must be {x.dtype} or float32, got {c.dtype}")
+
+
+def check_delta_args(PL, U, c) -> None:
+    if PL.dim() != 2 or U.dim() != 2 or c.dim() != 1 or PL.shape[1] != U.shape[0] or c.shape[0] != U.shape[0]:
+        raise ShapeError(f"loldu.delta_weight: expected PL (d, r), U (r, k), c (r,); got PL {tuple(PL.shape)}, "
+                         f"U {tuple(U.shape)}, c {tuple(c.shape)}")
 
 
 def ldu_reference(W: torch.Tensor, rank: int, pivoting: str = "partial", pivots=None):
@@ -38,7 +116,8 @@ def ldu_reference(W: torch.Tensor, rank: int, pivoting: str = "partial", pivots=
     r = rank
     P = A[:, :, :r].clone()
     if not torch.isfinite(P).all():
-        raise FactorizationError(f"loldu.ldu: NaN or Inf in panel W[:, :r] for W of shape {tuple(W.shape)}, rank={r}")
+        b, i, j = (int(v) for v in (~torch.isfinite(P)).nonzero()[0])
+        raise FactorizationError(f"loldu.ldu: NaN or Inf in panel W[:, :r] at W[{i}, {j}] for {_where(A, b, r, W.shape)}")
     check_panel_scale(W if batched else W.unsqueeze(0), r)
     tol = d * torch.finfo(P.dtype).eps * P.abs().amax(dim=(1, 2))
     perm = torch.arange(d, device=W.device).repeat(B, 1)
@@ -62,7 +141,7 @@ def ldu_reference(W: torch.Tensor, rank: int, pivoting: str = "partial", pivots=
             b = int(bad.nonzero()[0])
             raise FactorizationError(
                 f"loldu.ldu: negligible pivot {float(piv[b]):.3g} (tolerance {float(tol[b]):.3g}) at step {j} of {r} "
-                f"for W of shape {tuple(W.shape)}, rank={r}: the leading columns are rank-deficient; lower the rank")
+                f"for {_where(A, b, r, W.shape)}: the leading columns are rank-deficient; lower the rank")
         P[:, j + 1 :, j] /= piv[:, None]
         P[:, j + 1 :, j + 1 :] -= P[:, j + 1 :, j : j + 1] * P[:, j : j + 1, j + 1 :]
     L = P.tril(-1) + torch.eye(d, r, dtype=P.dtype, device=P.device)
@@ -72,19 +151,23 @@ def ldu_reference(W: torch.Tensor, rank: int, pivoting: str = "partial", pivots=
     I = perm[:, :r].clone()
     rows = A.gather(1, I[:, :, None].expand(B, r, k))
     if not torch.isfinite(rows).all():
-        raise FactorizationError(f"loldu.ldu: NaN or Inf in pivot row for W of shape {tuple(W.shape)}, rank={r}")
+        b, i, j = (int(v) for v in (~torch.isfinite(rows)).nonzero()[0])
+        raise FactorizationError(f"loldu.ldu: NaN or Inf in pivot row at W[{int(I[b, i])}, {j}] for "
+                                 f"{_where(A, b, r, W.shape)}")
     Ufull = torch.linalg.solve_triangular(L[:, :r, :], rows, upper=False, unitriangular=True)
     U = Ufull / D[:, :, None]
     U[:, :, :r] = U11 / D[:, :, None]
     check_factors(W if batched else W.unsqueeze(0), PL, D, U, I)
-    out = (PL, D, U, I)
+    out = tuple(t.contiguous() for t in (PL, D, U, I))  # row-major, as the compiled kernels return them
     return out if batched else tuple(t[0] for t in out)
 
 
-def _where(W3: torch.Tensor, b: int, r: int) -> str:
-    shape = tuple(W3.shape[1:]) if W3.shape[0] == 1 else tuple(W3.shape)
-    item = f" (batch item {b})" if W3.shape[0] > 1 else ""
-    return f"W of shape {shape}{item}, rank={r}"
+def _where(W3: torch.Tensor, b: int, r: int, shape=None) -> str:
+    """Names W's shape (as given), the batch item when batched, and the rank."""
+    if shape is None:
+        shape = W3.shape[1:] if W3.shape[0] == 1 else W3.shape
+    item = f" (batch item {b})" if len(shape) == 3 else ""
+    return f"W of shape {tuple(shape)}{item}, rank={r}"
 
 
 def check_panel_scale(W3: torch.Tensor, r: int) -> None:
@@ -131,11 +214,75 @@ def check_factors(W3: torch.Tensor, PL, D, U, I) -> None:
 
 
 def adapter_linear_reference(x, weight, bias, PL, U, c):
-    """y = x W0^T + b + ((x U^T) * c) PL^T, by plain torch ops (autograd does the backward)."""
+    """y = x W0^T + b + ((x U^T) * c) PL^T, by plain torch ops (autograd and autocast see through it)."""
     t = x @ U.to(x.dtype).t()
     return F.linear(x, weight, bias) + (t * c.to(x.dtype)) @ PL.to(x.dtype).t()
 
 
+def adapter_linear_backward_reference(grad_y, x, weight, PL, U, c, need_grad_x: bool):
+    """(grad_x, grad_c) of adapter_linear: h = g PL, grad_c = sum over rows of t * h, grad_x = g W0 + (h c) U."""
+    check_adapter_args(x, weight, None, PL, U, c)
+    d, k = weight.shape
+    if grad_y.shape[-1] != d or grad_y.numel() // d != x.numel() // k:
+        raise ShapeError(f"loldu.adapter_linear_backward: grad_y {tuple(grad_y.shape)} does not match x "
+                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+    g = grad_y.reshape(-1, d).to(x.dtype)
+    x2 = x.reshape(-1, k)
+    h, t = g @ PL, x2 @ U.t()
+    acc = working_dtype(x.dtype)
+    if c.dim() == 1:
+        grad_c = (t.to(acc) * h.to(acc)).sum(0).to(c.dtype)
+    else:
+        grad_c = (t * h).to(c.dtype).view(c.shape)
+    if not need_grad_x:
+        return x.new_empty((0,)), grad_c
+    cx = c.to(x.dtype).reshape(-1, PL.shape[1])
+    grad_x = g @ weight + (h * cx) @ U
+    return grad_x.view(x.shape), grad_c
+
+
 def delta_weight_reference(PL, U, c):
+    """ΔW = PL diag(c) U in the working dtype of the factors (fp32; fp64 for fp64)."""
+    check_delta_args(PL, U, c)
     acc = working_dtype(PL.dtype)
     return (PL.to(acc) * c.to(acc)) @ U.to(acc)
+
+
+def _adapter_linear_kernel(x, weight, bias, PL, U, c):
+    check_adapter_args(x, weight, bias, PL, U, c, autocast=autocast_enabled(x.device.type))
+    # weight, bias, PL and U are frozen, as in the compiled op's gradient formula.
+    return adapter_linear_reference(x, weight.detach(), None if bias is None else bias.detach(), PL.detach(),
+                                    U.detach(), c)
+
+
+def _ldu_kernel(W, rank, pivoting="partial"):
+    return ldu_reference(W, rank, pivoting)
+
+
+def _ldu_from_pivots_kernel(W, pivots):
+    check_pivots(W, pivots)
+    return ldu_reference(W, pivots.shape[-1], "partial", pivots=pivots)
+
+
+_LIBRARY = None
+
+
+def define_ops() -> None:
+    """Defines the `loldu` ops with the reference kernels (when no compiled library defines them).
+
+    adapter_linear, its backward and delta_weight are CompositeImplicitAutograd: they decompose into
+    aten ops, so autograd, autocast and fake tensors come from those ops. The factorizations are
+    CompositeExplicitAutograd (no gradient; their fake kernels are registered in ops.py).
+    """
+    global _LIBRARY
+    if _LIBRARY is not None:
+        return
+    lib = torch.library.Library("loldu", "DEF")
+    for schema in SCHEMAS.values():
+        lib.define(schema)
+    lib.impl("ldu", _ldu_kernel, "CompositeExplicitAutograd")
+    lib.impl("ldu_from_pivots", _ldu_from_pivots_kernel, "CompositeExplicitAutograd")
+    lib.impl("adapter_linear", _adapter_linear_kernel, "CompositeImplicitAutograd")
+    lib.impl("adapter_linear_backward", adapter_linear_backward_reference, "CompositeImplicitAutograd")
+    lib.impl("delta_weight", delta_weight_reference, "CompositeImplicitAutograd")
+    _LIBRARY = lib
