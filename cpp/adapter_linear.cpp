@@ -1,4 +1,4 @@
-// The fused LoLDU linear op (LOLDU.md, facts 3 and 4), device-generic over ATen GEMMs.
+// The fused LoLDU linear op (docs/method.md §3, §4), device-generic over ATen GEMMs.
 //
 // What is fused where:
 //  * forward:  y = addmm(b, x, W0^T)             (bias in the GEMM epilogue)

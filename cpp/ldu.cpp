@@ -1,4 +1,4 @@
-// Truncated, blocked LDU factorization on the CPU (LOLDU.md, facts 1 and 2).
+// Truncated, blocked LDU factorization on the CPU (docs/method.md §2, §6).
 //
 // Only W[:, :r] (the panel) and the r pivot rows of W are read. The panel is copied into a
 // column-major (d, r) buffer in the working dtype and factored by a right-looking blocked LU with

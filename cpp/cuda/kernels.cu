@@ -1,4 +1,4 @@
-// CUDA kernels of loldu (LOLDU.md, facts 1-4); torch-free: CUDA runtime headers only.
+// CUDA kernels of loldu (docs/method.md §2-§4); torch-free: CUDA runtime headers only.
 //
 // The panel LU runs one thread block per matrix over a column-major (r, d) copy of W[:, :r]:
 // per step a block-wide argmax picks the pivot, the two rows swap across the r columns, and the

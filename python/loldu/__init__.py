@@ -2,28 +2,39 @@
 
 Freeze a pretrained weight, take the leading r components of its LDU factorization, and train
 only an r-vector (and optionally one scale) per adapted matrix.
+
+The top level holds the verbs a user calls on a model; the ops (`ldu`, `ldu_from_pivots`,
+`adapter_linear`, `delta_weight`) live in `loldu.ops`, the layer classes in `loldu.layer`, ONNX
+export in `loldu.export`.
 """
+from . import ops  # noqa: F401  (loldu.ops: the ops, one namespace below the verbs)
 from ._backend import build_info
-from .errors import AdapterError, ExportError, FactorizationError, LolduError, ShapeError
-from .ldu import LDUResult, ldu, ldu_from_pivots
-from .ops import adapter_linear, delta_weight
-from .config import LoLDUConfig
-from .layer import LoLDUConv1D, LoLDUConv2d, LoLDUEmbedding, LoLDULayer, LoLDULinear
-from .model import (
-    active_adapter, adapted_layers, adapter_ids, adapter_names, add_adapter, delete_adapter, disabled, inject,
-    merge, merge_and_unload, print_trainable_parameters, set_adapter, trainable_parameters, unload, unmerge,
-)
 from .adapter_io import load_adapter, save_adapter
+from .config import LoLDUConfig
+from .errors import AdapterError, ExportError, FactorizationError, LolduError, ShapeError
+from .model import (
+    active_adapter,
+    adapted_layers,
+    adapter_ids,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    disabled,
+    inject,
+    merge,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterError", "ExportError", "FactorizationError", "LDUResult", "LolduError", "ShapeError",
-    "adapter_linear", "build_info", "delta_weight", "ldu", "ldu_from_pivots",
-]
-__all__ += [
-    "LoLDUConfig", "LoLDUConv1D", "LoLDUConv2d", "LoLDUEmbedding", "LoLDULayer", "LoLDULinear",
-    "active_adapter", "adapted_layers", "adapter_ids", "adapter_names", "add_adapter", "delete_adapter",
-    "disabled", "inject", "load_adapter", "merge", "merge_and_unload", "print_trainable_parameters",
-    "save_adapter", "set_adapter", "trainable_parameters", "unload", "unmerge",
+    "LoLDUConfig", "inject", "add_adapter", "set_adapter", "delete_adapter", "adapter_names", "active_adapter",
+    "adapted_layers", "trainable_parameters", "print_trainable_parameters", "merge", "unmerge", "unload",
+    "merge_and_unload", "disabled", "adapter_ids", "save_adapter", "load_adapter", "build_info",
+    "LolduError", "FactorizationError", "ShapeError", "AdapterError", "ExportError",
 ]

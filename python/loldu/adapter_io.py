@@ -1,7 +1,7 @@
 """Saving and loading one adapter: `adapter_model.safetensors` (+ `adapter_config.json`), no pickle.
 
 An adapter file holds, per layer, z (r,), sigma, the r pivot indices and a fingerprint of the base
-weight; nothing of size d or k (LOLDU.md, fact 6). The frozen factors are re-derived on load from
+weight; nothing of size d or k (docs/method.md §2). The frozen factors are re-derived on load from
 the base weights and the stored pivots, after checking the fingerprint.
 
 Format 2: adapter_model.safetensors alone is the whole adapter. Its tensors, one row per layer in

@@ -1,6 +1,6 @@
 """How one layer adapts: wrappers that hold the frozen factors and each adapter's (z, sigma).
 
-    W(z, sigma) = W0 + PL diag(c) U,    c = sigma * z - sigma0 * D   (LOLDU.md)
+    W(z, sigma) = W0 + PL diag(c) U,    c = sigma * z - sigma0 * D   (docs/method.md §1)
 
 The base module is kept untouched as `base_layer` (delta form), so disabling, several adapters and
 unloading cost nothing. The frozen factors PL (d, r), U (r, k), D (r,) and the pivots (r,) are

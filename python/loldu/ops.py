@@ -13,7 +13,7 @@ import torch
 
 from . import _backend
 from .errors import FactorizationError, LolduError, ShapeError
-from .reference import autocast_enabled, check_adapter_args, check_pivots, working_dtype
+from .reference import autocast_enabled, check_adapter_args, working_dtype
 
 __all__ = ["LDUResult", "adapter_linear", "autocast_enabled", "delta_weight", "ldu", "ldu_from_pivots",
            "working_dtype"]

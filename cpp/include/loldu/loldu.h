@@ -29,7 +29,7 @@ struct LduResult {
 // Throws c10::Error with a message starting "loldu.ldu:" that names the shape, rank and step.
 LduResult ldu(const at::Tensor& W, int64_t rank, const std::string& pivoting = "partial");
 
-// The frozen factors re-derived from W and stored pivots (LOLDU.md fact 6): the same result as
+// The frozen factors re-derived from W and stored pivots (docs/method.md §2): the same result as
 // ldu() whenever `pivots` are the pivots ldu() chose for W, at O((d + k) r^2) cost.
 LduResult ldu_from_pivots(const at::Tensor& W, const at::Tensor& pivots);
 
