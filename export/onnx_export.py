@@ -32,6 +32,7 @@ from loldu.adapter_io import atomic_paths
 from loldu.errors import ExportError
 from loldu.layer import coefficients_from
 from loldu.model import adapted_layers, merge_and_unload
+from loldu.state import AdapterState
 
 C_PREFIX = "loldu.c."
 META_KEY = "loldu.adapter_inputs"
@@ -210,15 +211,15 @@ def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: 
     """A private, eval-mode copy ready to trace, and (merged adapter name, adapted layers, notes)."""
     work = copy.deepcopy(model)
     work.eval()
-    layers = adapted_layers(work)
+    state = AdapterState.of(work)
+    layers = state.layers
     merged, notes = None, []
     if layers:
-        first = layers[0][1]
-        if adapter_name is not None and adapter_name not in first.loldu_z:
-            raise ExportError(f"loldu.export: no adapter {adapter_name!r}; adapters are {list(first.loldu_z)}")
-        already = first.merged_adapter
+        if adapter_name is not None:
+            state.require_exists(adapter_name, "loldu.export", ExportError)
+        already = state.merged
         if merge:
-            name = adapter_name or already or first.active_adapter
+            name = adapter_name or already or state.active
             if already is not None and already != name:
                 raise ExportError(f"loldu.export: the model has adapter {already!r} merged, not {name!r}; unmerge it first")
             merge_and_unload(work, name)  # fp32 ΔW, cast back: before any fp16 cast below
@@ -228,9 +229,8 @@ def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: 
                 raise ExportError(f"loldu.export: merge=False but adapter {already!r} is merged into the model; "
                                   "call loldu.unmerge first")
             if adapter_name is not None:
-                for _, layer in layers:
-                    layer.active_adapter = adapter_name
-            if not adapter_inputs and first.active_adapter is None:
+                state.set_active(adapter_name, trainable=False)
+            if not adapter_inputs and state.active is None:
                 notes.append("no active adapter: exported the base model's computation")
     elif adapter_inputs:
         raise ExportError("loldu.export: adapter_inputs=True needs a model with LoLDU layers (loldu.inject or "
@@ -382,20 +382,14 @@ def pytorch_outputs(model: nn.Module, inputs, adapter_name: Optional[str] = None
     With `adapter_name`, that adapter is made active for the call (on the caller's model, restored after).
     """
     names, tensors, by_kw = _normalize_inputs(inputs)
-    layers = adapted_layers(model)
-    saved = [(layer, layer.active_adapter) for _, layer in layers]
     was_training = model.training
     try:
-        if adapter_name is not None:
-            for layer, _ in saved:
-                layer.active_adapter = adapter_name
-        model.eval()
-        with torch.no_grad():
-            out = model(**dict(zip(names, tensors))) if by_kw else model(*tensors)
+        with AdapterState.of(model).using(adapter_name):
+            model.eval()
+            with torch.no_grad():
+                out = model(**dict(zip(names, tensors))) if by_kw else model(*tensors)
     finally:
         model.train(was_training)
-        for layer, name in saved:
-            layer.active_adapter = name
     return [t.float() for t in _flatten_outputs(out)[1]]
 
 
@@ -466,13 +460,10 @@ def adapter_feeds(source, onnx_model=None, *, adapter_name: Optional[str] = None
     Raises ExportError if the adapter does not fit the export (other layers, rank or base weights).
     """
     if isinstance(source, nn.Module):
-        layers = adapted_layers(source)
-        if not layers:
-            raise ExportError("loldu.export.adapter_feeds: the model has no LoLDU layers")
-        first = layers[0][1]
-        name = adapter_name or first.active_adapter
-        if name not in first.loldu_z:
-            raise ExportError(f"loldu.export.adapter_feeds: no adapter {name!r}; adapters are {list(first.loldu_z)}")
+        state = AdapterState.of(source).require_layers("loldu.export.adapter_feeds", ExportError)
+        layers = state.layers
+        name = adapter_name or state.active
+        state.require_exists(name, "loldu.export.adapter_feeds", ExportError)
         feeds = {C_PREFIX + n: layer.coefficients(name).detach().float().cpu() for n, layer in layers}
         if onnx_model is not None:
             from loldu.adapter_io import fingerprint

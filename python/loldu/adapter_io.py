@@ -53,9 +53,8 @@ from safetensors.torch import save as st_save
 from .config import LoLDUConfig
 from .errors import AdapterError
 from .layer import weight_matrix
-from .model import (
-    _check_compatible, _check_name, adapted_layers, build_layers, commit, factorize, find_targets,
-)
+from .model import add_with, inject_with
+from .state import AdapterState
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -294,27 +293,22 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     Returns {file name: size in bytes}. Raises AdapterError if the model is merged, and AdapterError
     naming the directory when it cannot be created or written.
     """
-    layers = adapted_layers(model)
-    if not layers:
-        raise AdapterError(f"loldu.save_adapter({str(directory)!r}): the model has no LoLDU layers")
-    first = layers[0][1]
-    name = adapter_name or first.active_adapter
-    if name not in first.loldu_z:
-        raise AdapterError(f"loldu.save_adapter({str(directory)!r}): no adapter {name!r}; adapters are {list(first.loldu_z)}")
-    for n, layer in layers:
-        if layer.merged_adapter is not None:
-            raise AdapterError(f"loldu.save_adapter({str(directory)!r}): layer '{n}' is merged, so its base "
-                               "weight cannot be fingerprinted; call loldu.unmerge first")
-    config: LoLDUConfig = first.configs[name]
+    what = f"loldu.save_adapter({str(directory)!r})"
+    state = AdapterState.of(model).require_layers(what)
+    name = adapter_name or state.active
+    state.require_exists(name, what)
+    state.require_unmerged(what, "is merged, so its base weight cannot be fingerprinted")
+    config = state.config(name)
     entries, z, sigma, piv, fps = [], [], [], [], []
-    for n, layer in layers:
+    for n, layer in state.layers:
         W = layer.base_matrix()
         entries.append({"name": n, "kind": layer.kind, "shape": list(W.shape), "dtype": str(W.dtype).replace("torch.", "")})
         z.append(layer.loldu_z[name].detach().float().cpu())
         sigma.append(layer.loldu_sigma[name].detach().float().cpu().reshape(()))
         piv.append(layer.loldu_pivots.cpu())
         fps.append(torch.frombuffer(bytearray(fingerprint(W, layer.loldu_pivots)), dtype=torch.uint8))
-    tensors = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv).to(torch.int32), "fingerprint": torch.stack(fps)}
+    tensors = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv).to(torch.int32),
+               "fingerprint": torch.stack(fps)}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter_name": name,
               "config": config.to_dict(), "data_sha256": _data_hash(tensors), "layers": entries}
     config_text = _dumps(header)
@@ -378,7 +372,8 @@ def _parse_header(text, path: Path) -> dict:
     except RecursionError:
         raise AdapterError(f"{path}: not a loldu adapter config (JSON nested too deeply)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise AdapterError(f"{path}: not a loldu adapter config (format {header.get('format') if isinstance(header, dict) else None!r})")
+        fmt = header.get("format") if isinstance(header, dict) else None
+        raise AdapterError(f"{path}: not a loldu adapter config (format {fmt!r})")
     return header
 
 
@@ -484,7 +479,8 @@ def _check_layer(entry: dict, module_name: str, module: nn.Module, kind: str, W:
         raise AdapterError(f"{where}: layer '{module_name}' has weight {tuple(W.shape)} in the model but "
                            f"{tuple(entry['shape'])} in the file")
     if str(W.dtype).replace("torch.", "") != entry["dtype"]:
-        raise AdapterError(f"{where}: layer '{module_name}' has weight dtype {W.dtype} in the model but {entry['dtype']} in the file")
+        raise AdapterError(f"{where}: layer '{module_name}' has weight dtype {W.dtype} in the model but "
+                           f"{entry['dtype']} in the file")
     if fingerprint(W, pivots) != bytes(fp.tolist()):
         raise AdapterError(f"{where}: layer '{module_name}': the base weight's fingerprint differs from the one the "
                            "adapter was trained on (a different base model or checkpoint)")
@@ -502,55 +498,26 @@ def load_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     header, config, tensors, source = _read(directory)
     where = str(source)
     name = adapter_name or header.get("adapter_name") or "default"
-    _check_name(name)
     entries = {e["name"]: (i, e) for i, e in enumerate(header["layers"])}
-    existing = adapted_layers(model)
+    pivots = {n: tensors["pivots"][i] for n, (i, _) in entries.items()}
+    values = {n: (tensors["z"][i], tensors["sigma"][i]) for n, (i, _) in entries.items()}
 
-    if not existing:
-        try:
-            targets = find_targets(model, config)
-        except AdapterError as e:
-            raise AdapterError(f"{where}: {e}") from None
-        present = {n for n, _, _ in targets}
-        _missing_extra(entries, present, where)
+    def check(targets) -> None:
+        """The (name, module, kind) the adapter goes onto must be the file's layers, on its base weights."""
+        _missing_extra(entries, {n for n, _, _ in targets}, where)
         for n, module, kind in targets:
             i, e = entries[n]
-            _check_layer(e, n, module, kind, weight_matrix(module), tensors["pivots"][i], tensors["fingerprint"][i], where)
-        pivots = {n: tensors["pivots"][entries[n][0]] for n in present}
-        try:
-            factors = factorize(targets, config, pivots=pivots, progress=progress)
-        except AdapterError as e:
-            raise AdapterError(f"{where}: {e}") from None
-        layers = build_layers(targets, factors, config)
-        for n, layer in layers.items():
-            i = entries[n][0]
-            layer.add_adapter(name, config, z=tensors["z"][i], sigma=tensors["sigma"][i])
-        commit(model, layers, name)
-        return model
+            _check_layer(e, n, module, kind, weight_matrix(module), pivots[n], tensors["fingerprint"][i], where)
 
-    first = existing[0][1]
-    if name in first.loldu_z:
+    state = AdapterState.of(model)
+    if not state.layers:
+        return inject_with(model, config, name, pivots=pivots, values=values, check=check, progress=progress,
+                           where=where)
+    if name in state.names:
         raise AdapterError(f"{where}: the model already has an adapter {name!r}; pass another adapter_name")
-    for n, layer in existing:
-        if layer.merged_adapter is not None:
-            raise AdapterError(f"{where}: layer '{n}' is merged; call loldu.unmerge before loading another adapter")
-    try:
-        _check_compatible(model, existing, config, "loldu.load_adapter")
-    except AdapterError as e:
-        raise AdapterError(f"{where}: {e}") from None
-    _missing_extra(entries, {n for n, _ in existing}, where)
-    for n, layer in existing:
-        i, e = entries[n]
-        piv = tensors["pivots"][i]
-        _check_layer(e, n, layer.base_layer, layer.kind, layer.base_matrix(), piv, tensors["fingerprint"][i], where)
-        if not torch.equal(piv, layer.loldu_pivots.cpu()):
-            raise AdapterError(f"{where}: layer '{n}': stored pivots differ from the injected layer's pivots, so the "
-                               "adapter does not fit its frozen factors")
-    for n, layer in existing:
-        i = entries[n][0]
-        layer.add_adapter(name, config, z=tensors["z"][i], sigma=tensors["sigma"][i])
-        layer.set_trainable(layer.active_adapter)
-    return model
+    state.require_unmerged(where, fix="call loldu.unmerge before loading another adapter")
+    return add_with(model, name, config, pivots=pivots, values=values, check=check, what="loldu.load_adapter",
+                    where=where)
 
 
 def _missing_extra(entries: dict, present: set, where: str) -> None:

@@ -10,7 +10,8 @@ buffer broadcast. All adapters of one layer share them; each adapter adds r + 1 
 """
 import sys
 import warnings
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from .errors import AdapterError
 from .ldu import LDUResult
-from .ops import adapter_linear, autocast_enabled, delta_weight
+from .ops import adapter_linear, autocast_enabled, delta_weight, working_dtype
 from .reference import adapter_linear_reference
 
 # fp16 holds x U^T (and c-scaled products) safely only while the frozen factors stay small: a
@@ -35,45 +36,47 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return mod is not None and isinstance(module, mod.Conv1D)
 
 
+@dataclass(frozen=True)
+class LayerKind:
+    """One supported module kind (the table KINDS, at the end of this file, holds them all).
+
+    label: how errors name it. is_kind: whether a module is of this kind. wrapper: its LoLDU layer
+    class. matrix: the module's weight -> the (d, k) matrix LoLDU factorizes (a view when possible).
+    weight: (matrix, the module's weight) -> the matrix laid out as that weight (matrix's inverse).
+    refuse: why a module of this kind cannot be adapted after all, or None.
+    """
+
+    label: str
+    is_kind: Callable[[nn.Module], bool]
+    wrapper: type
+    matrix: Callable[[torch.Tensor], torch.Tensor] = lambda w: w
+    weight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda M, w: M
+    refuse: Callable[[nn.Module], Optional[str]] = lambda module: None
+
+
+def kind_of(module: nn.Module) -> Optional[str]:
+    """The kind (a key of KINDS) of a module LoLDU can wrap, or None."""
+    return next((k for k, entry in KINDS.items() if entry.is_kind(module)), None)
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The (d, k) view of a supported module's weight that LoLDU factorizes (no copy when possible)."""
-    w = module.weight
-    if isinstance(module, nn.Conv2d):
-        return w.reshape(w.shape[0], -1)
-    if _is_hf_conv1d(module):
-        return w.t()
-    return w
-
-
-def matrix_to_weight(module: nn.Module, M: torch.Tensor) -> torch.Tensor:
-    """Inverse of weight_matrix: a (d, k) matrix laid out as the module's weight."""
-    if isinstance(module, nn.Conv2d):
-        return M.reshape(module.weight.shape)
-    if _is_hf_conv1d(module):
-        return M.t()
-    return M
+    return KINDS[kind_of(module)].matrix(module.weight)
 
 
 def check_supported(name: str, module: nn.Module) -> str:
-    """Returns the layer kind ('linear', 'conv2d', 'embedding', 'conv1d') or raises AdapterError."""
+    """Returns the layer kind (a key of KINDS: 'linear', 'conv2d', 'embedding', 'conv1d') or raises AdapterError."""
     if isinstance(module, LoLDULayer):
         raise AdapterError(f"layer '{name}' is already a LoLDU layer")
-    if isinstance(module, nn.Linear):
-        kind = "linear"
-    elif isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise AdapterError(f"layer '{name}': Conv2d with groups={module.groups} is not supported (only groups=1)")
-        kind = "conv2d"
-    elif isinstance(module, nn.Embedding):
-        if module.max_norm is not None:
-            raise AdapterError(f"layer '{name}': Embedding with max_norm rewrites its weight in place; not supported")
-        kind = "embedding"
-    elif _is_hf_conv1d(module):
-        kind = "conv1d"
-    else:
+    kind = kind_of(module)
+    if kind is None:
+        labels = [entry.label for entry in KINDS.values()]
         raise AdapterError(
-            f"layer '{name}' is a {type(module).__name__}; LoLDU adapts nn.Linear, nn.Conv2d, nn.Embedding "
-            "and transformers Conv1D (check target_modules)")
+            f"layer '{name}' is a {type(module).__name__}; LoLDU adapts {', '.join(labels[:-1])} and {labels[-1]} "
+            "(check target_modules)")
+    why = KINDS[kind].refuse(module)
+    if why is not None:
+        raise AdapterError(f"layer '{name}': {why}")
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise AdapterError(f"layer '{name}': weight must be a floating-point tensor, got "
@@ -147,14 +150,14 @@ class LoLDULayer(nn.Module):
 
     def base_matrix(self) -> torch.Tensor:
         """W0 as the (d, k) matrix LoLDU factorizes, a view of the base weight."""
-        return weight_matrix(self.base_layer)
+        return KINDS[self.kind].matrix(self.base_layer.weight)
 
     def add_adapter(self, name: str, config, z: Optional[torch.Tensor] = None,
                     sigma: Optional[torch.Tensor] = None) -> None:
         """New adapter `name`: z (r,) and sigma () default to D and sigma0, i.e. c == 0 exactly."""
         sigma0 = config.initial_scale
         dev = self.loldu_D.device
-        dt = torch.float64 if self.loldu_D.dtype == torch.float64 else torch.float32
+        dt = working_dtype(self.loldu_D.dtype)
         z0 = (self.loldu_D if z is None else z).detach().to(dev, dt).clone()
         s0 = torch.tensor(sigma0, dtype=dt, device=dev) if sigma is None else sigma.detach().to(dev, dt).reshape(()).clone()
         self.loldu_z[name] = nn.Parameter(z0, requires_grad=False)
@@ -187,7 +190,7 @@ class LoLDULayer(nn.Module):
         with .to(dtype), so the adapted model starts as the base model.
         """
         D = self.loldu_D
-        dt = torch.float64 if D.dtype == torch.float64 else torch.float32  # fp32 even if .to(bf16) was called
+        dt = working_dtype(D.dtype)  # fp32 even if .to(bf16) was called
         z = self.loldu_z[name].to(dt)
         s = self.loldu_sigma[name]
         s0 = self._sigma0_as[name].get(s.dtype, self.sigma0[name])
@@ -229,7 +232,7 @@ class LoLDULayer(nn.Module):
         w = self.base_layer.weight
         new = (self.base_matrix().to(delta.dtype) + sign * delta).to(w.dtype)
         # Written back through the parameter itself: the (d, k) matrix may be a copy (channels_last conv).
-        w.copy_(matrix_to_weight(self.base_layer, new))
+        w.copy_(KINDS[self.kind].weight(new, w))
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +268,7 @@ class LoLDULayer(nn.Module):
         return dt == torch.float16
 
     def _wide_factors(self):
-        wide = torch.float64 if self.loldu_PL.dtype == torch.float64 else torch.float32
+        wide = working_dtype(self.loldu_PL.dtype)
         return self.loldu_PL.to(wide), self.loldu_U.to(wide)
 
     def _adapted(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -287,7 +290,7 @@ class LoLDULinear(LoLDULayer):
         if self._fp32_branch(x):
             return self._adapted_fp32(x, c)
         PL, U = self._factors_for(x)
-        return self._linear()(x, self.base_layer.weight, self.base_layer.bias, PL, U, c)
+        return self._linear()(x, self.base_matrix(), self.base_layer.bias, PL, U, c)
 
     def _adapted_fp32(self, x, c):
         """The base layer's own fp16 forward plus the adapter branch in fp32 (exactly + 0 at c == 0)."""
@@ -309,12 +312,6 @@ class LoLDUConv1D(LoLDULinear):
     """transformers Conv1D: weight stored (in, out), so W0 = weight^T (a view; the op accepts it)."""
 
     kind = "conv1d"
-
-    def _adapted(self, x, c):
-        if self._fp32_branch(x):
-            return self._adapted_fp32(x, c)
-        PL, U = self._factors_for(x)
-        return self._linear()(x, self.base_layer.weight.t(), self.base_layer.bias, PL, U, c)
 
 
 class LoLDUEmbedding(LoLDULayer):
@@ -365,4 +362,20 @@ class LoLDUConv2d(LoLDULayer):
         return c_rows
 
 
-LAYER_CLASSES = {"linear": LoLDULinear, "conv1d": LoLDUConv1D, "embedding": LoLDUEmbedding, "conv2d": LoLDUConv2d}
+def _conv2d_refusal(module: nn.Conv2d) -> Optional[str]:
+    return None if module.groups == 1 else f"Conv2d with groups={module.groups} is not supported (only groups=1)"
+
+
+def _embedding_refusal(module: nn.Embedding) -> Optional[str]:
+    return None if module.max_norm is None else "Embedding with max_norm rewrites its weight in place; not supported"
+
+
+# Every module kind LoLDU adapts, by its wrapper's `kind`. A new kind is one more entry (and its wrapper).
+KINDS: Dict[str, LayerKind] = {entry.wrapper.kind: entry for entry in (
+    LayerKind("nn.Linear", lambda m: isinstance(m, nn.Linear), LoLDULinear),
+    LayerKind("nn.Conv2d", lambda m: isinstance(m, nn.Conv2d), LoLDUConv2d,
+              matrix=lambda w: w.reshape(w.shape[0], -1), weight=lambda M, w: M.reshape(w.shape),
+              refuse=_conv2d_refusal),
+    LayerKind("nn.Embedding", lambda m: isinstance(m, nn.Embedding), LoLDUEmbedding, refuse=_embedding_refusal),
+    LayerKind("transformers Conv1D", _is_hf_conv1d, LoLDUConv1D, matrix=lambda w: w.t(), weight=lambda M, w: M.t()),
+)}

@@ -9,7 +9,7 @@ import functools
 import re
 import sys
 import threading
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 from .config import LoLDUConfig
 from .errors import AdapterError, FactorizationError
-from .layer import LAYER_CLASSES, LoLDULayer, check_supported, weight_matrix
+from .layer import KINDS, LoLDULayer, check_supported, weight_matrix
 from .ldu import LDUResult, ldu, ldu_from_pivots
+from .state import AdapterState, adapted_layers, unwrap
 
 _PROGRESS_MIN_LAYERS = 32  # show a progress bar from this many layers on
 _STACK_BYTES = 256 << 20  # most bytes of weights stacked into one batched factorization call
@@ -27,27 +28,9 @@ _SAVED_FLAGS = "_loldu_requires_grad"
 _CALL_CHECK = "_loldu_call_check"
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def adapted_layers(model: nn.Module) -> List[Tuple[str, LoLDULayer]]:
-    """(name, layer) of every LoLDU layer, named as the wrapped module was in the base model."""
-    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, LoLDULayer)]
-
-
-def _layers_or_raise(model) -> List[Tuple[str, LoLDULayer]]:
-    layers = adapted_layers(model)
-    if not layers:
-        raise AdapterError(f"{type(unwrap(model)).__name__} has no LoLDU layers; call loldu.inject first")
-    return layers
+def _state(model) -> AdapterState:
+    """The model's adapters; AdapterError when it has no LoLDU layers."""
+    return AdapterState.of(model).require_layers()
 
 
 def _check_name(adapter_name) -> None:
@@ -169,7 +152,7 @@ def build_layers(targets, factors: Dict[str, LDUResult], config: LoLDUConfig) ->
     """Wrappers around the target modules (the model is not touched yet)."""
     layers = {}
     for name, module, kind in targets:
-        layers[name] = LAYER_CLASSES[kind](module, factors[name], config.torch_factor_dtype(module.weight.dtype), name)
+        layers[name] = KINDS[kind].wrapper(module, factors[name], config.torch_factor_dtype(module.weight.dtype), name)
     return layers
 
 
@@ -317,12 +300,21 @@ def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str) -
         raise
     for p, _ in saved:
         p.requires_grad_(False)
-    for layer in layers.values():
-        layer.active_adapter = adapter_name
-        layer.set_trainable(adapter_name)
+    AdapterState(list(layers.items())).set_active(adapter_name)
     # Plain attributes (not Modules/Parameters), so they stay out of state_dict.
     object.__setattr__(root, _SAVED_FLAGS, saved)
     object.__setattr__(root, _CALL_CHECK, _CallCheck(root, list(layers)))
+
+
+@contextlib.contextmanager
+def _named(where: Optional[str]) -> Iterator[None]:
+    """AdapterErrors raised inside, prefixed with `where` (the file load_adapter reads) when given."""
+    try:
+        yield
+    except AdapterError as e:
+        if where is None:
+            raise
+        raise AdapterError(f"{where}: {e}") from None
 
 
 def inject(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default", *,
@@ -339,44 +331,49 @@ def inject(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default",
     With activation checkpointing, use non-reentrant checkpoints (transformers' default) or make the
     inputs require grad: a reentrant checkpoint whose inputs need no grad passes no gradient to z.
     """
+    return inject_with(model, config, adapter_name, progress=progress)
+
+
+# (name, module, kind) of the modules an adapter goes onto; what inject_with/add_with give `check`.
+Targets = List[Tuple[str, nn.Module, str]]
+
+
+def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
+                pivots: Optional[Dict[str, torch.Tensor]] = None, values: Optional[Dict[str, tuple]] = None,
+                check: Optional[Callable[[Targets], None]] = None, progress: Optional[bool] = None,
+                where: Optional[str] = None) -> nn.Module:
+    """loldu.inject, and loldu.load_adapter into a plain model: the one path that wraps a model.
+
+    pivots: layer name -> (r,) int64; the frozen factors are re-derived from them
+        (loldu.ldu_from_pivots) instead of choosing pivots.
+    values: layer name -> (z, sigma) of the adapter; default z = D, sigma = sigma0 (c == 0).
+    check: called with the targets before anything is factorized; raises to refuse them.
+    where: prefixes the AdapterErrors of finding and factorizing the targets (load_adapter's file).
+    """
     if not isinstance(config, LoLDUConfig):
         raise AdapterError(f"loldu.inject: config must be a LoLDUConfig, got {type(config).__name__}")
     _check_name(adapter_name)
     if adapted_layers(model):
         raise AdapterError("loldu.inject: the model already has LoLDU layers; use loldu.add_adapter for another adapter")
-    targets = find_targets(model, config)
-    factors = factorize(targets, config, progress=progress)
+    with _named(where):
+        targets = find_targets(model, config)
+    if check is not None:
+        check(targets)
+    with _named(where):
+        factors = factorize(targets, config, pivots=pivots, progress=progress)
     layers = build_layers(targets, factors, config)
-    for layer in layers.values():
-        layer.add_adapter(adapter_name, config)
+    AdapterState(list(layers.items())).add(adapter_name, config, values)
     commit(model, layers, adapter_name)
     return model
 
 
 def adapter_names(model: nn.Module) -> List[str]:
     """Names of the model's adapters, in the order they were added."""
-    return list(_layers_or_raise(model)[0][1].loldu_z.keys())
+    return _state(model).names
 
 
 def active_adapter(model: nn.Module) -> Optional[str]:
-    return _layers_or_raise(model)[0][1].active_adapter
-
-
-def _check_compatible(model, layers, config: LoLDUConfig, what: str) -> None:
-    """The adapter described by `config` must fit the factors the layers already share."""
-    ref = layers[0][1].configs[next(iter(layers[0][1].configs))]
-    for field in ("rank", "pivoting", "factor_dtype"):
-        if getattr(config, field) != getattr(ref, field):
-            raise AdapterError(f"{what}: {field}={getattr(config, field)!r} differs from the injected "
-                               f"layers' {getattr(ref, field)!r}; adapters of one model share its frozen factors")
-    adapted = {n for n, _ in layers}
-    for name, _ in layers:
-        if not config.matches(name):
-            raise AdapterError(f"{what}: target_modules does not select LoLDU layer '{name}'; every adapter must "
-                               "cover the same layers")
-    for name, module in unwrap(model).named_modules():
-        if name and config.matches(name) and name not in adapted and not any(name.startswith(a + ".") for a in adapted):
-            raise AdapterError(f"{what}: target_modules selects '{name}', which has no LoLDU factors")
+    return _state(model).active
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: Optional[LoLDUConfig] = None) -> nn.Module:
@@ -385,71 +382,68 @@ def add_adapter(model: nn.Module, adapter_name: str, config: Optional[LoLDUConfi
     It shares each layer's frozen factors: r + 1 new numbers per layer. `config` defaults to the
     active adapter's; its rank, pivoting and factor_dtype must match, and it must target the same layers.
     """
-    layers = _layers_or_raise(model)
+    return add_with(model, adapter_name, config)
+
+
+def add_with(model: nn.Module, adapter_name: str, config: Optional[LoLDUConfig] = None, *,
+             pivots: Optional[Dict[str, torch.Tensor]] = None, values: Optional[Dict[str, tuple]] = None,
+             check: Optional[Callable[[Targets], None]] = None, what: Optional[str] = None,
+             where: Optional[str] = None) -> nn.Module:
+    """loldu.add_adapter, and loldu.load_adapter into an injected model: the one path that adds an adapter.
+
+    pivots: layer name -> (r,) pivots the adapter was trained with; each must equal the layer's, as
+    the adapter shares its frozen factors. values, check, where: as for inject_with (the targets are
+    every LoLDU layer's (name, base module, kind)). what: the caller, as named in errors.
+    """
+    state = _state(model)
     _check_name(adapter_name)
-    if adapter_name in layers[0][1].loldu_z:
+    if adapter_name in state.names:
         raise AdapterError(f"loldu.add_adapter: adapter {adapter_name!r} already exists")
-    first = layers[0][1]
     if config is None:
-        config = first.configs[first.active_adapter or next(iter(first.configs))]
+        config = state.config(state.active or state.names[0])
     if not isinstance(config, LoLDUConfig):
         raise AdapterError(f"loldu.add_adapter: config must be a LoLDUConfig, got {type(config).__name__}")
-    _check_compatible(model, layers, config, f"loldu.add_adapter({adapter_name!r})")
-    for _, layer in layers:
-        layer.add_adapter(adapter_name, config)
+    with _named(where):
+        state.require_fits(config, what or f"loldu.add_adapter({adapter_name!r})")
+    if check is not None:
+        check([(n, layer.base_layer, layer.kind) for n, layer in state.layers])
+    if pivots is not None:
+        with _named(where):
+            for n, layer in state.layers:
+                if not torch.equal(pivots[n].cpu(), layer.loldu_pivots.cpu()):
+                    raise AdapterError(f"layer '{n}': stored pivots differ from the injected layer's pivots, so the "
+                                       "adapter does not fit its frozen factors")
+    state.add(adapter_name, config, values)
     return model
-
-
-def _check_exists(layers, adapter_name, what):
-    if adapter_name not in layers[0][1].loldu_z:
-        raise AdapterError(f"{what}: no adapter {adapter_name!r}; adapters are {list(layers[0][1].loldu_z.keys())}")
-
-
-def _check_unmerged(layers, what: str, state: str = "is merged") -> None:
-    """Raises AdapterError naming the first merged layer: `what` needs the delta (unmerged) form."""
-    merged = [n for n, layer in layers if layer.merged_adapter is not None]
-    if merged:
-        raise AdapterError(f"{what}: layer '{merged[0]}' {state}; call loldu.unmerge first")
-
-
-def _check_no_row_ids(layers, what: str) -> None:
-    """Raises AdapterError when a loldu.adapter_ids context is active: it holds the adapter names
-    (and the layers) it was entered with, so they must not change until it is left."""
-    if any(layer._row_ids is not None for _, layer in layers):
-        raise AdapterError(f"{what}; leave the context first")
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Makes `adapter_name` the one the forward uses and the only one whose parameters train."""
-    layers = _layers_or_raise(model)
-    _check_exists(layers, adapter_name, "loldu.set_adapter")
-    _check_unmerged(layers, "loldu.set_adapter")
-    for _, layer in layers:
-        layer.active_adapter = adapter_name
-        layer.set_trainable(adapter_name)
+    state = _state(model)
+    state.require_exists(adapter_name, "loldu.set_adapter")
+    state.require_unmerged("loldu.set_adapter")
+    state.set_active(adapter_name)
     return model
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Removes adapter `adapter_name`; if it was active, the first remaining one becomes active."""
-    layers = _layers_or_raise(model)
-    _check_exists(layers, adapter_name, "loldu.delete_adapter")
-    for n, layer in layers:
-        if layer.merged_adapter == adapter_name:
-            raise AdapterError(f"loldu.delete_adapter: adapter {adapter_name!r} is merged into layer '{n}'; unmerge first")
-    if len(layers[0][1].loldu_z) == 1:
+    state = _state(model)
+    state.require_exists(adapter_name, "loldu.delete_adapter")
+    merged = state.first_merged()
+    if merged is not None and merged[1] == adapter_name:
+        raise AdapterError(f"loldu.delete_adapter: adapter {adapter_name!r} is merged into layer '{merged[0]}'; "
+                           "unmerge first")
+    if len(state.names) == 1:
         raise AdapterError(f"loldu.delete_adapter: {adapter_name!r} is the only adapter; use loldu.unload")
-    _check_no_row_ids(layers, f"loldu.delete_adapter: adapter {adapter_name!r} is in use by loldu.adapter_ids")
-    was_active = layers[0][1].active_adapter == adapter_name
-    if was_active:  # checked before anything changes: the replacement cannot be activated while merged
-        merged = [n for n, layer in layers if layer.merged_adapter is not None]
-        if merged:
-            raise AdapterError(f"loldu.delete_adapter: {adapter_name!r} is active and layer '{merged[0]}' is merged; "
-                               "call loldu.unmerge first")
-    for _, layer in layers:
-        layer.delete_adapter(adapter_name)
+    state.require_no_row_ids(f"loldu.delete_adapter: adapter {adapter_name!r} is in use by loldu.adapter_ids")
+    was_active = state.active == adapter_name
+    if was_active and merged is not None:  # checked before anything changes: the replacement cannot be activated
+        raise AdapterError(f"loldu.delete_adapter: {adapter_name!r} is active and layer '{merged[0]}' is merged; "
+                           "call loldu.unmerge first")
+    state.delete(adapter_name)
     if was_active:
-        set_adapter(model, next(iter(layers[0][1].loldu_z.keys())))
+        set_adapter(model, state.names[0])
     return model
 
 
@@ -471,17 +465,18 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
 
     Afterwards the forward is the plain base modules' forward. Undo with loldu.unmerge.
     """
-    layers = _layers_or_raise(model)
-    name = adapter_name or layers[0][1].active_adapter
-    _check_exists(layers, name, "loldu.merge")
-    _check_unmerged(layers, "loldu.merge", "is already merged")
-    _check_no_row_ids(layers, f"loldu.merge: adapter {name!r} is in use by loldu.adapter_ids")
+    state = _state(model)
+    name = adapter_name or state.active
+    state.require_exists(name, "loldu.merge")
+    state.require_unmerged("loldu.merge", "is already merged")
+    state.require_no_row_ids(f"loldu.merge: adapter {name!r} is in use by loldu.adapter_ids")
+    layers = state.layers
     # A tied weight (e.g. embedding and LM head), adapted or not on the other side, would receive ΔW
     # for every module that uses it: count each base weight's occurrences among all parameters.
     holders: Dict[int, List[str]] = {}
     for pn, p in unwrap(model).named_parameters(remove_duplicate=False):
         holders.setdefault(id(p), []).append(pn)
-    for n, layer in layers:
+    for _, layer in layers:
         users = holders.get(id(layer.base_layer.weight), [])
         if len(users) > 1:
             tied = [m for m, l in layers if l.base_layer.weight is layer.base_layer.weight]
@@ -495,7 +490,7 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtracts the merged ΔW again (same fp32 ΔW, so weights return up to one rounding)."""
-    for _, layer in _layers_or_raise(model):
+    for _, layer in _state(model).layers:
         layer.unmerge()
     return model
 
@@ -518,22 +513,22 @@ def unload(model: nn.Module) -> nn.Module:
 
     The weights are the very tensors the model had: bit-identical unless it was merged meanwhile.
     """
-    layers = _layers_or_raise(model)
-    _check_no_row_ids(layers, "loldu.unload: the adapters are in use by loldu.adapter_ids")
-    for _, layer in layers:
+    state = _state(model)
+    state.require_no_row_ids("loldu.unload: the adapters are in use by loldu.adapter_ids")
+    for _, layer in state.layers:
         layer.unmerge()
     return _strip(model)
 
 
 def merge_and_unload(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     """Merges, then puts the plain modules (now holding W0 + ΔW) back: a model without loldu."""
-    layers = _layers_or_raise(model)
-    _check_no_row_ids(layers, "loldu.merge_and_unload: the adapters are in use by loldu.adapter_ids")
-    merged = {layer.merged_adapter for _, layer in layers if layer.merged_adapter is not None}
-    if not merged:
+    state = _state(model)
+    state.require_no_row_ids("loldu.merge_and_unload: the adapters are in use by loldu.adapter_ids")
+    merged = state.merged
+    if merged is None:
         merge(model, adapter_name)
-    elif adapter_name is not None and merged != {adapter_name}:
-        raise AdapterError(f"loldu.merge_and_unload: adapter {sorted(merged)[0]!r} is merged, not {adapter_name!r}; "
+    elif adapter_name is not None and merged != adapter_name:
+        raise AdapterError(f"loldu.merge_and_unload: adapter {merged!r} is merged, not {adapter_name!r}; "
                            "call loldu.unmerge first")
     return _strip(model)
 
@@ -541,8 +536,9 @@ def merge_and_unload(model: nn.Module, adapter_name: Optional[str] = None) -> nn
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """`with loldu.disabled(model):` the model computes its base outputs (unmerged models only)."""
-    layers = _layers_or_raise(model)
-    _check_unmerged(layers, "loldu.disabled")
+    state = _state(model)
+    state.require_unmerged("loldu.disabled")
+    layers = state.layers
     before = [layer.disabled for _, layer in layers]
     for _, layer in layers:
         layer.disabled = True
@@ -560,8 +556,8 @@ def adapter_ids(model: nn.Module, ids: Union[torch.Tensor, Sequence[Optional[str
     ids: adapter names (None = base model) of length batch, or an int tensor (batch,) indexing
     loldu.adapter_names(model), -1 = base model. Every adapted layer must see the batch as dim 0.
     """
-    layers = _layers_or_raise(model)
-    names = list(layers[0][1].loldu_z.keys())
+    state = _state(model)
+    names, layers = state.names, state.layers
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise AdapterError(f"loldu.adapter_ids: ids must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
@@ -577,7 +573,7 @@ def adapter_ids(model: nn.Module, ids: Union[torch.Tensor, Sequence[Optional[str
             raise AdapterError(f"loldu.adapter_ids: unknown adapters {unknown}; adapters are {names}")
         idx = torch.tensor([-1 if n is None else names.index(n) for n in ids], dtype=torch.long)
     idx = torch.where(idx < 0, torch.full_like(idx, len(names)), idx)
-    _check_unmerged(layers, "loldu.adapter_ids")
+    state.require_unmerged("loldu.adapter_ids")
     before = [(layer._row_ids, layer._row_names) for _, layer in layers]  # an enclosing adapter_ids'
     for _, layer in layers:
         layer._row_ids, layer._row_names = idx.to(layer.loldu_D.device), names
