@@ -26,7 +26,9 @@ $(EXT): $(DEPS) $(CPP) setup.py pyproject.toml
 demo: $(EXT)
 	$(BIN)/python examples/demo.py
 
-test: pytest ctest
+# Both suites run even when the first fails; the target fails if either did.
+test: $(EXT)
+	status=0; $(MAKE) --no-print-directory pytest || status=1; $(MAKE) --no-print-directory ctest || status=1; exit $$status
 
 pytest: $(EXT)
 	$(BIN)/python -m pytest tests

@@ -97,7 +97,7 @@ def main():
         assert diff < 1e-4
         loldu.unmerge(model)
 
-        # 5. Export (issue 6), when the export package is present.
+        # 5. Export to ONNX and run it in ONNX Runtime, when the export extras are installed.
         try:
             from loldu import export
         except ImportError:

@@ -73,7 +73,10 @@ WORKER = textwrap.dedent('''
 
             def work(i):
                 lx.to_onnx(models["ab"[i % 2]], x, target)
-        print("ready", flush=True)
+        work(1)  # warm: every forked writer starts with the imports and caches done
+        t = time.monotonic()
+        work(1)
+        print(f"ready {time.monotonic() - t}", flush=True)
         for line in sys.stdin:
             delay = float(line)
             r, w = os.pipe()
@@ -115,8 +118,11 @@ class Worker:
         self.refs = tmp_path / "refs"
         self.proc = subprocess.Popen([sys.executable, str(self.script), mode, str(target), str(self.refs)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        assert line.strip() == "ready", f"worker failed to start: {line!r}"
+        line = self.proc.stdout.readline().split()
+        assert line and line[0] == "ready", f"worker failed to start: {line!r}"
+        # How long one write takes on this machine now: kill delays scale with it, so the kills land
+        # before, during and after writes however loaded the machine is.
+        self.write_seconds = float(line[1])
 
     def kill_after(self, delay):
         """Runs one writer for `delay` seconds, SIGKILLs it; returns how many saves it completed."""
@@ -157,7 +163,7 @@ def test_save_adapter_survives_sigkill_at_random_moments(tmp_path):
         seen, saves, stale_copy, most_temps, t0 = {"a": 0, "b": 0}, 0, 0, 0, time.monotonic()
         kills = 150
         for i in range(kills):
-            saves += worker.kill_after(rng.uniform(0, 0.06))  # a save takes a few ms here
+            saves += worker.kill_after(rng.uniform(0, 4 * worker.write_seconds))
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 loaded = loldu.load_adapter(copy.deepcopy(base), target)  # never refused
@@ -176,7 +182,7 @@ def test_save_adapter_survives_sigkill_at_random_moments(tmp_path):
             assert len(temps(target)) <= 2, (i, temps(target))
         print(f"{kills} kills in {time.monotonic() - t0:.1f} s, {saves} completed saves, loaded {seen}, "
               f"{stale_copy} times between the renames, at most {most_temps} temporaries at once")
-        assert seen["a"] and seen["b"] and saves > kills
+        assert seen["a"] and seen["b"] and saves > 0
     finally:
         worker.close()
     # the next save leaves no temporary at all
@@ -195,7 +201,9 @@ def test_export_survives_sigkill_and_next_export_cleans_up(tmp_path):
     leftovers_seen, exports, kills, t0 = 0, 0, 20, time.monotonic()
     try:
         for i in range(kills):
-            exports += worker.kill_after(rng.uniform(0.0, 0.4))  # an export takes about 0.1 s here
+            # the last kills come late enough that some exports complete
+            late = 4 if i >= kills - 3 else 1
+            exports += worker.kill_after(rng.uniform(0.0, 3 * late * worker.write_seconds))
             left = temps(out_dir)
             leftovers_seen = max(leftovers_seen, len(left))
             assert len(left) <= 2, left  # earlier writers' temporaries were removed by later exports

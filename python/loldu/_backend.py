@@ -35,6 +35,8 @@ def _jit_build():
 def _load():
     # LOLDU_BACKEND: "" (auto), "pytorch" (the reference path), "jit" (skip the installed _C).
     forced = os.environ.get("LOLDU_BACKEND", "")
+    if forced not in ("", "pytorch", "jit"):
+        raise ImportError(f"loldu: LOLDU_BACKEND={forced!r} is not one of '', 'pytorch', 'jit'")
     if forced == "pytorch":
         return "pytorch", None, "forced by LOLDU_BACKEND=pytorch"
     reason = "LOLDU_BACKEND=jit"
@@ -45,7 +47,9 @@ def _load():
             return "compiled-" + _C.build_flavor(), _C, None
         except ImportError as e:
             reason = f"no compiled loldu._C ({e})"
-    if _REPO_CPP.is_dir() and os.environ.get("LOLDU_NO_JIT", "") != "1":
+    if os.environ.get("LOLDU_NO_JIT", "") == "1":
+        reason += "; LOLDU_NO_JIT=1 skips the JIT build"
+    elif _REPO_CPP.is_dir():
         try:
             mod = _jit_build()
             return "jit-" + mod.build_flavor(), mod, None
