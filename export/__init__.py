@@ -5,12 +5,11 @@
 
 With merge=False, adapter_inputs=True, every adapted layer's c is a graph input, so one file serves
 every adapter of the same base: feed loldu.export.adapter_feeds(adapter_dir, "model.onnx").
-Needs the `onnx` and `onnxruntime-gpu` (or `onnxruntime`) packages; they are imported lazily.
+Needs the `onnx`, `onnxscript` (the torch.export-based exporter) and `onnxruntime-gpu` (or
+`onnxruntime`) packages; they are imported lazily.
 """
-from .onnx_export import (
-    C_PREFIX, FP16_BOUND, FP32_BOUND, ExportReport, adapter_feeds, adapter_metadata, op_counts, parity_bound,
-    pytorch_outputs, to_onnx,
-)
+from .adapter_inputs import C_PREFIX, adapter_feeds, adapter_metadata
+from .onnx_export import FP16_BOUND, FP32_BOUND, ExportReport, op_counts, parity_bound, pytorch_outputs, to_onnx
 from .ort_runner import OrtNotice, OrtRunner
 
 __all__ = [

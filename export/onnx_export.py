@@ -1,42 +1,56 @@
 """Merge-and-export to ONNX: a LoLDU model becomes a plain ONNX graph, or one with `c` as inputs.
 
-Exporter: torch.onnx.export(dynamo=False), the TorchScript tracer. On torch 2.13 it exports MiniLM in
-about 2 s on 2 CPU cores (the dynamo exporter takes about 10 s and needs the extra onnxscript
-package), and tracing records whatever torch ops the forward runs, so the adapted layers only have
-to switch from the fused op (unknown to ONNX) to their plain-torch path while exporting.
+Exporter: torch.onnx.export(dynamo=True), i.e. torch.export, then onnxscript (a required package)
+builds the ONNX graph. The fused op `loldu::adapter_linear` has an ONNX translation
+(_translation_table: MatMuls, a shared c folded into PL as the compiled kernel does), so the graph
+runs each adapted layer's own computation, op included, and no custom-op node; the layers know
+nothing of the export. Export time on torch 2.13, MiniLM-L6 (rank 8 on 36 linears, example batch
+2 x 16 tokens), 2 CPU cores shared with other jobs, CPU seconds, median of 10: merged 4.6 s, c as
+inputs 6.2 s, against 2.1 s and 2.4 s with the TorchScript exporter this replaced (about 2.2x and
+2.6x slower: tracing to ATen, the decompositions and onnxscript's optimizer each cost about what
+the whole TorchScript export did). The first export in a process pays a few seconds more (imports,
+and the torchlib registry, built once per process here: _dynamo_export).
 
 Three forms:
 - merge=True (default): ΔW is folded into the weights of a copy, which is then a plain model; the
   graph is operator-for-operator the base model's graph.
-- merge=False: the active adapter's c is baked in as constants; the adapter runs as extra MatMuls.
+- merge=False: the adapter's c is a constant; each adapted linear is the op's translation, three
+  MatMuls, with PL diag(c) folded into one initializer (_fold_in_place).
 - merge=False, adapter_inputs=True: every adapted layer's c (r,) fp32 is a graph input named
   `loldu.c.<layer name>`, so one file serves every adapter trained on the same base. The file's
   metadata records each layer's D and base-weight fingerprint, so `adapter_feeds` can turn an
   adapter directory into those inputs, refusing an adapter trained on another base.
+In both unmerged forms the exporter's copy has each adapted layer wrapped in a _WithC module that
+hands the layer the chosen c (computed before any fp16 cast), a constant or a graph input.
+
+Modules: adapter_inputs (names, metadata, feeds) <- ort_runner (OrtRunner) <- onnx_export.
 """
 import contextlib
 import copy
-import json
+import functools
+import logging
 import os
 import time
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from loldu.adapter_io import atomic_paths
 from loldu.errors import ExportError
-from loldu.layer import coefficients_from
-from loldu.model import adapted_layers, merge_and_unload
+from loldu.model import merge_and_unload, unwrap
 from loldu.state import AdapterState
 
-C_PREFIX = "loldu.c."
-META_KEY = "loldu.adapter_inputs"
-DEFAULT_OPSET = 17
+from .adapter_inputs import C_PREFIX, META_KEY, adapter_feeds, metadata_json
+from .ort_runner import OrtRunner, _short
+
+# torch.onnx's exporter (torchlib) is written against opset 18; a lower opset is converted down.
+DEFAULT_OPSET = 18
 # Parity bounds, max |ORT - PyTorch| over all outputs. fp32: absolute. fp16 (ORT in fp16 against the
 # fp32 PyTorch model): FP16_BOUND * max(1, max |y|), about 20 fp16 roundings of the largest output
 # (MiniLM, 6 layers, merged: 0.04 against a bound of 0.12).
@@ -131,84 +145,218 @@ def _flatten_outputs(out) -> Tuple[List[str], List[torch.Tensor]]:
     return [k for k, _ in items], [v for _, v in items]
 
 
-class _Traced(nn.Module):
-    """Positional tensors in, a tuple of tensors out (what the TorchScript tracer wants).
+def _call(model: nn.Module, names: List[str], by_kw: bool, inputs: Sequence[torch.Tensor]):
+    return model(**dict(zip(names, inputs))) if by_kw else model(*inputs)
 
-    The last len(layers) positional inputs, if any, are the c vectors of the adapted layers.
-    """
 
-    def __init__(self, model: nn.Module, names: List[str], by_kw: bool, layers: List[nn.Module]):
+class _Graph(nn.Module):
+    """What torch.export traces: the model's inputs, then the c inputs (if any), all positional; a
+    tuple of tensors out. The c inputs reach the _WithC modules through `slots`, filled for the call."""
+
+    def __init__(self, model: nn.Module, names: List[str], by_kw: bool, slots: List[torch.Tensor]):
         super().__init__()
         self.model = model
         self.names, self.by_kw = names, by_kw
-        self.layers = layers  # a plain list: the layers stay registered under self.model only
-        self.out_names: List[str] = []
+        self.slots = slots  # a plain list shared with the _WithC modules
 
     def forward(self, *args):
         n = len(self.names)
-        inputs, cs = args[:n], args[n:]
-        for layer, c in zip(self.layers, cs):
-            layer._export_c = c
+        self.slots[:] = args[n:]
         try:
-            out = self.model(**dict(zip(self.names, inputs))) if self.by_kw else self.model(*inputs)
+            out = _call(self.model, self.names, self.by_kw, args[:n])
         finally:
-            for layer in self.layers:
-                layer._export_c = None
-        self.out_names, tensors = _flatten_outputs(out)
-        return tuple(tensors)
+            self.slots.clear()
+        return tuple(_flatten_outputs(out)[1])
 
 
-def _default_dynamic_axes(in_names, inputs, out_names, outputs, c_names) -> Dict[str, Dict[int, str]]:
+class _WithC(nn.Module):
+    """Stands in for an adapted layer in the exporter's copy: the layer's own computation (the
+    loldu op for linears) with the c the export chose, a constant or graph input slots[index]."""
+
+    def __init__(self, layer: nn.Module, c: Optional[torch.Tensor] = None, slots: Optional[list] = None,
+                 index: int = 0):
+        super().__init__()
+        self.layer = layer
+        self.slots, self.index = slots, index
+        if c is not None:
+            self.register_buffer("c", c, persistent=False)
+
+    def forward(self, x):
+        return self.layer._adapted(x, self.c if self.slots is None else self.slots[self.index])
+
+
+def _wrap_layers(work: nn.Module, layers, cs, adapter_inputs: bool, slots: list) -> None:
+    """Puts a _WithC in place of every adapted layer that exports an adapter (c not None)."""
+    root = unwrap(work)
+    for i, ((name, layer), c) in enumerate(zip(layers, cs)):
+        if c is None:
+            continue
+        parent, _, attr = name.rpartition(".")
+        stand_in = _WithC(layer, slots=slots, index=i) if adapter_inputs else _WithC(layer, c=c)
+        setattr(root.get_submodule(parent), attr, stand_in)
+
+
+def _axes(name: str, axes) -> Dict[int, str]:
+    """{axis: label} from torch.onnx's {axis: label} or [axis, ...] form."""
+    if isinstance(axes, Mapping):
+        return {int(a): str(label) for a, label in axes.items()}
+    return {int(a): f"{name}_dim{a}" for a in axes}
+
+
+def _default_dynamic_axes(in_names, inputs) -> Dict[str, Dict[int, str]]:
     """Axis 0 of every input is 'batch'; axis 1 of integer inputs of rank >= 2 (token ids, masks) is
-    'sequence'. An output axis is named when its size equals the batch (axis 0) or sequence (axis 1)."""
+    'sequence'. Output axes are dynamic where the graph derives them from these."""
     axes: Dict[str, Dict[int, str]] = {}
-    batch = inputs[0].shape[0] if inputs and inputs[0].dim() else None
-    seq = None
     for name, t in zip(in_names, inputs):
         if t.dim() == 0:
             continue
         axes[name] = {0: "batch"}
         if t.dim() >= 2 and not t.is_floating_point():
             axes[name][1] = "sequence"
-            seq = t.shape[1]
-    for name, t in zip(out_names, outputs):
-        a = {}
-        if t.dim() >= 1 and batch is not None and t.shape[0] == batch:
-            a[0] = "batch"
-        if t.dim() >= 2 and seq is not None and t.shape[1] == seq:
-            a[1] = "sequence"
-        if a:
-            axes[name] = a
     return axes
 
 
-# -- the export ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _plain_layers(layers):
-    for layer in layers:
-        layer._export_plain = True
+def _dynamic_shapes(in_names, inputs, dynamic_axes):
+    """torch.export's dynamic_shapes for _Graph(*inputs), from {input name: {axis: label}}."""
+    specs = []
+    for name, t in zip(in_names, inputs):
+        axes = _axes(name, dynamic_axes.get(name, {}))
+        small = [a for a in axes if a < t.dim() and t.shape[a] < 2]
+        if small:
+            raise ExportError(f"loldu.export: example input {name!r} has size {t.shape[small[0]]} on dynamic axis "
+                              f"{small[0]}; torch.export fixes sizes 0 and 1, so trace with at least 2 there "
+                              "(or pass dynamic_axes={} for a static graph)")
+        specs.append(axes or None)
+    return (tuple(specs),) if any(specs) else None
+
+
+def _label_output_axes(proto, dynamic_axes, notes: List[str]) -> None:
+    """The dynamic_axes labels given for outputs, on the output axes the graph made dynamic."""
+    outputs = {o.name: o for o in proto.graph.output}
+    for name, axes in dynamic_axes.items():
+        if name not in outputs:
+            continue
+        dims = outputs[name].type.tensor_type.shape.dim
+        for axis, label in _axes(name, axes).items():
+            if axis < len(dims) and not dims[axis].HasField("dim_value"):
+                dims[axis].dim_param = label
+            else:
+                notes.append(f"output {name!r} axis {axis} is static in the exported graph")
+
+
+@functools.lru_cache(maxsize=None)
+def _translation_table() -> dict:
+    """{loldu::adapter_linear: its ONNX translation}. The op stays one node through torch.export on both
+    backends (the reference one is CompositeImplicitAutograd, which the exporter keeps whole because
+    the registry translates it), so both export the same graph."""
     try:
-        yield
+        from onnxscript import opset18 as op
+    except ImportError as e:
+        raise ExportError(f"loldu.export: torch.onnx.export(dynamo=True) needs onnxscript ({e}); "
+                          "pip install onnxscript") from None
+
+    def loldu_adapter_linear(x, weight, bias, PL, U, c, form: str = "auto"):
+        """y = x W0^T + b + ((x U^T) * c) PL^T, the low-rank form whatever `form` (how PyTorch evaluates
+        the same product). A shared c (r,) is folded into PL as the compiled kernel does it (d r
+        multiplies; a constant c folds into one initializer); a per-row c scales x U^T instead."""
+        y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+        if bias is not None:
+            y = op.Add(y, bias)
+        t = op.MatMul(x, op.Transpose(U, perm=[1, 0]))
+        if c.shape is not None and len(c.shape) == 1:
+            low = op.MatMul(t, op.Transpose(op.Mul(PL, op.CastLike(c, PL)), perm=[1, 0]))
+        else:
+            low = op.MatMul(op.Mul(t, op.CastLike(c, t)), op.Transpose(PL, perm=[1, 0]))
+        return op.Add(y, low)
+
+    return {torch.ops.loldu.adapter_linear.default: loldu_adapter_linear}
+
+
+_REGISTRIES: Dict[int, object] = {}  # opset -> torch.onnx's ONNXRegistry with loldu's translations
+
+
+def _dynamo_export(graph: nn.Module, args, input_names, output_names, dynamic_shapes, opset: int):
+    """torch.onnx.export(graph, args, dynamo=True, custom_translation_table=loldu's, ...) as one
+    ModelProto (no external data), optimized as torch.onnx optimizes it but see _fold_in_place.
+
+    torch.onnx.export rebuilds its torchlib registry on every call, about 0.6 s here (onnxscript
+    re-parses the source of ~500 functions). The registry is built once per opset instead and handed
+    to the exporter's own entry point, as torch.onnx.export does; the public call where those
+    internals are missing.
+    """
+    table = _translation_table()
+    try:
+        from torch.onnx._internal.exporter import _core, _dynamic_shapes, _registration
+        from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET
+    except ImportError:  # pragma: no cover - another torch: the public API, same result
+        program = torch.onnx.export(graph, tuple(args), dynamo=True, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                                    custom_translation_table=table, external_data=False, optimize=False,
+                                    verbose=False)
+    else:
+        key = max(opset, TORCHLIB_OPSET)  # below torchlib's opset: exported at its opset, then converted down
+        registry = _REGISTRIES.get(key)
+        if registry is None:
+            registry = _registration.ONNXRegistry.from_torchlib(opset_version=key)
+            for target, fn in table.items():
+                registry.register_op(target, fn)
+            _REGISTRIES[key] = registry
+        shapes, named_axes = _dynamic_shapes.convert_str_to_export_dim(dynamic_shapes)
+        program = _core.export(graph, tuple(args), registry=registry, dynamic_shapes=shapes, input_names=input_names,
+                               output_names=output_names, verbose=False, optimize=False, opset_version=opset)
+        if named_axes:
+            program._rename_dynamic_axes(dynamic_shapes)
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    onnxscript.optimizer.optimize_ir(program.model, should_fold=_fold_in_place)  # what optimize=True runs,
+    onnxscript.rewriter.onnx_fusions.fuse(program.model)  # with the folding rule below
+    return program.model_proto
+
+
+def _fold_in_place(node) -> Optional[bool]:
+    """The optimizer's folding rule, extended: an elementwise Mul/Cast/CastLike of constants whose
+    result is no larger than its largest input, a large input (above the optimizer's size limit,
+    8192 elements) being used by that node alone, is folded. That is PL diag(c) with a baked c on
+    layers with d r > 8192, which the limit would leave to run time; the file does not grow."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Mul", "Cast", "CastLike"):
+        return None
+    values = [v for v in node.inputs if v is not None]
+    if not values or any(v.const_value is None for v in values):
+        return None
+    shapes = [tuple(v.const_value.shape) for v in values]
+    sizes = [v.const_value.size for v in values]
+    try:
+        out = int(np.prod(np.broadcast_shapes(*shapes)))
+    except ValueError:
+        return None
+    if out > max(sizes) or any(size > 8192 and len(v.consumers()) > 1 for v, size in zip(values, sizes)):
+        return None
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's log lines (skipped torchvision ops, shape notes) and warnings stay out of the
+    caller's output; its failures still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx",
+                                               "torch._dynamo", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        for layer in layers:
-            layer._export_plain = False
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
-def _adapter_metadata(layers: List[Tuple[str, nn.Module]]) -> str:
-    from loldu.adapter_io import fingerprint
-
-    rows = []
-    for name, layer in layers:
-        rows.append({"layer": name, "input": C_PREFIX + name, "rank": layer.rank,
-                     "pivots": layer.loldu_pivots.tolist(),
-                     "fingerprint": fingerprint(layer.base_matrix(), layer.loldu_pivots).hex(),
-                     # fp32 values printed by Python's repr round-trip exactly.
-                     "D": [float(v) for v in layer.loldu_D.float().cpu()]})
-    return json.dumps({"format": "loldu-onnx-adapter-inputs", "version": 1, "layers": rows})
-
-
+# -- the export ------------------------------------------------------------------------------------
 def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: Optional[str], dtype: str):
-    """A private, eval-mode copy ready to trace, and (merged adapter name, adapted layers, notes)."""
+    """A private, eval-mode copy ready to export, and (merged adapter name, adapted layers, the c each
+    layer exports (None: its own forward, no adapter), notes, adapter-inputs metadata)."""
     work = copy.deepcopy(model)
     work.eval()
     state = AdapterState.of(work)
@@ -228,35 +376,29 @@ def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: 
             if already is not None:
                 raise ExportError(f"loldu.export: merge=False but adapter {already!r} is merged into the model; "
                                   "call loldu.unmerge first")
-            if adapter_name is not None:
-                state.set_active(adapter_name, trainable=False)
-            if not adapter_inputs and state.active is None:
+            if not adapter_inputs and adapter_name is None and state.active is None:
                 notes.append("no active adapter: exported the base model's computation")
     elif adapter_inputs:
         raise ExportError("loldu.export: adapter_inputs=True needs a model with LoLDU layers (loldu.inject or "
                           "loldu.load_adapter first)")
     # Recorded before any fp16 cast: D and the fingerprints are those of the trained-on base.
-    meta = _adapter_metadata(layers) if adapter_inputs else None
+    meta = metadata_json(layers) if adapter_inputs else None
+    # So is c = sigma0 (z - D) + (sigma - sigma0) z: in fp16, z - D loses most of its digits for a
+    # small change (c off by 15%).
+    cs = [_exported_c(layer, adapter_name, adapter_inputs) for _, layer in layers]
     if dtype == "fp16":
         work.half()
-        # c = sigma0 (z - D) + (sigma - sigma0) z must be computed from fp32 z, D and sigma: in fp16
-        # z - D loses most of its digits for a small change (c off by 15%). Restore them from the caller's model.
-        src = dict(adapted_layers(model))
-        with torch.no_grad():
-            for n, layer in layers:
-                orig = src[n]
-                layer.loldu_D = orig.loldu_D.detach().to(layer.loldu_D.device, torch.float32).clone()
-                for k in layer.loldu_z.keys():
-                    layer.loldu_z[k].data = orig.loldu_z[k].detach().to(layer.loldu_D.device, torch.float32).clone()
-                    layer.loldu_sigma[k].data = orig.loldu_sigma[k].detach().to(layer.loldu_D.device, torch.float32).clone()
-        # The tracer's scaled_dot_product_attention symbol mixes fp32 into fp16 graphs; transformers'
-        # eager attention exports cleanly.
-        if hasattr(work, "set_attn_implementation"):
-            try:
-                work.set_attn_implementation("eager")
-            except Exception:  # pragma: no cover - a model without that switch keeps its attention
-                pass
-    return work, merged, layers, notes, meta
+    return work, merged, layers, cs, notes, meta
+
+
+def _exported_c(layer: nn.Module, adapter_name: Optional[str], adapter_inputs: bool) -> Optional[torch.Tensor]:
+    """The c an unmerged export gives `layer`: adapter `adapter_name`'s (default: the active one), in
+    its working dtype; with adapter_inputs, the fp32 example value of its c input (zeros if no adapter)."""
+    name = adapter_name or layer.active_adapter
+    if name is None:
+        return torch.zeros(layer.rank, device=layer.loldu_D.device) if adapter_inputs else None
+    c = layer.coefficients(name).detach().clone()
+    return c.float() if adapter_inputs else c
 
 
 def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype: str = "fp32",
@@ -306,60 +448,59 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
     else:
         names_out = names
     t0 = time.perf_counter()
-    work, merged, layers, notes, meta = _prepare(model, merge, adapter_inputs, adapter_name, dtype)
+    work, merged, layers, cs, notes, meta = _prepare(model, merge, adapter_inputs, adapter_name, dtype)
     if dtype == "fp16":
         inputs = [t.half() if t.is_floating_point() else t for t in inputs]
-    c_layers = layers if adapter_inputs else []
-    c_names = [C_PREFIX + n for n, _ in c_layers]
-    c_examples = [layer.coefficients(layer.active_adapter or next(iter(layer.loldu_z))).detach().float()
-                  for _, layer in c_layers]
-    wrapper = _Traced(work, names, by_kw, [layer for _, layer in c_layers]).eval()
-    with torch.no_grad(), _plain_layers([layer for _, layer in layers]):
+    with torch.no_grad():  # before any layer is wrapped: this also settles the model's one-time call check
         try:
-            sample = wrapper(*inputs, *c_examples)
+            names_seen, sample = _flatten_outputs(_call(work, names, by_kw, inputs))
         except ExportError:
             raise
         except Exception as e:
             raise ExportError(f"loldu.export: the model failed on example_inputs ({type(e).__name__}: {e})") from None
-    out_names = list(output_names) if output_names is not None else wrapper.out_names
+    out_names = list(output_names) if output_names is not None else names_seen
     if len(out_names) != len(sample):
         raise ExportError(f"loldu.export: {len(out_names)} output_names for {len(sample)} outputs")
+    c_layers = layers if adapter_inputs else []
+    c_names = [C_PREFIX + n for n, _ in c_layers]
     all_in = names_out + c_names
     if dynamic_axes is None:
-        dynamic_axes = _default_dynamic_axes(names_out, inputs, out_names, list(sample), c_names)
+        dynamic_axes = _default_dynamic_axes(names_out, inputs)
     unknown = set(dynamic_axes) - set(all_in) - set(out_names)
     if unknown:
         raise ExportError(f"loldu.export: dynamic_axes names {sorted(unknown)} are neither inputs {all_in} "
                           f"nor outputs {out_names}")
+    args = list(inputs) + [c for c in cs if adapter_inputs]
+    dynamic_shapes = _dynamic_shapes(all_in, args, dynamic_axes)
+    slots: List[torch.Tensor] = []
+    _wrap_layers(work, layers, cs, adapter_inputs, slots)
+    graph = _Graph(unwrap(work), names, by_kw, slots).eval()
+    with torch.no_grad(), _quiet_exporter():
+        try:
+            proto = _dynamo_export(graph, args, all_in, out_names, dynamic_shapes, opset)
+        except ExportError:
+            raise
+        except Exception as e:
+            raise ExportError(f"loldu.export: torch.onnx.export failed ({_short(e.__cause__ or e)})") from None
+    _label_output_axes(proto, dynamic_axes, notes)
+    if c_layers:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_KEY, meta
+        used = {i for node in proto.graph.node for i in node.input}
+        unused = [n for n in c_names if n not in used]
+        if unused:
+            raise ExportError(f"loldu.export: adapter inputs {unused[:3]} are not used by the graph "
+                              "(the forward does not call those layers?)")
     with _os_errors_named(path), atomic_paths([path]) as (tmp,):
-        with torch.no_grad(), _plain_layers([layer for _, layer in layers]), warnings.catch_warnings():
-            # The TorchScript exporter's deprecation notice and tracer warnings about Python
-            # conditionals in transformers' mask code (shape checks that hold for every input).
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(wrapper, tuple(inputs) + tuple(c_examples), tmp, dynamo=False,
-                                  input_names=all_in, output_names=out_names, dynamic_axes=dynamic_axes,
-                                  opset_version=opset, do_constant_folding=True)
-            except Exception as e:
-                raise ExportError(f"loldu.export: torch.onnx.export failed ({type(e).__name__}: {e})") from None
-        proto = onnx.load(tmp)
-        if c_layers:
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = META_KEY, meta
-            onnx.save(proto, tmp)
+        onnx.save(proto, tmp)
         try:
             onnx.checker.check_model(tmp, full_check=True)
         except Exception as e:
-            raise ExportError(f"loldu.export: onnx.checker rejected the exported graph ({type(e).__name__}: {e})") from None
+            raise ExportError(f"loldu.export: onnx.checker rejected the exported graph ({_short(e)})") from None
         graph_inputs = [i.name for i in proto.graph.input]
-        missing = [n for n in c_names if n not in graph_inputs]
-        if missing:
-            raise ExportError(f"loldu.export: adapter inputs {missing[:3]} were optimized out of the graph "
-                              "(the forward does not use those layers?)")
-        counts = op_counts(proto)
         report = ExportReport(path=str(path), bytes=os.path.getsize(tmp), dtype=dtype, opset=opset, merged=merged,
                               input_names=graph_inputs, output_names=out_names, adapter_inputs=c_names,
-                              op_counts=counts, export_seconds=time.perf_counter() - t0, notes=notes)
+                              op_counts=op_counts(proto), export_seconds=time.perf_counter() - t0, notes=notes)
         if check_inputs is not None:
             _parity(report, tmp, model, check_inputs, c_layers, adapter_name, provider, names, names_out)
     return report
@@ -387,7 +528,7 @@ def pytorch_outputs(model: nn.Module, inputs, adapter_name: Optional[str] = None
         with AdapterState.of(model).using(adapter_name):
             model.eval()
             with torch.no_grad():
-                out = model(**dict(zip(names, tensors))) if by_kw else model(*tensors)
+                out = _call(model, names, by_kw, tensors)
     finally:
         model.train(was_training)
     return [t.float() for t in _flatten_outputs(out)[1]]
@@ -395,8 +536,6 @@ def pytorch_outputs(model: nn.Module, inputs, adapter_name: Optional[str] = None
 
 def _parity(report: ExportReport, onnx_path: str, model: nn.Module, check_inputs, c_layers, adapter_name, provider,
             example_names: List[str], export_names: List[str]):
-    from .ort_runner import OrtRunner
-
     names, tensors, by_kw = _normalize_inputs(check_inputs)
     if by_kw:  # matched to the example inputs by keyword, whatever the dict's order
         given = dict(zip(names, tensors))
@@ -419,96 +558,3 @@ def _parity(report: ExportReport, onnx_path: str, model: nn.Module, check_inputs
     if not diff <= report.parity_bound:  # NaN fails too
         raise ExportError(f"loldu.export: parity check failed: max |ORT - PyTorch| = {diff:.3g} exceeds the "
                           f"{report.dtype} bound {report.parity_bound:.3g}; {report.path} not written")
-
-
-# -- adapter inputs ------------------------------------------------------------------------------
-def adapter_metadata(onnx_model) -> List[dict]:
-    """The per-layer records (layer, input, rank, pivots, fingerprint, D) of an adapter-inputs export."""
-    import onnx
-
-    if isinstance(onnx_model, onnx.ModelProto):
-        proto = onnx_model
-    else:
-        p = getattr(onnx_model, "path", onnx_model)
-        if not Path(str(p)).is_file():
-            raise ExportError(f"{p}: no such ONNX file")
-        try:
-            proto = onnx.load(str(p), load_external_data=False)
-        except Exception as e:
-            raise ExportError(f"{p}: not a readable ONNX file ({type(e).__name__}: {e})") from None
-    for entry in proto.metadata_props:
-        if entry.key == META_KEY:
-            try:
-                layers = json.loads(entry.value)["layers"]
-            except (ValueError, RecursionError, KeyError, TypeError) as e:
-                raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: corrupted loldu adapter metadata "
-                                  f"({type(e).__name__})") from None
-            if not isinstance(layers, list) or not all(isinstance(r, dict) for r in layers):
-                raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: corrupted loldu adapter metadata")
-            return layers
-    raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: not exported with adapter_inputs=True "
-                      "(no loldu adapter metadata)")
-
-
-def adapter_feeds(source, onnx_model=None, *, adapter_name: Optional[str] = None) -> Dict[str, "torch.Tensor"]:
-    """{`loldu.c.<layer>`: c (r,) fp32 CPU tensor} for an export made with adapter_inputs=True.
-
-    source: a model with LoLDU layers (adapter `adapter_name`, default the active one), or an adapter
-        directory written by loldu.save_adapter; a directory needs `onnx_model` (the exported file,
-        its OrtRunner or ModelProto), whose metadata holds each layer's D and base fingerprint.
-    c = sigma0 (z - D) + (sigma - sigma0) z, exactly as the PyTorch layers compute it.
-    Raises ExportError if the adapter does not fit the export (other layers, rank or base weights).
-    """
-    if isinstance(source, nn.Module):
-        state = AdapterState.of(source).require_layers("loldu.export.adapter_feeds", ExportError)
-        layers = state.layers
-        name = adapter_name or state.active
-        state.require_exists(name, "loldu.export.adapter_feeds", ExportError)
-        feeds = {C_PREFIX + n: layer.coefficients(name).detach().float().cpu() for n, layer in layers}
-        if onnx_model is not None:
-            from loldu.adapter_io import fingerprint
-
-            meta = {r["layer"]: r for r in adapter_metadata(onnx_model)}
-            _check_layers(sorted(n for n, _ in layers), sorted(meta), "the model's adapter")
-            for n, layer in layers:
-                _check_base(meta[n], n, layer.rank, fingerprint(layer.base_matrix(), layer.loldu_pivots).hex(),
-                            layer.loldu_pivots.tolist(), "the model's adapter")
-        return feeds
-    if onnx_model is None:
-        raise ExportError("loldu.export.adapter_feeds: an adapter directory needs onnx_model (the exported file)")
-    from loldu.adapter_io import read_adapter
-    from loldu.errors import AdapterError
-
-    try:
-        header, config, tensors = read_adapter(source)
-    except AdapterError as e:
-        raise ExportError(str(e)) from None
-    meta = {r["layer"]: r for r in adapter_metadata(onnx_model)}
-    names = [e["name"] for e in header["layers"]]
-    _check_layers(sorted(names), sorted(meta), f"adapter {source}")
-    s0 = config.initial_scale
-    feeds = {}
-    for i, n in enumerate(names):
-        rec = meta[n]
-        _check_base(rec, n, tensors["z"].shape[1], bytes(tensors["fingerprint"][i].tolist()).hex(),
-                    tensors["pivots"][i].tolist(), f"adapter {source}")
-        z, s = tensors["z"][i].float(), tensors["sigma"][i].float()
-        D = torch.tensor(rec["D"], dtype=torch.float32)
-        feeds[rec["input"]] = coefficients_from(z, s, D, s0)
-    return feeds
-
-
-def _check_base(rec: dict, name: str, rank: int, fp_hex: str, pivots: List[int], what: str) -> None:
-    """The adapter's layer `name` must have the rank, base-weight fingerprint and pivots the export recorded."""
-    if rank != rec["rank"]:
-        raise ExportError(f"{what}: rank {rank} but the export's layer '{name}' has rank {rec['rank']}")
-    if fp_hex != rec["fingerprint"] or pivots != rec["pivots"]:
-        raise ExportError(f"{what}: layer '{name}' was trained on a different base weight than the "
-                          "exported model (fingerprint mismatch)")
-
-
-def _check_layers(have: List[str], want: List[str], what: str) -> None:
-    if have != want:
-        extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
-        raise ExportError(f"{what} does not match the export's adapter inputs: "
-                          f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")

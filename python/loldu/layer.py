@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from .errors import AdapterError
 from .ldu import LDUResult
 from .ops import adapter_linear, autocast_enabled, delta_weight, working_dtype
-from .reference import adapter_linear_reference
 
 # fp16 holds x U^T (and c-scaled products) safely only while the frozen factors stay small: a
 # layer whose max |PL| * max |U| exceeds this keeps fp32 factors and runs its adapter branch in
@@ -129,10 +128,6 @@ class LoLDULayer(nn.Module):
         # Set by loldu.adapter_ids: per-row index into _row_names (len == number of rows), or None.
         self._row_ids: Optional[torch.Tensor] = None
         self._row_names: List[str] = []
-        # Set by loldu.export while tracing: ONNX knows no loldu ops, so the forward runs the plain
-        # torch path; with _export_c (a graph input, (r,)) it replaces the adapter's c.
-        self._export_plain = False
-        self._export_c: Optional[torch.Tensor] = None
 
     # -- bookkeeping ----------------------------------------------------------------------------
     @property
@@ -236,8 +231,6 @@ class LoLDULayer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._export_c is not None:
-            return self._adapted(x, self._export_c)
         if self.disabled or self.merged_adapter is not None:
             if self._row_ids is not None and self.merged_adapter is not None:
                 raise AdapterError("per-row adapters (loldu.adapter_ids) cannot run on a merged layer; unmerge first")
@@ -290,7 +283,7 @@ class LoLDULinear(LoLDULayer):
         if self._fp32_branch(x):
             return self._adapted_fp32(x, c)
         PL, U = self._factors_for(x)
-        return self._linear()(x, self.base_matrix(), self.base_layer.bias, PL, U, c)
+        return adapter_linear(x, self.base_matrix(), self.base_layer.bias, PL, U, c)
 
     def _adapted_fp32(self, x, c):
         """The base layer's own fp16 forward plus the adapter branch in fp32 (exactly + 0 at c == 0)."""
@@ -299,9 +292,6 @@ class LoLDULinear(LoLDULayer):
         with torch.autocast(x.device.type, enabled=False):
             t = x.to(U.dtype) @ U.t()
             return y + ((t * c.to(U.dtype)) @ PL.t()).to(y.dtype)
-
-    def _linear(self):
-        return adapter_linear_reference if self._export_plain else adapter_linear
 
     def _c_view(self, c_rows, x):
         shape = (c_rows.shape[0],) + (1,) * (x.dim() - 2) + (self.rank,)
