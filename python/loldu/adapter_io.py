@@ -20,6 +20,9 @@ still read.
 Crash safety: save_adapter writes each file to a fsynced temporary file in the directory, renames the
 weights file over the old one (the single atomic commit), then the config copy, then fsyncs the
 directory. Killed at any moment, the directory loads as exactly the old or exactly the new adapter.
+A target that cannot be replaced (a directory in its place) is refused before anything is written;
+a config copy that still cannot be renamed after the commit leaves the save successful, with an
+AdapterWarning (the copy is stale, which load_adapter tolerates).
 Temporary files are named `.<target name>.<writer pid>-<8 random chars>.tmp`, and their writer holds
 an exclusive flock on each while it lives (the kernel drops it when the process dies, SIGKILL
 included). Every save or export first removes the temporaries of its target names that no process
@@ -70,7 +73,21 @@ _TEMP_SUFFIX = ".tmp"
 
 
 class AdapterWarning(UserWarning):
-    """load_adapter ignored an adapter_config.json that differs from the config in the weights file."""
+    """load_adapter ignored an adapter_config.json that differs from the config in the weights file,
+    or save_adapter committed the adapter but could not replace adapter_config.json (its readable copy)."""
+
+
+def _as_path(directory, what: str) -> Path:
+    """`directory` (str or os.PathLike) as a Path; AdapterError for anything else or a NUL byte."""
+    if isinstance(directory, bytes) or not isinstance(directory, (str, os.PathLike)):
+        raise AdapterError(f"{what}: the adapter directory must be a str or os.PathLike, got {type(directory).__name__}")
+    try:
+        d = Path(directory)
+    except TypeError as e:  # an os.PathLike whose __fspath__ gives bytes
+        raise AdapterError(f"{what}: the adapter directory must be a str path ({e})") from None
+    if "\0" in str(d):
+        raise AdapterError(f"{what}: the adapter directory {str(d)!r} contains a NUL byte, which no file name can hold")
+    return d
 
 
 def fingerprint(W: torch.Tensor, pivots: torch.Tensor) -> bytes:
@@ -239,6 +256,8 @@ def atomic_paths(paths: Sequence) -> Iterator[List[str]]:
     paths = [Path(p) for p in paths]
     made: List[Tuple[int, str]] = []
     try:
+        for p in paths:
+            _require_replaceable(p)
         mode = _file_mode()
         for p in paths:
             clean_stale_temps(p)
@@ -256,13 +275,27 @@ def atomic_paths(paths: Sequence) -> Iterator[List[str]]:
             os.close(fd)
 
 
-def write_atomic(files: Dict) -> None:
+def _require_replaceable(target: Path) -> None:
+    """Raises IsADirectoryError when `target` is a directory: no file can be renamed over it."""
+    if target.is_dir() and not target.is_symlink():
+        raise IsADirectoryError(errno.EISDIR, "a directory is in the way of the file", str(target))
+
+
+def write_atomic(files: Dict) -> List[Tuple[Path, OSError]]:
     """Writes {path: bytes}: each file to a fsynced, flocked temporary file in turn, then renames
     them into place in the given order (so the first is the commit point), then fsyncs the directory.
-    On any failure nothing is renamed and the temporaries are removed. Raises OSError."""
+
+    Every target is checked first (a directory in the way raises before anything is written). On any
+    failure before the commit nothing is renamed, the temporaries are removed, and OSError is raised.
+    A rename after the commit that still fails does not raise: it is returned as (path, OSError),
+    and that file is left as it was.
+    """
     items = [(Path(p), data) for p, data in files.items()]
     made: List[Tuple[int, str]] = []
+    late: List[Tuple[Path, OSError]] = []
     try:
+        for p, _ in items:
+            _require_replaceable(p)
         mode = _file_mode()
         for p, _ in items:
             clean_stale_temps(p)
@@ -273,8 +306,13 @@ def write_atomic(files: Dict) -> None:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-        for (_, tmp), (p, _) in zip(made, items):
-            os.replace(tmp, p)
+        for i, ((_, tmp), (p, _)) in enumerate(zip(made, items)):
+            try:
+                os.replace(tmp, p)
+            except OSError as e:
+                if i == 0:
+                    raise
+                late.append((p, e))
         for d in {p.parent for p, _ in items}:
             _fsync_dir(d)
     finally:
@@ -282,6 +320,7 @@ def write_atomic(files: Dict) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             os.close(fd)
+    return late
 
 
 def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None) -> Dict[str, int]:
@@ -290,9 +329,15 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     adapter_model.safetensors holds the whole adapter (config included) and is committed by one
     atomic rename; adapter_config.json, a copy of its config, follows. Killed at any moment, the
     directory loads as the old adapter or the new one (see the module docstring).
-    Returns {file name: size in bytes}. Raises AdapterError if the model is merged, and AdapterError
-    naming the directory when it cannot be created or written.
+    Returns {file name: size in bytes} of the files written. Raises AdapterError if the model is
+    merged, if a layer's z or sigma holds NaN/Inf (naming the layer), and naming the directory when
+    it cannot be created or written (a directory in the way of a file included); the adapter there
+    before, if any, is then unchanged. If adapter_model.safetensors was committed but
+    adapter_config.json (the readable copy) then cannot be replaced, the save succeeds with an
+    AdapterWarning and the returned dict lacks that file: the directory loads as the new adapter,
+    and load_adapter warns about the stale copy until the next save rewrites it.
     """
+    d = _as_path(directory, "loldu.save_adapter")
     what = f"loldu.save_adapter({str(directory)!r})"
     state = AdapterState.of(model).require_layers(what)
     name = adapter_name or state.active
@@ -305,6 +350,9 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
         entries.append({"name": n, "kind": layer.kind, "shape": list(W.shape), "dtype": str(W.dtype).replace("torch.", "")})
         z.append(layer.loldu_z[name].detach().float().cpu())
         sigma.append(layer.loldu_sigma[name].detach().float().cpu().reshape(()))
+        if not (torch.isfinite(z[-1]).all() and torch.isfinite(sigma[-1])):
+            raise AdapterError(f"{what}: layer '{n}': adapter {name!r} holds NaN/Inf in z or sigma (training diverged); "
+                               "nothing was written (load_adapter would refuse such a file)")
         piv.append(layer.loldu_pivots.cpu())
         fps.append(torch.frombuffer(bytearray(fingerprint(W, layer.loldu_pivots)), dtype=torch.uint8))
     tensors = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv).to(torch.int32),
@@ -316,7 +364,6 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     weights_bytes = st_save(tensors, metadata={"format": "pt", "loldu_format": f"{FORMAT}/{FORMAT_VERSION}",
                                                "loldu_config": config_text,
                                                "loldu_config_sha256": hashlib.sha256(config_bytes).hexdigest()})
-    d = Path(directory)
     if d.exists() and not d.is_dir():
         raise AdapterError(f"loldu.save_adapter: {str(d)!r} exists and is not a directory")
     try:
@@ -326,11 +373,17 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
                            f"({_os_reason(e)})") from None
     try:
         # The weights file is the commit: renamed first, it alone is a complete adapter.
-        write_atomic({d / WEIGHTS_NAME: weights_bytes, d / CONFIG_NAME: config_bytes})
+        late = write_atomic({d / WEIGHTS_NAME: weights_bytes, d / CONFIG_NAME: config_bytes})
     except OSError as e:
         raise AdapterError(f"loldu.save_adapter: cannot write the adapter into {str(d)!r} ({_os_reason(e)}); "
                            "the adapter there before, if any, is unchanged") from None
-    return {WEIGHTS_NAME: len(weights_bytes), CONFIG_NAME: len(config_bytes)}
+    written = {WEIGHTS_NAME: len(weights_bytes), CONFIG_NAME: len(config_bytes)}
+    for path, e in late:
+        written.pop(path.name)
+        warnings.warn(f"loldu.save_adapter: the adapter was saved into {str(d)!r} ({WEIGHTS_NAME} holds all of it), "
+                      f"but its readable copy {path.name} could not be replaced ({_os_reason(e)}); it is stale until "
+                      "the next save", AdapterWarning, stacklevel=2)
+    return written
 
 
 def _os_reason(e: OSError) -> str:
@@ -423,7 +476,7 @@ def _read(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor], Path]:
                            f"(the weights file says {version})")
     try:
         config = LoLDUConfig.from_dict(header.get("config"))
-    except (TypeError, ValueError, RecursionError) as e:  # AdapterError is a ValueError
+    except (TypeError, ValueError, ArithmeticError, RecursionError) as e:  # AdapterError is a ValueError
         raise AdapterError(f"{source}: invalid config: {e}") from None
     layers = header.get("layers")
     ok = isinstance(layers, list) and layers and all(
@@ -467,7 +520,7 @@ def read_adapter(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor]]
     an AdapterWarning); format 1 needs both files. Raises AdapterError naming the file on a missing,
     unreadable, corrupted or mismatched file.
     """
-    header, config, tensors, _ = _read(directory)
+    header, config, tensors, _ = _read(_as_path(directory, "loldu.read_adapter"))
     return header, config, tensors
 
 
@@ -487,15 +540,17 @@ def _check_layer(entry: dict, module_name: str, module: nn.Module, kind: str, W:
 
 
 def load_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None, *,
-                 progress: Optional[bool] = None) -> nn.Module:
+                 progress: Optional[bool] = None, check_calls: bool = True) -> nn.Module:
     """Loads an adapter saved by save_adapter into `model` and returns it (edited in place).
 
     A plain base model is injected from the stored config, and the loaded adapter is active. On an
     already injected model the adapter is added under `adapter_name` (default: its stored name), not
     activated (loldu.set_adapter). Frozen factors come from the base weights and the stored pivots.
     Everything is checked first; on any AdapterError (naming the file and layer) the model is unchanged.
+    check_calls: as for loldu.inject (the run-time check that every layer is called by its parent;
+    only armed when the model is injected here).
     """
-    header, config, tensors, source = _read(directory)
+    header, config, tensors, source = _read(_as_path(directory, "loldu.load_adapter"))
     where = str(source)
     name = adapter_name or header.get("adapter_name") or "default"
     entries = {e["name"]: (i, e) for i, e in enumerate(header["layers"])}
@@ -512,7 +567,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     state = AdapterState.of(model)
     if not state.layers:
         return inject_with(model, config, name, pivots=pivots, values=values, check=check, progress=progress,
-                           where=where)
+                           where=where, check_calls=check_calls)
     if name in state.names:
         raise AdapterError(f"{where}: the model already has an adapter {name!r}; pass another adapter_name")
     state.require_unmerged(where, fix="call loldu.unmerge before loading another adapter")

@@ -12,6 +12,20 @@ _FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64,
                   "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _as_float(v) -> float:
+    """float(v), or inf for an int too large for a float (which math.isfinite would raise on)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
+
+
+def _short(v) -> str:
+    """repr(v), cut short (an int of 400 digits)."""
+    r = repr(v)
+    return r if len(r) <= 40 else f"{r[:20]}...({len(r)} characters)"
+
+
 @dataclass
 class LoLDUConfig:
     """Configuration of one LoLDU adapter.
@@ -63,10 +77,11 @@ class LoLDUConfig:
             v = getattr(self, name)
             if v is None and name == "sigma0":
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise AdapterError(f"LoLDUConfig: {name} must be a finite number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(_as_float(v)):
+                raise AdapterError(f"LoLDUConfig: {name} must be a finite number, got {_short(v)}")
         if self.sigma0 is None and self.alpha == 0:
             raise AdapterError("LoLDUConfig: alpha = 0 gives sigma0 = 0, which freezes the adapter at zero")
+        self._check_initial_scale()
         if not isinstance(self.train_scale, bool):
             raise AdapterError(f"LoLDUConfig: train_scale must be a bool, got {self.train_scale!r}")
         if self.pivoting not in ("partial", "none"):
@@ -74,10 +89,24 @@ class LoLDUConfig:
         if isinstance(self.factor_dtype, torch.dtype):
             names = {v: k for k, v in _FACTOR_DTYPES.items()}
             if self.factor_dtype not in names:
-                raise AdapterError(f"LoLDUConfig: factor_dtype must be one of {sorted(_FACTOR_DTYPES)}, got {self.factor_dtype}")
+                raise AdapterError(
+                    f"LoLDUConfig: factor_dtype must be one of {sorted(_FACTOR_DTYPES)}, got {self.factor_dtype}")
             self.factor_dtype = names[self.factor_dtype]
-        if self.factor_dtype is not None and self.factor_dtype not in _FACTOR_DTYPES:
-            raise AdapterError(f"LoLDUConfig: factor_dtype must be None or one of {sorted(_FACTOR_DTYPES)}, got {self.factor_dtype!r}")
+        fd = self.factor_dtype
+        if fd is not None and (not isinstance(fd, str) or fd not in _FACTOR_DTYPES):  # a list is unhashable
+            raise AdapterError(f"LoLDUConfig: factor_dtype must be None or one of {sorted(_FACTOR_DTYPES)}, got {fd!r}")
+
+    def _check_initial_scale(self) -> None:
+        """sigma0 must be a normal fp32 number: Inf gives NaN outputs at init, and 0 or a subnormal
+        gives z (whose gradient is sigma times the layer's) a zero or vanishing gradient."""
+        how = "sigma0" if self.sigma0 is not None else f"sigma0 = alpha / rank = {_short(self.alpha)} / {self.rank}"
+        s = self.initial_scale
+        if not math.isfinite(s):
+            raise AdapterError(f"LoLDUConfig: {how} overflows float32 (sigma is an fp32 parameter) to {s}, which "
+                               f"makes every output NaN; use |sigma0| <= {torch.finfo(torch.float32).max:.4g}")
+        if abs(s) < torch.finfo(torch.float32).tiny:
+            raise AdapterError(f"LoLDUConfig: {how} is {s!r} in float32 (zero or subnormal), so z would get a zero "
+                               f"or vanishing gradient; use |sigma0| >= {torch.finfo(torch.float32).tiny:.4g}")
 
     @property
     def initial_scale(self) -> float:

@@ -16,6 +16,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import AdapterError
 from .ldu import LDUResult
@@ -73,7 +76,7 @@ def check_supported(name: str, module: nn.Module) -> str:
         raise AdapterError(
             f"layer '{name}' is a {type(module).__name__}; LoLDU adapts {', '.join(labels[:-1])} and {labels[-1]} "
             "(check target_modules)")
-    why = KINDS[kind].refuse(module)
+    why = KINDS[kind].refuse(module) or weight_refusal(module)
     if why is not None:
         raise AdapterError(f"layer '{name}': {why}")
     w = getattr(module, "weight", None)
@@ -81,6 +84,35 @@ def check_supported(name: str, module: nn.Module) -> str:
         raise AdapterError(f"layer '{name}': weight must be a floating-point tensor, got "
                            f"{None if w is None else w.dtype}")
     return kind
+
+
+def weight_refusal(module: nn.Module) -> Optional[str]:
+    """Why LoLDU cannot adapt (or merge into) this module's weight, whatever its kind, or None.
+
+    The weight must be a stored tensor with values: not recomputed on every forward (a
+    parametrization, or the old hook-based weight_norm / spectral_norm: merge would write into a
+    temporary, and change nothing), not a lazy module's uninitialized parameter, not on meta.
+    """
+    if parametrize.is_parametrized(module, "weight"):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        return (f"its weight is parametrized ({kinds}): it is recomputed from other parameters on every forward, so "
+                "merge would write into a temporary and change nothing. Remove the parametrization first: "
+                "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') (keeps the current weight)")
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == "weight":
+            fix = "remove_weight_norm" if isinstance(hook, WeightNorm) else "remove_spectral_norm"
+            return (f"its weight is recomputed on every forward by nn.utils.{fix[7:]} ({type(hook).__name__} hook), so "
+                    f"merge would write into a temporary and change nothing. Remove it first: nn.utils.{fix}(module)")
+    if "weight" not in module._parameters and "weight" not in module._buffers:
+        return ("its weight is neither a parameter nor a buffer of the module (it is recomputed or set by hand), so "
+                "merge would not write into the module's weight")
+    w = module._parameters.get("weight", module._buffers.get("weight"))
+    if isinstance(w, nn.parameter.UninitializedTensorMixin):
+        return ("its weight is uninitialized (a lazy module): run one forward (or initialize it) before adapting it")
+    if isinstance(w, torch.Tensor) and w.is_meta:
+        return ("its weight is on the meta device, with no values to factorize: materialize and load the weights first "
+                "(e.g. model.to_empty(device=...) then load_state_dict)")
+    return None
 
 
 def coefficients_from(z: torch.Tensor, sigma: torch.Tensor, D: torch.Tensor, sigma0: float) -> torch.Tensor:

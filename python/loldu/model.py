@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import LoLDUConfig
 from .errors import AdapterError, FactorizationError
-from .layer import KINDS, LoLDULayer, check_supported, weight_matrix
+from .layer import KINDS, LoLDULayer, check_supported, weight_matrix, weight_refusal
 from .ldu import LDUResult, ldu, ldu_from_pivots
 from .state import AdapterState, adapted_layers, unwrap
 
@@ -26,6 +26,9 @@ _STACK_BYTES = 256 << 20  # most bytes of weights stacked into one batched facto
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _SAVED_FLAGS = "_loldu_requires_grad"
 _CALL_CHECK = "_loldu_call_check"
+# The call check (_CallCheck) refuses a layer once its parent has run in this many forwards of the
+# model without calling it (a parent may call a layer only in some forwards: a mixture of experts).
+CALL_CHECK_FORWARDS = 8
 
 
 def _state(model) -> AdapterState:
@@ -95,11 +98,37 @@ def find_targets(model: nn.Module, config: LoLDUConfig) -> List[Tuple[str, nn.Mo
             continue
         if config.matches(name):
             found.append((name, module, check_supported(name, module)))
+    _check_registered_once(root, config)
     if not found:
         raise AdapterError(f"target_modules={config.target_modules!r} matches no module of {type(root).__name__}")
     for name, _, _ in found:
         _check_not_bypassed(root, name, config, len(found))
     return found
+
+
+def _check_registered_once(root: nn.Module, config: LoLDUConfig) -> None:
+    """A target registered in two places (`model.dec = model.enc`) would be swapped for its LoLDU layer
+    in one of them only, so calls through the other would silently run without the adapter: refused
+    when any of its names is targeted. (A shared parent is fine: the layer replaces the child in the
+    one parent object all its names reach.)"""
+    names: Dict[int, List[str]] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        if name and not isinstance(module, LoLDULayer):
+            names.setdefault(id(module), []).append(name)
+    for all_names in names.values():
+        if len(all_names) < 2 or not any(config.matches(n) for n in all_names):
+            continue
+        slots: Dict[Tuple[int, str], str] = {}
+        for n in all_names:
+            parent, _, attr = n.rpartition(".")
+            slots.setdefault((id(root.get_submodule(parent)), attr), n)
+        name, *others = slots.values()
+        if others:
+            raise AdapterError(
+                f"layer '{name}' is also registered as {', '.join(repr(n) for n in others)} (one module object under "
+                f"two names): LoLDU would replace it under '{name}' only, so calls through "
+                f"{', '.join(repr(n) for n in others)} would run without the adapter. Give each name its own module "
+                "(e.g. copy.deepcopy) or leave it out of target_modules")
 
 
 def factorize(targets: Sequence[Tuple[str, nn.Module, str]], config: LoLDUConfig,
@@ -131,8 +160,10 @@ def factorize(targets: Sequence[Tuple[str, nn.Module, str]], config: LoLDUConfig
             for i in range(0, len(items), per):
                 chunk = items[i : i + per]
                 names = [n for n, _ in chunk]
+                Ws = torch.stack([W for _, W in chunk])
+                _check_finite(Ws, names)
                 try:
-                    res = run(torch.stack([W for _, W in chunk]), names)
+                    res = run(Ws, names)
                 except FactorizationError:
                     res = None
                 if res is None:  # find the culprit, one layer at a time
@@ -146,6 +177,17 @@ def factorize(targets: Sequence[Tuple[str, nn.Module, str]], config: LoLDUConfig
                     out[n] = LDUResult(*(t[j] for t in res))
                 bar.update(len(chunk))
     return out
+
+
+def _check_finite(Ws: torch.Tensor, names: Sequence[str]) -> None:
+    """Every weight of the stack (n, d, k) must be finite: the factorization reads only some of its
+    entries, and a NaN elsewhere would make every output NaN. One pass over the stack."""
+    ok = torch.isfinite(Ws).flatten(1).all(1).tolist()
+    bad = [n for n, good in zip(names, ok) if not good]
+    if bad:
+        more = f" (so do {', '.join(repr(n) for n in bad[1:])})" if len(bad) > 1 else ""
+        raise AdapterError(f"layer '{bad[0]}' (weight {tuple(Ws.shape[1:])}): the base weight holds NaN or Inf{more}; "
+                           "the adapted layer's outputs would be NaN")
 
 
 def build_layers(targets, factors: Dict[str, LDUResult], config: LoLDUConfig) -> Dict[str, LoLDULayer]:
@@ -162,19 +204,23 @@ def _runs(module: nn.Module) -> bool:
 
 
 class _CallCheck:
-    """Checks, once, that every adapted layer is called when its parent module runs.
+    """Checks, once per layer, that every adapted layer is called when its parent module runs.
 
     A parent that reads a child's weight instead of calling it (as nn.MultiheadAttention does with
     out_proj) silently ignores the adapter. For each layer, its parent is the nearest ancestor with a
     forward of its own (containers such as nn.ModuleList are skipped). Hooks on the layers and their
     ancestors record, per thread, the outermost forward of the model (or of a submodule called on
-    its own): which parents ran and which layers were called. When it ends, every parent it covers
-    is settled: if the parent ran, each of its layers must have been called somewhere in that
-    forward (a layer used by the grandparent after the parent returned is fine), otherwise
-    AdapterError; if the parent did not run, it is not checked. Settled hooks remove themselves, so
-    after the first full forward no hook is left (no steady-state cost), except on layers that
-    failed, which fail again at every forward. A forward that raises is not checked. A layer called
-    outside any forward of the model (e.g. directly by the user) cannot be checked and is dropped.
+    its own): which parents ran and which layers were called. When it ends, each pending layer whose
+    parent it covers is judged: a layer called somewhere in that forward (also by the grandparent
+    after the parent returned) is settled; a layer whose parent did not run is dropped unchecked.
+    A parent may call a layer in some forwards only (a top-1 mixture of experts whose parent calls
+    experts[k], an early exit), so a layer its parent ran without is only counted: the forward in
+    which its parent has run CALL_CHECK_FORWARDS times without ever calling it raises AdapterError
+    (and so does every later one where this happens, until the layer is called). Settled hooks remove
+    themselves, so once every layer is settled no hook is left (no steady-state cost). A forward
+    that raises is not checked. A layer called outside any forward of the model (e.g. directly by
+    the user) cannot be checked and is dropped. loldu.inject / loldu.load_adapter(check_calls=False)
+    skip the check.
 
     Under torch.compile / torch.export the hooks do nothing (dynamo traces them as no-ops, so
     fullgraph=True holds); the check then runs at the first eager forward, if any. A parent whose
@@ -190,6 +236,7 @@ class _CallCheck:
                 if _runs(root.get_submodule(p)):
                     self.parent[name] = p
                     break
+        self.misses: Dict[str, int] = {}  # layer name -> forwards in which its parent ran without calling it
         self.frames: Dict[int, dict] = {}  # thread id -> the outermost forward in progress
         self.handles: Dict[str, list] = {}  # module name -> hook handles
         self.classes = {p: type(root.get_submodule(p)).__name__ for p in self.parent.values()}
@@ -215,6 +262,7 @@ class _CallCheck:
                 h.remove()
         self.handles.clear()
         self.parent.clear()
+        self.misses.clear()
 
     def _called(self, name, module, args):
         if torch.compiler.is_compiling():
@@ -259,18 +307,22 @@ class _CallCheck:
             if top and p != top and not p.startswith(top + "."):
                 continue  # not covered by this forward
             if p in ran and p not in frame["compiled"] and name not in called:
-                missed.append((name, p))
-            else:
+                self.misses[name] = self.misses.get(name, 0) + 1
+                if self.misses[name] >= CALL_CHECK_FORWARDS:
+                    missed.append((name, p))
+            else:  # called (settled), or its parent did not run or is compiled (cannot be checked)
                 del self.parent[name]
+                self.misses.pop(name, None)
         self._prune()
         if missed:
             name, p = missed[0]
             more = f" ({len(missed)} such layers: {', '.join(repr(n) for n, _ in missed)})" if len(missed) > 1 else ""
             raise AdapterError(
-                f"LoLDU layer '{name}' was never called in a forward where its parent '{p}' "
+                f"LoLDU layer '{name}' was never called in the {self.misses[name]} forwards where its parent '{p}' "
                 f"({self.classes[p]}) ran{more}: the parent does not call it (it reads the layer's weight, or skips the "
-                "layer in this forward), so the adapter is silently ignored (no gradient to z) while merge would "
-                "still change the outputs. Exclude it from target_modules (loldu.unload restores the model)")
+                "layer), so the adapter is silently ignored (no gradient to z) while merge would still change the "
+                "outputs. Exclude it from target_modules (loldu.unload restores the model); if the parent does call it "
+                "in rare forwards only, inject or load with check_calls=False to skip this check")
 
     def _prune(self) -> None:
         """Removes the hooks no pending layer needs."""
@@ -280,10 +332,10 @@ class _CallCheck:
                 h.remove()
 
 
-def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str) -> None:
+def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str, check_calls: bool = True) -> None:
     """Freezes every parameter, swaps the wrappers in and activates `adapter_name`.
 
-    Also arms the one-time check that every layer is called by its parent (_CallCheck).
+    With `check_calls`, also arms the one-time check that every layer is called by its parent (_CallCheck).
     """
     root = unwrap(model)
     saved = [(p, p.requires_grad) for p in root.parameters()]
@@ -303,7 +355,8 @@ def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str) -
     AdapterState(list(layers.items())).set_active(adapter_name)
     # Plain attributes (not Modules/Parameters), so they stay out of state_dict.
     object.__setattr__(root, _SAVED_FLAGS, saved)
-    object.__setattr__(root, _CALL_CHECK, _CallCheck(root, list(layers)))
+    if check_calls:
+        object.__setattr__(root, _CALL_CHECK, _CallCheck(root, list(layers)))
 
 
 @contextlib.contextmanager
@@ -318,20 +371,25 @@ def _named(where: Optional[str]) -> Iterator[None]:
 
 
 def inject(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default", *,
-           progress: Optional[bool] = None) -> nn.Module:
+           progress: Optional[bool] = None, check_calls: bool = True) -> nn.Module:
     """Wraps every module `config.target_modules` selects and returns `model` (edited in place).
 
     Supported: nn.Linear, nn.Conv2d (groups=1), nn.Embedding, transformers Conv1D. The base weights
     are not rewritten; the adapter starts at c == 0, so outputs are unchanged. Afterwards only z
     (and sigma if config.train_scale) require grad. `progress`: tqdm bar (default: from 32 layers).
-    Raises AdapterError naming the layer (unsupported type, rank too large, degenerate weight, or a
-    module its parent reads the weight of instead of calling it, e.g. nn.MultiheadAttention.out_proj).
-    The first forward checks that every adapted layer is called when its parent runs (AdapterError
-    naming the layer and the parent's class otherwise), then removes its hooks.
+    Raises AdapterError naming the layer (unsupported type, rank too large, degenerate or non-finite
+    weight, a weight recomputed on every forward (parametrized, weight_norm), a lazy or meta weight,
+    a module registered under two names, or a module its parent reads the weight of instead of
+    calling it, e.g. nn.MultiheadAttention.out_proj).
+    check_calls: the first forwards check that every adapted layer is called when its parent runs:
+    a layer its parent has run CALL_CHECK_FORWARDS (8) times without calling raises AdapterError
+    naming the layer and the parent's class; layers are settled (their hooks removed) as soon as
+    they are called. A parent that legitimately calls a layer only rarely (a mixture of experts with
+    many experts) may pass check_calls=False; the static refusals above still apply.
     With activation checkpointing, use non-reentrant checkpoints (transformers' default) or make the
     inputs require grad: a reentrant checkpoint whose inputs need no grad passes no gradient to z.
     """
-    return inject_with(model, config, adapter_name, progress=progress)
+    return inject_with(model, config, adapter_name, progress=progress, check_calls=check_calls)
 
 
 # (name, module, kind) of the modules an adapter goes onto; what inject_with/add_with give `check`.
@@ -341,7 +399,7 @@ Targets = List[Tuple[str, nn.Module, str]]
 def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
                 pivots: Optional[Dict[str, torch.Tensor]] = None, values: Optional[Dict[str, tuple]] = None,
                 check: Optional[Callable[[Targets], None]] = None, progress: Optional[bool] = None,
-                where: Optional[str] = None) -> nn.Module:
+                where: Optional[str] = None, check_calls: bool = True) -> nn.Module:
     """loldu.inject, and loldu.load_adapter into a plain model: the one path that wraps a model.
 
     pivots: layer name -> (r,) int64; the frozen factors are re-derived from them
@@ -349,9 +407,14 @@ def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
     values: layer name -> (z, sigma) of the adapter; default z = D, sigma = sigma0 (c == 0).
     check: called with the targets before anything is factorized; raises to refuse them.
     where: prefixes the AdapterErrors of finding and factorizing the targets (load_adapter's file).
+    check_calls: arm the run-time check that every layer is called by its parent (see loldu.inject).
     """
+    if not isinstance(model, nn.Module):
+        raise AdapterError(f"loldu.inject: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, LoLDUConfig):
         raise AdapterError(f"loldu.inject: config must be a LoLDUConfig, got {type(config).__name__}")
+    if not isinstance(check_calls, bool):
+        raise AdapterError(f"loldu.inject: check_calls must be a bool, got {check_calls!r}")
     _check_name(adapter_name)
     if adapted_layers(model):
         raise AdapterError("loldu.inject: the model already has LoLDU layers; use loldu.add_adapter for another adapter")
@@ -363,7 +426,7 @@ def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
         factors = factorize(targets, config, pivots=pivots, progress=progress)
     layers = build_layers(targets, factors, config)
     AdapterState(list(layers.items())).add(adapter_name, config, values)
-    commit(model, layers, adapter_name)
+    commit(model, layers, adapter_name, check_calls)
     return model
 
 
@@ -460,10 +523,34 @@ def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     return trainable, total
 
 
+def _merge_refusal(layer: LoLDULayer, name: Optional[str] = None) -> Optional[str]:
+    """Why `layer`'s base weight cannot take adapter `name`'s ΔW (None: have its merged ΔW removed) in place now."""
+    why = weight_refusal(layer.base_layer)
+    if why is not None:
+        return why
+    w = layer.base_layer.weight
+    if w.is_inference() and not torch.is_inference_mode_enabled():
+        return ("its weight is an inference tensor (created under torch.inference_mode()), which cannot be written "
+                "outside inference mode: merge inside `with torch.inference_mode():`, or give the module an ordinary "
+                "weight first (module.weight = nn.Parameter(module.weight.clone()))")
+    if any(st == 0 and n > 1 for st, n in zip(w.stride(), w.shape)):
+        return "its weight is an expanded view (several elements share one memory location), which cannot be written"
+    if w.device != layer.loldu_PL.device:
+        return f"its weight is on {w.device} but its LoLDU factors are on {layer.loldu_PL.device}; move the whole model"
+    if name is not None and not bool(torch.isfinite(layer.coefficients(name)).all()):
+        return f"adapter {name!r} has NaN/Inf coefficients c = sigma z - sigma0 D (z or sigma diverged)"
+    return None
+
+
 def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     """Folds ΔW of `adapter_name` (default: the active one) into every base weight, in fp32, cast back.
 
     Afterwards the forward is the plain base modules' forward. Undo with loldu.unmerge.
+    Every layer is checked before any weight is written (AdapterError naming the layer, model
+    unchanged): its weight must be writable in place (not an inference tensor outside inference
+    mode, not recomputed by a parametrization, not on meta, not tied to another module) and the
+    adapter's coefficients finite. Should writing still fail, the layers merged so far are unmerged
+    again (as loldu.unmerge leaves them) before the AdapterError.
     """
     state = _state(model)
     name = adapter_name or state.active
@@ -483,14 +570,41 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
             raise AdapterError(f"loldu.merge: layers {', '.join(repr(m) for m in tied)}: weight is shared by "
                                f"{', '.join(users)} (tied weights; they share one weight tensor); merging would "
                                "change every module using it. Keep them unmerged (delta form)")
-    for _, layer in layers:
-        layer.merge(name)
+    for n, layer in layers:
+        why = _merge_refusal(layer, name)
+        if why is not None:
+            raise AdapterError(f"loldu.merge: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}): {why}")
+    done: List[LoLDULayer] = []
+    for n, layer in layers:
+        try:
+            layer.merge(name)
+        except Exception as e:
+            for merged in reversed(done):
+                merged.unmerge()
+            raise AdapterError(f"loldu.merge: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}): cannot "
+                               f"write the merged weight ({type(e).__name__}: {' '.join(str(e).split())}); the "
+                               f"{len(done)} layer(s) merged before it were unmerged again") from e
+        done.append(layer)
     return model
 
 
+def _require_unmergeable(layers: Sequence[Tuple[str, LoLDULayer]], what: str) -> None:
+    """Every merged layer's weight must be writable now (checked before any is unmerged)."""
+    for n, layer in layers:
+        why = None if layer.merged_adapter is None else _merge_refusal(layer)
+        if why is not None:
+            raise AdapterError(f"{what}: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}) cannot be "
+                               f"unmerged: {why}")
+
+
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtracts the merged ΔW again (same fp32 ΔW, so weights return up to one rounding)."""
-    for _, layer in _state(model).layers:
+    """Subtracts the merged ΔW again (same fp32 ΔW, so weights return up to one rounding).
+
+    Every merged layer's weight is checked to be writable first (AdapterError, model unchanged).
+    """
+    layers = _state(model).layers
+    _require_unmergeable(layers, "loldu.unmerge")
+    for _, layer in layers:
         layer.unmerge()
     return model
 
@@ -515,6 +629,7 @@ def unload(model: nn.Module) -> nn.Module:
     """
     state = _state(model)
     state.require_no_row_ids("loldu.unload: the adapters are in use by loldu.adapter_ids")
+    _require_unmergeable(state.layers, "loldu.unload")
     for _, layer in state.layers:
         layer.unmerge()
     return _strip(model)

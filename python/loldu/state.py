@@ -19,7 +19,12 @@ from .layer import LoLDULayer
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    """The user's model inside DistributedDataParallel / DataParallel / torch.compile wrappers.
+
+    Raises AdapterError when `model` is not an nn.Module.
+    """
+    if not isinstance(model, nn.Module):
+        raise AdapterError(f"expected a model (a torch.nn.Module), got {type(model).__name__}")
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
@@ -81,6 +86,8 @@ class AdapterState:
         return self
 
     def require_exists(self, name: str, what: str, error=AdapterError) -> None:
+        if not isinstance(name, str):
+            raise error(f"{what}: adapter_name must be a str, got {type(name).__name__} {name!r}; adapters are {self.names}")
         if name not in self.layers[0][1].loldu_z:
             raise error(f"{what}: no adapter {name!r}; adapters are {self.names}")
 
