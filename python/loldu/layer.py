@@ -7,11 +7,15 @@ unloading cost nothing. The frozen factors PL (d, r), U (r, k), D (r,) and the p
 non-persistent buffers: they are re-derived from W0, so they stay out of `state_dict()` (which then
 holds only the base weights and every adapter's z and sigma) but still follow `.to()` and DDP's
 buffer broadcast. All adapters of one layer share them; each adapter adds r + 1 numbers.
+
+The factors stay consistent with W0: `load_state_dict` of another base weight re-derives them,
+`unmerge` restores exactly what the factorization reads, and a cast of the module never stores
+them in a dtype that cannot hold them.
 """
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,16 +24,22 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from .errors import AdapterError
+from .errors import AdapterError, FactorizationError
 from .ldu import LDUResult
-from .ops import adapter_linear, autocast_enabled, delta_weight, working_dtype
+from .ops import adapter_linear, autocast_enabled, delta_weight, ldu, working_dtype
 
-# fp16 holds x U^T (and c-scaled products) safely only while the frozen factors stay small: a
-# layer whose max |PL| * max |U| exceeds this keeps fp32 factors and runs its adapter branch in
-# fp32 whenever it computes in fp16 (the base matmul stays fp16). Partial pivoting bounds |PL| by 1,
-# and at small ranks |U| is O(1) on trained weights, so this only triggers on badly scaled columns
-# or high ranks, where fp16 would overflow (65504) to Inf and Inf * 0 to NaN even at c == 0.
-FP16_SAFE_GROWTH = 256.0
+# A frozen factor is stored in a dtype only while max |PL| and max |U| stay below that dtype's
+# largest value divided by this headroom (fp16: 256), so that the sums and products formed from the
+# stored factors stay finite; otherwise it is kept in fp32 (docs/method.md §6). Partial pivoting
+# bounds |PL| by 1, and at small ranks |U| is O(1) on trained weights, so only badly scaled columns
+# or high ranks reach it. (The adapter branch itself runs in fp32 whenever a layer computes in fp16.)
+FACTOR_HEADROOM = 256.0
+
+
+def holds(dtype: torch.dtype, peak: float) -> bool:
+    """Whether factors whose largest magnitude is `peak` may be stored in `dtype` (FACTOR_HEADROOM)."""
+    return not dtype.is_floating_point or peak <= torch.finfo(dtype).max / FACTOR_HEADROOM
+
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style linear (weight stored (in, out)). Looked up lazily: a model holding
@@ -115,6 +125,25 @@ def weight_refusal(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _reads(M: torch.Tensor, pivots: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What the factorization reads of the (d, k) matrix M (docs/method.md §2), as copies:
+    M[:, :r] and M[pivots, :], r = len(pivots)."""
+    return M[:, :pivots.shape[0]].clone(), M.index_select(0, pivots.to(M.device))
+
+
+def _install_loaded_factors(layer: "LoLDULayer", incompatible_keys) -> None:
+    """load_state_dict post-hook: installs the factors of the base weight just loaded (found by
+    LoLDULayer._load_from_state_dict), in the dtypes of the factors they replace. The state_dict's
+    z and sigma then apply to them, as they did to the factors of the model it was saved from."""
+    loading, layer._loading = layer._loading, None
+    if loading is None:
+        return
+    factors, reads = loading
+    now = _reads(layer.base_matrix(), factors.pivots)
+    if all(a.device == b.device and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(now, reads)):
+        layer._set_factors(factors, layer.loldu_PL.dtype, layer.loldu_D.dtype, stacklevel=4)
+
+
 def coefficients_from(z: torch.Tensor, sigma: torch.Tensor, D: torch.Tensor, sigma0: float) -> torch.Tensor:
     """c = sigma z - sigma0 D, written as sigma0 (z - D) + (sigma - sigma0) z: exactly 0 at init."""
     return sigma0 * (z - D) + (sigma - sigma0) * z
@@ -123,30 +152,23 @@ def coefficients_from(z: torch.Tensor, sigma: torch.Tensor, D: torch.Tensor, sig
 class LoLDULayer(nn.Module):
     """Base of the wrappers. Subclasses implement `_adapted(x, c)` and `_c_view(c_rows, x)`.
 
-    Buffers: loldu_PL (d, r) and loldu_U (r, k) in the config's factor dtype; loldu_D (r,) and the
-    pivots (r,) int64 as the factorization returned them (fp32, or fp64 for fp64 weights).
+    Buffers: loldu_PL (d, r) and loldu_U (r, k) in the config's factor dtype, or fp32 where that
+    dtype cannot hold them (`holds`); loldu_D (r,) and the pivots (r,) int64 as the factorization
+    returned them (fp32, or fp64 for fp64 weights).
     Parameters: loldu_z[name] (r,) and loldu_sigma[name] () for every adapter `name`, in D's dtype
     (fp32; fp64 for fp64 weights), as is c: low-precision bases still get fp32 coefficients.
     """
 
     kind = ""
+    # Fewest dimensions of a batched input (batch dim 0), which loldu.adapter_ids needs.
+    batched_dims = 2
 
     def __init__(self, base_layer: nn.Module, factors: LDUResult, factor_dtype: torch.dtype, name: str = ""):
         super().__init__()
         self.base_layer = base_layer
-        # max |PL| * max |U|: how large the adapter branch's intermediate products can grow.
-        self.growth = float(factors.PL.abs().amax() * factors.U.abs().amax())
-        if (base_layer.weight.dtype == torch.float16 and self.growth > FP16_SAFE_GROWTH
-                and factor_dtype in (torch.float16, torch.bfloat16)):
-            warnings.warn(
-                f"loldu: layer '{name}' (fp16 weight {tuple(weight_matrix(base_layer).shape)}): its frozen factors grow "
-                f"to max|PL| * max|U| = {self.growth:.3g} > {FP16_SAFE_GROWTH:g}, which fp16 cannot hold safely; they are "
-                "stored in float32 and its adapter branch runs in float32", RuntimeWarning, stacklevel=4)
-            factor_dtype = torch.float32
-        self.register_buffer("loldu_PL", factors.PL.to(factor_dtype).contiguous(), persistent=False)
-        self.register_buffer("loldu_U", factors.U.to(factor_dtype).contiguous(), persistent=False)
-        self.register_buffer("loldu_D", factors.D.clone(), persistent=False)
-        self.register_buffer("loldu_pivots", factors.pivots.clone(), persistent=False)
+        self.layer_name = name  # the wrapped module's name in the model, for errors and warnings
+        self._factor_peak = 0.0  # max(max |PL|, max |U|) of the stored factors
+        self._set_factors(factors, factor_dtype, factors.D.dtype, stacklevel=5)
         self.loldu_z = nn.ParameterDict()
         self.loldu_sigma = nn.ParameterDict()
         self.sigma0: Dict[str, float] = {}
@@ -157,9 +179,94 @@ class LoLDULayer(nn.Module):
         self.disabled = False
         self.merged_adapter: Optional[str] = None
         self._merged_c: Optional[torch.Tensor] = None
+        # What the factorization reads of W0 (W0[:, :r], W0[pivots, :]), remembered by merge for unmerge.
+        self._merged_reads: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         # Set by loldu.adapter_ids: per-row index into _row_names (len == number of rows), or None.
         self._row_ids: Optional[torch.Tensor] = None
         self._row_names: List[str] = []
+        # While load_state_dict runs: the factors of the base weight it brings (_load_from_state_dict).
+        self._loading: Optional[Tuple[LDUResult, Tuple[torch.Tensor, torch.Tensor]]] = None
+        self.register_load_state_dict_post_hook(_install_loaded_factors)
+
+    # -- frozen factors -------------------------------------------------------------------------
+    def _set_factors(self, factors: LDUResult, factor_dtype: torch.dtype, d_dtype: torch.dtype,
+                     stacklevel: int) -> None:
+        """Stores PL and U in `factor_dtype` (in fp32, with a warning naming the layer, when that
+        dtype cannot hold them), D in `d_dtype` and the pivots."""
+        peak = max(float(factors.PL.abs().amax()), float(factors.U.abs().amax()))
+        if not holds(factor_dtype, peak):
+            warnings.warn(
+                f"loldu: layer '{self.layer_name}' ({self.base_layer.weight.dtype} weight "
+                f"{tuple(self.base_matrix().shape)}): its frozen factors reach max(|PL|, |U|) = {peak:.3g}, more than "
+                f"{factor_dtype} holds safely ({torch.finfo(factor_dtype).max / FACTOR_HEADROOM:.3g}); they are stored "
+                "in float32", RuntimeWarning, stacklevel=stacklevel)
+            factor_dtype = torch.float32
+        self._factor_peak = peak
+        self.register_buffer("loldu_PL", factors.PL.to(factor_dtype).contiguous(), persistent=False)
+        self.register_buffer("loldu_U", factors.U.to(factor_dtype).contiguous(), persistent=False)
+        self.register_buffer("loldu_D", factors.D.to(d_dtype, copy=True), persistent=False)
+        self.register_buffer("loldu_pivots", factors.pivots.clone(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """Casts and moves of the module (model.half(), .to(...)). A cast to a dtype that cannot hold
+        the frozen factors (`holds`) keeps PL and U in float32, moved like the rest; the parts of W0
+        remembered by merge follow the weight."""
+        before = {key: self._buffers[key] for key in ("loldu_PL", "loldu_U")}
+        super()._apply(fn, recurse)
+        if not all(holds(self._buffers[key].dtype, self._factor_peak) for key in before):
+            for key, old in before.items():
+                self._buffers[key] = old.to(device=self._buffers[key].device, dtype=torch.float32)
+        if self._merged_reads is not None:
+            self._merged_reads = tuple(fn(t) for t in self._merged_reads)
+        return self
+
+    def _pivoting(self) -> str:
+        return next(iter(self.configs.values())).pivoting if self.configs else "partial"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # load_state_dict reaches a module before its children, so this runs before the base weight
+        # is loaded: a new base weight is factorized (or refused) here, while the layer is as it was,
+        # and its factors are installed once it is loaded (_install_loaded_factors).
+        self._loading = self._factors_of_loaded(state_dict.get(prefix + "base_layer.weight"),
+                                                local_metadata.get("assign_to_params_buffers", False))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @torch.no_grad()
+    def _factors_of_loaded(self, incoming, assign: bool):
+        """(factors, what they read) of the base weight `incoming` that load_state_dict is about to
+        load, or None when it leaves what the factorization reads unchanged (or loads nothing here).
+
+        Raises AdapterError, before anything is loaded into the layer, when the layer is merged and
+        `incoming` differs from its weight, or when `incoming` cannot be factorized.
+        """
+        w = self.base_layer.weight
+        if not isinstance(incoming, torch.Tensor) or incoming.shape != w.shape or incoming.is_meta:
+            return None  # not in this state_dict, or a mismatch torch reports, or no values to factorize
+        if w.is_meta and not assign:
+            return None  # copying into a meta weight is a no-op (torch warns)
+        # The weight after loading: `incoming` itself with assign=True, else `incoming` copied into w.
+        dev, dt = (incoming.device, incoming.dtype) if assign else (w.device, w.dtype)
+        same_kind = not w.is_meta and (dev, dt) == (w.device, w.dtype)
+        new = KINDS[self.kind].matrix(incoming.detach())
+        if self.merged_adapter is not None:
+            if same_kind and torch.equal(new.to(dev, dt), self.base_matrix()):
+                return None
+            raise AdapterError(
+                f"load_state_dict: layer '{self.layer_name}' is merged (adapter {self.merged_adapter!r}) and the "
+                "state_dict holds another base weight for it; call loldu.unmerge first (nothing was loaded into it)")
+        if same_kind:
+            now = _reads(self.base_matrix(), self.loldu_pivots)
+            if all(torch.equal(a.to(dev, dt), b) for a, b in zip(_reads(new, self.loldu_pivots), now)):
+                return None
+        W = new.to(dev, dt)
+        try:
+            factors = ldu(W, self.rank, pivoting=self._pivoting())
+        except FactorizationError as e:
+            raise AdapterError(f"load_state_dict: layer '{self.layer_name}': the state_dict's base weight "
+                               f"{tuple(W.shape)} cannot be factorized ({e}); nothing was loaded into it") from None
+        return factors, _reads(W, factors.pivots)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     @property
@@ -239,25 +346,35 @@ class LoLDULayer(nn.Module):
     # -- merge ----------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """W0 <- W0 + ΔW in fp32, cast back to the weight's dtype. Remembers c for unmerge."""
+        """W0 <- W0 + ΔW in fp32, cast back to the weight's dtype. Remembers c, and what the
+        factorization reads of W0 (W0[:, :r] and W0[pivots, :], (d + k) r numbers), for unmerge."""
         if self.merged_adapter is not None:
             raise AdapterError(f"already merged adapter {self.merged_adapter!r}; unmerge first")
         c = self.coefficients(name).detach().clone()
+        reads = _reads(self.base_matrix(), self.loldu_pivots)
         self._add_to_weight(delta_weight(self.loldu_PL, self.loldu_U, c), +1)
-        self.merged_adapter, self._merged_c = name, c
+        self.merged_adapter, self._merged_c, self._merged_reads = name, c, reads
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - ΔW with the c used at merge time (exact up to one rounding of W's dtype)."""
+        """W <- W - ΔW with the c used at merge time. What the factorization (and an adapter file's
+        fingerprint) reads, W0[:, :r] and W0[pivots, :], is restored exactly, so the frozen factors
+        and saved adapters still fit the base; the rest of W returns within one rounding of its dtype."""
         if self.merged_adapter is None:
             return
         c = self._merged_c.to(self.loldu_PL.device)  # a plain attribute: .to(device) did not move it
-        self._add_to_weight(delta_weight(self.loldu_PL, self.loldu_U, c), -1)
-        self.merged_adapter, self._merged_c = None, None
+        self._add_to_weight(delta_weight(self.loldu_PL, self.loldu_U, c), -1, restore=self._merged_reads)
+        self.merged_adapter, self._merged_c, self._merged_reads = None, None, None
 
-    def _add_to_weight(self, delta: torch.Tensor, sign: int) -> None:
+    def _add_to_weight(self, delta: torch.Tensor, sign: int,
+                       restore: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+        """W <- W + sign ΔW in ΔW's dtype, cast back; then `restore` (W[:, :r], W[pivots, :]) written exactly."""
         w = self.base_layer.weight
-        new = (self.base_matrix().to(delta.dtype) + sign * delta).to(w.dtype)
+        new = (self.base_matrix().to(delta.dtype) + sign * delta).to(w.dtype)  # a new tensor, never a view of w
+        if restore is not None:
+            cols, rows = restore
+            new[:, :cols.shape[1]] = cols.to(new.device)
+            new[self.loldu_pivots.to(new.device)] = rows.to(new.device)
         # Written back through the parameter itself: the (d, k) matrix may be a copy (channels_last conv).
         w.copy_(KINDS[self.kind].weight(new, w))
 
@@ -268,6 +385,9 @@ class LoLDULayer(nn.Module):
                 raise AdapterError("per-row adapters (loldu.adapter_ids) cannot run on a merged layer; unmerge first")
             return self.base_layer(x)
         if self._row_ids is not None:
+            if x.dim() < self.batched_dims:
+                raise AdapterError(f"loldu.adapter_ids needs batched input (batch dim 0); layer '{self.layer_name}' "
+                                   f"got shape {tuple(x.shape)}")
             rows = self._row_ids.shape[0]
             if x.shape[0] != rows:
                 raise AdapterError(
@@ -285,9 +405,9 @@ class LoLDULayer(nn.Module):
         return self.loldu_PL.to(dt), self.loldu_U.to(dt)
 
     def _fp32_branch(self, x: torch.Tensor) -> bool:
-        """Whether the adapter branch must run in fp32: fp16 compute with large factors."""
-        if self.growth <= FP16_SAFE_GROWTH:
-            return False
+        """Whether the adapter branch runs in fp32: whenever the layer computes in fp16 (an fp16 weight,
+        or autocast to fp16), whose range (65504) x U^T can leave even with ordinary factors, and
+        Inf * 0 is NaN even at c == 0 (docs/method.md §6). bf16 has fp32's range: the fused op runs."""
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if autocast_enabled(dev) else self.base_layer.weight.dtype
         return dt == torch.float16
@@ -307,7 +427,8 @@ class LoLDULayer(nn.Module):
 
 
 class LoLDULinear(LoLDULayer):
-    """nn.Linear (W0 = weight, (out, in)): y = x W0^T + b + ((x U^T) c) PL^T via the fused op."""
+    """nn.Linear (W0 = weight, (out, in)): y = x W0^T + b + ((x U^T) c) PL^T via the fused op; in
+    fp16 compute, the base layer's own forward plus that branch in fp32 (_adapted_fp32)."""
 
     kind = "linear"
 
@@ -318,7 +439,8 @@ class LoLDULinear(LoLDULayer):
         return adapter_linear(x, self.base_matrix(), self.base_layer.bias, PL, U, c)
 
     def _adapted_fp32(self, x, c):
-        """The base layer's own fp16 forward plus the adapter branch in fp32 (exactly + 0 at c == 0)."""
+        """The base layer's own fp16 forward plus the adapter branch in fp32, cast to fp16 once at the
+        end (exactly + 0 at c == 0)."""
         y = self.base_layer(x)
         PL, U = self._wide_factors()
         with torch.autocast(x.device.type, enabled=False):
@@ -340,10 +462,12 @@ class LoLDUEmbedding(LoLDULayer):
     """nn.Embedding (W0 = weight, (num, dim)): y = W0[ids] + (PL[ids] * c) U."""
 
     kind = "embedding"
+    batched_dims = 1
 
     def _adapted(self, ids, c):
         y = self.base_layer(ids)
-        # c stays fp32 through the scaling; the product with U runs in the output's dtype.
+        # c stays fp32 through the scaling; the product with U runs in fp32 when the layer computes
+        # in fp16 (_fp32_branch), else in the output's dtype.
         t = F.embedding(ids, self.loldu_PL).to(c.dtype) * c
         if self._fp32_branch(y):
             with torch.autocast(y.device.type, enabled=False):
@@ -363,6 +487,7 @@ class LoLDUConv2d(LoLDULayer):
     """
 
     kind = "conv2d"
+    batched_dims = 4
 
     def _adapted(self, x, c):
         base = self.base_layer

@@ -598,7 +598,9 @@ def _require_unmergeable(layers: Sequence[Tuple[str, LoLDULayer]], what: str) ->
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtracts the merged ΔW again (same fp32 ΔW, so weights return up to one rounding).
+    """Subtracts the merged ΔW again (the same fp32 ΔW). What the factorization and an adapter
+    file's fingerprint read, W0[:, :r] and W0[pivots, :], is restored exactly (the adapter still
+    saves and loads on the base); the rest of each weight returns within one rounding.
 
     Every merged layer's weight is checked to be writable first (AdapterError, model unchanged).
     """
@@ -625,7 +627,8 @@ def _strip(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Puts the original modules back (unmerging first) and restores their requires_grad flags.
 
-    The weights are the very tensors the model had: bit-identical unless it was merged meanwhile.
+    The weights are the very tensors the model had: bit-identical unless it was merged meanwhile
+    (then as loldu.unmerge leaves them: exact where the factorization reads, within one rounding elsewhere).
     """
     state = _state(model)
     state.require_no_row_ids("loldu.unload: the adapters are in use by loldu.adapter_ids")
