@@ -7,7 +7,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from _model_helpers import (
-    TARGETS, TinyNet, assert_same_snapshot, c64, dense_weights, inputs, oracle_forward, perturb, snapshot,
+    TARGETS,
+    TinyNet,
+    assert_same_snapshot,
+    c64,
+    dense_weights,
+    inputs,
+    oracle_forward,
+    perturb,
+    snapshot,
 )
 
 import loldu
