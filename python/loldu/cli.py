@@ -101,15 +101,12 @@ def _one_line(e) -> str:
 def cmd_export(args) -> int:
     import loldu
     import loldu.export as lx
+    from loldu.export.onnx_export import output_path_problem
 
     out = Path(args.out)
-    if out.suffix != ".onnx":
-        raise CliError(f"--out {args.out}: must end in .onnx")
-    if out.is_dir():
-        raise CliError(f"--out {args.out}: is a directory")
-    if not out.parent.is_dir():
-        what = "is not a directory" if out.parent.exists() else "does not exist"
-        raise CliError(f"--out {args.out}: {str(out.parent)!r} {what}")
+    problem = output_path_problem(out)
+    if problem:
+        raise CliError(f"--out {args.out}: {problem}")
     if args.adapter_inputs and not args.adapter:
         raise CliError("--adapter-inputs needs --adapter (the adapter fixes which layers take a c input)")
     if args.adapter and not Path(args.adapter).is_dir():
