@@ -82,3 +82,16 @@ def test_installed_extension_is_active():
     if os.environ.get("LOLDU_BACKEND"):
         pytest.skip("LOLDU_BACKEND overrides the installed extension")
     assert loldu.build_info()["backend"].startswith("compiled-")
+
+
+def test_op_suites_pass_on_the_reference_backend():
+    """opcheck, gradcheck and the bad-input suite of every op, with the pure-PyTorch reference
+    registered as the ops (what a machine without a compiler runs): every op on every backend."""
+    if os.environ.get("LOLDU_BACKEND"):
+        pytest.skip("this process already runs one backend by choice")
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = [os.path.join(here, f) for f in ("test_ops.py", "test_adapter_op.py", "test_bad_input.py")]
+    env = dict(os.environ, LOLDU_BACKEND="pytorch")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], env=env,
+                         capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(here))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
