@@ -32,6 +32,17 @@ def metadata_json(layers: List[Tuple[str, nn.Module]]) -> str:
     return json.dumps({"format": "loldu-onnx-adapter-inputs", "version": 1, "layers": rows})
 
 
+def _valid_record(r) -> bool:
+    """One layer's record as to_onnx writes it, with every field of the right type and length."""
+    if not isinstance(r, dict) or not isinstance(r.get("layer"), str) or not isinstance(r.get("input"), str):
+        return False
+    rank, piv, d = r.get("rank"), r.get("pivots"), r.get("D")
+    return (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 and isinstance(r.get("fingerprint"), str)
+            and isinstance(piv, list) and len(piv) == rank and all(isinstance(i, int) for i in piv)
+            and isinstance(d, list) and len(d) == rank
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d))
+
+
 def adapter_metadata(onnx_model) -> List[dict]:
     """The per-layer records (layer, input, rank, pivots, fingerprint, D) of an adapter-inputs export."""
     import onnx
@@ -53,8 +64,9 @@ def adapter_metadata(onnx_model) -> List[dict]:
             except (ValueError, RecursionError, KeyError, TypeError) as e:
                 raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: corrupted loldu adapter metadata "
                                   f"({type(e).__name__})") from None
-            if not isinstance(layers, list) or not all(isinstance(r, dict) for r in layers):
-                raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: corrupted loldu adapter metadata")
+            if not isinstance(layers, list) or not all(_valid_record(r) for r in layers):
+                raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: corrupted loldu adapter metadata "
+                                  "(each layer needs layer, input, rank, pivots, fingerprint and D of length rank)")
             return layers
     raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: not exported with adapter_inputs=True "
                       "(no loldu adapter metadata)")

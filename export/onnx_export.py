@@ -560,6 +560,12 @@ def _parity(report: ExportReport, onnx_path: str, model: nn.Module, check_inputs
     if c_layers:
         feeds.update(adapter_feeds(model, adapter_name=adapter_name))
     outs = runner.run(feeds)
+    for (name, o), r in zip(outs.items(), ref):
+        if tuple(o.shape) != tuple(r.shape):
+            raise ExportError(f"loldu.export: output {name!r} has shape {tuple(o.shape)} in ONNX Runtime but "
+                              f"{tuple(r.shape)} in PyTorch for the check inputs: the exported graph fixed a size "
+                              f"the example inputs had (mark it dynamic, or check with inputs of the same shape); "
+                              f"{report.path} not written")
     diff = max(float((torch.as_tensor(o).float() - r).abs().max()) if r.numel() else 0.0
                for o, r in zip(outs.values(), ref))
     report.max_abs_diff, report.parity_bound, report.provider = diff, parity_bound(report.dtype, ref), runner.provider

@@ -448,3 +448,29 @@ def test_reference_backend_exports_the_same_graph(tmp_path):
     assert outs["pytorch"][0] == "pytorch"
     assert outs[""][1:] == outs["pytorch"][1:]
     assert outs["pytorch"][1] == {"MatMul": 6, "Add": 4, "Relu": 1}
+
+
+@pytest.mark.parametrize("edit", ["D truncated", "no rank", "D strings", "no layer"])
+def test_corrupted_adapter_metadata_is_an_export_error(tmp_path, edit):
+    import json
+
+    onnx = pytest.importorskip("onnx")
+    m = loldu.inject(torch.nn.Sequential(torch.nn.Linear(16, 16)), loldu.LoLDUConfig(rank=4, target_modules=["0"]))
+    p = tmp_path / "m.onnx"
+    lx.to_onnx(m.eval(), torch.randn(2, 16), p, merge=False, adapter_inputs=True)
+    loldu.save_adapter(m, tmp_path / "ad")
+    proto = onnx.load(str(p))
+    meta = json.loads(proto.metadata_props[0].value)
+    rec = meta["layers"][0]
+    if edit == "D truncated":
+        rec["D"] = rec["D"][:2]
+    elif edit == "no rank":
+        rec.pop("rank")
+    elif edit == "D strings":
+        rec["D"] = [str(v) for v in rec["D"]]
+    else:
+        rec.pop("layer")
+    proto.metadata_props[0].value = json.dumps(meta)
+    onnx.save(proto, str(p))
+    with pytest.raises(loldu.ExportError, match="corrupted loldu adapter metadata"):
+        lx.adapter_feeds(tmp_path / "ad", str(p))
