@@ -1,10 +1,12 @@
-// Truncated, blocked LDU factorization on the CPU (docs/method.md §2, §6).
+// Truncated LDU factorization on the CPU (docs/method.md §2, §6).
 //
 // Only W[:, :r] (the panel) and the r pivot rows of W are read. The panel is copied into a
-// column-major (d, r) buffer in the working dtype and factored by a right-looking blocked LU with
-// partial pivoting: inside a block of kBlock columns, contiguous per-column passes (pivot search,
-// scaling, rank-1 updates); across blocks the trailing update is one GEMM (ATen/BLAS). Then the r pivot rows are solved once against L11.
-// Cost O((d + k) r^2); no (d, d) permutation and no (d, k) temporary.
+// column-major (d, r) buffer in the working dtype and factored with partial pivoting: below
+// kLapackMinRank columns by a right-looking blocked LU (inside a block of kBlock columns,
+// contiguous per-column passes: pivot search, scaling, rank-1 updates; across blocks the trailing
+// update is one GEMM through ATen/BLAS), from it on by LAPACK's getrf through ATen (the blocked
+// LU still imposes a prescribed pivot order that getrf would not pick). Then the r pivot rows are
+// solved once against L11. Cost O((d + k) r^2); no (d, d) permutation and no (d, k) temporary.
 #include "loldu/loldu.h"
 #include "ldu_common.h"
 
@@ -16,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace loldu {
@@ -24,6 +27,13 @@ namespace {
 // Columns per block: for r <= kBlock the whole panel is factored without any GEMM call; above
 // it each block's trailing update is one BLAS GEMM.
 constexpr int64_t kBlock = 64;
+
+// From this rank on the panel is factored by LAPACK's getrf (factor_lapack), below it by the
+// blocked kernel. Measured on a 2-core AMD EPYC (fp32, 384..3072 rows, 1 and 2 threads): at
+// r < 64 the single-block kernel (no BLAS call) was up to ~5% faster, from r = 64 on getrf was as
+// fast or up to ~10% faster at every shape, and at full rank (r = min(d, k)) only getrf reaches
+// LAPACK's own speed (the blocked kernel was 1.6-2x slower at 768 x 768).
+constexpr int64_t kLapackMinRank = 64;
 
 // Hot loops, cloned for AVX-512 / AVX2 / baseline and picked at load time (the extension is
 // built without -march flags so that one build runs on any x86-64).
@@ -46,6 +56,14 @@ LOLDU_MULTIVERSION void scale_to(float* __restrict y, const float* __restrict x,
 }
 LOLDU_MULTIVERSION void scale_to(double* __restrict y, const double* __restrict x, double a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
+}
+
+// y /= x, elementwise
+LOLDU_MULTIVERSION void divide_by(float* __restrict y, const float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] /= x[i];
+}
+LOLDU_MULTIVERSION void divide_by(double* __restrict y, const double* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] /= x[i];
 }
 
 // (One overload per type rather than a template: GCC's target_clones does not apply to templates.)
@@ -83,13 +101,26 @@ acc_t max_abs_or_nan(const acc_t* x, int64_t n) {
 
 // The (d, r) panel, column-major, so that the pivot search, the scaling of the multipliers and
 // every rank-1 update are contiguous, vectorizable passes over one column.
+// The buffer comes from ATen's allocator (64-byte aligned), so that LAPACK sees the same alignment,
+// and takes the same code path, every time it factors the same panel.
 template <typename acc_t>
 struct Panel {
   int64_t d, r;
-  std::vector<acc_t> a;        // column j at a[j * d]
+  at::Tensor buf;              // (d, r) with strides (1, d)
+  acc_t* a;                    // buf's data: column j at a[j * d]
   std::vector<int64_t> perm;   // perm[i]: original row of W now at panel row i
   std::vector<int64_t> pos;    // inverse of perm (used when the pivots are prescribed)
-  acc_t* col(int64_t j) { return a.data() + j * d; }
+  Panel(int64_t d_, int64_t r_)
+      : d(d_), r(r_),
+        buf(at::empty_strided({d_, r_}, {1, d_}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value))),
+        a(buf.data_ptr<acc_t>()), perm(d_), pos(d_) {
+    reset_order();
+  }
+  void reset_order() {
+    std::iota(perm.begin(), perm.end(), 0);
+    std::iota(pos.begin(), pos.end(), 0);
+  }
+  acc_t* col(int64_t j) { return a + j * d; }
   acc_t& at(int64_t i, int64_t j) { return a[j * d + i]; }
 };
 
@@ -115,15 +146,55 @@ void apply_swaps(Panel<acc_t>& P, int64_t j0, int64_t j1, const std::vector<int6
   for (int64_t c = j1; c < P.r; ++c) one(c);
 }
 
-// Calls f(i, j) for i < rows, j < cols in 32 x 32 tiles: reading the column-major panel while
-// writing row-major outputs then stays within a few cache lines at a time.
+// Square tiles of kTile x kTile elements, each copied through a local buffer, move data between
+// the column-major panel and row-major matrices: every tile is read as kTile runs of kTile
+// consecutive elements and written as kTile such runs, whichever side is strided. (Element-wise
+// loops are 2-5x slower here, the more so when the stride is a multiple of 4 KiB.)
+constexpr int64_t kTile = 16;
+
+// Calls f(i0, j0, ni, nj) for the tiles [i0, i0 + ni) x [j0, j0 + nj) of a (rows, cols) block;
+// full tiles get ni, nj as compile-time constants (so that the copies unroll). Tile rows run in
+// parallel unless the caller already is in a parallel region (a batch runs one matrix per task).
 template <typename F>
 void for_tiles(int64_t rows, int64_t cols, F&& f) {
-  constexpr int64_t T = 32;
-  for (int64_t i0 = 0; i0 < rows; i0 += T)
-    for (int64_t j0 = 0; j0 < cols; j0 += T)
-      for (int64_t i = i0; i < std::min(rows, i0 + T); ++i)
-        for (int64_t j = j0; j < std::min(cols, j0 + T); ++j) f(i, j);
+  using Full = std::integral_constant<int64_t, kTile>;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, cols * kTile));
+  at::parallel_for(0, (rows + kTile - 1) / kTile, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t i0 = b0 * kTile; i0 < std::min(rows, b1 * kTile); i0 += kTile) {
+      const int64_t ni = std::min(kTile, rows - i0);
+      for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+        const int64_t nj = std::min(kTile, cols - j0);
+        if (ni == kTile && nj == kTile) f(i0, j0, Full{}, Full{});
+        else f(i0, j0, ni, nj);
+      }
+    }
+  });
+}
+
+// Row i of a unit triangle, columns [j0, j1): out[j] = v[j - j0] strictly on the `upper` side of
+// the diagonal (j > i if upper, j < i if not), 1 on it, 0 across it.
+template <typename acc_t>
+void unit_triangle_row(acc_t* __restrict out, const acc_t* __restrict v, int64_t i, int64_t j0, int64_t j1,
+                       bool upper) {
+  if (upper ? j0 > i : j1 <= i) {  // the whole segment on the stored side
+    for (int64_t j = j0; j < j1; ++j) out[j] = v[j - j0];
+  } else if (upper ? j1 <= i : j0 > i) {  // ... or across
+    for (int64_t j = j0; j < j1; ++j) out[j] = acc_t(0);
+  } else {
+    for (int64_t j = j0; j < j1; ++j) out[j] = j == i ? acc_t(1) : ((j > i) == upper ? v[j - j0] : acc_t(0));
+  }
+}
+
+// Writes rows i < rows of the panel's unit lower (upper = false, columns < r) or unit upper triangle
+// (upper = true) row-major, row i to row(i).
+template <typename acc_t, typename Row>
+void write_unit_triangle(const Panel<acc_t>& P, int64_t rows, bool upper, Row&& row) {
+  for_tiles(rows, P.r, [&](int64_t i0, int64_t j0, auto ni, auto nj) {
+    acc_t t[kTile][kTile];
+    for (int64_t jj = 0; jj < nj; ++jj)
+      for (int64_t ii = 0; ii < ni; ++ii) t[ii][jj] = P.a[(j0 + jj) * P.d + i0 + ii];
+    for (int64_t ii = 0; ii < ni; ++ii) unit_triangle_row(row(i0 + ii), t[ii], i0 + ii, j0, j0 + nj, upper);
+  });
 }
 
 // First index of the largest magnitude in x[i0, n) (ties to the smaller index, as LAPACK).
@@ -166,31 +237,47 @@ void factor_block(Panel<acc_t>& P, int64_t j0, int64_t j1, PivotMode mode, const
   apply_swaps(P, j0, j1, swaps);
 }
 
-template <typename acc_t>
-void factor_one(const at::Tensor& W, int64_t r, PivotMode mode, const int64_t* forced, acc_t* PL,
-                acc_t* D, acc_t* U, int64_t* pivots, const LduContext& ctx) {
-  const int64_t d = W.size(0), k = W.size(1);
-  Panel<acc_t> P{d, r, std::vector<acc_t>(d * r), std::vector<int64_t>(d), std::vector<int64_t>(d)};
-  std::iota(P.perm.begin(), P.perm.end(), 0);
-  std::iota(P.pos.begin(), P.pos.end(), 0);
+// check_panel_scale's test for one matrix: amax = max |W[:, :r]| must not lie in (0, tiny / eps) of
+// the working dtype acc (docs/method.md §6). NaN compares false: a NaN panel is reported where it
+// is by the kernels, an all-zero one as a plain zero pivot.
+void check_panel_floor(double amax, at::ScalarType acc, const LduContext& ctx) {
+  const bool f64 = acc == at::kDouble;
+  const double eps = f64 ? std::numeric_limits<double>::epsilon() : std::numeric_limits<float>::epsilon();
+  const double floor = (f64 ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min()) / eps;
+  if (amax > 0 && amax < floor) ctx.fail_tiny(amax, floor, f64 ? "float64" : "float32");
+}
 
-  // Gather the panel W[:, :r] (tiled: W is row-major, the panel column-major).
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+// Fills the column-major panel with W[:, :r] (in tiles: W is row-major, the panel column-major) and returns max |panel|, after check_panel_scale's test (check_panel_floor).
+template <typename acc_t>
+acc_t gather_panel(const at::Tensor& W, Panel<acc_t>& P, const LduContext& ctx) {
+  const int64_t d = P.d, r = P.r;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loldu_ldu_gather", [&] {
     const scalar_t* w = W.const_data_ptr<scalar_t>();
     const int64_t s0 = W.stride(0), s1 = W.stride(1);
-    for_tiles(d, r, [&](int64_t i, int64_t j) { P.a[j * d + i] = static_cast<acc_t>(w[i * s0 + j * s1]); });
+    for_tiles(d, r, [&](int64_t i0, int64_t j0, auto ni, auto nj) {
+      acc_t t[kTile][kTile];
+      for (int64_t ii = 0; ii < ni; ++ii)
+        for (int64_t jj = 0; jj < nj; ++jj) t[jj][ii] = static_cast<acc_t>(w[(i0 + ii) * s0 + (j0 + jj) * s1]);
+      for (int64_t jj = 0; jj < nj; ++jj)
+        for (int64_t ii = 0; ii < ni; ++ii) P.a[(j0 + jj) * d + i0 + ii] = t[jj][ii];
+    });
   });
-  at::Tensor panel = at::from_blob(P.a.data(), {d, r}, {1, d}, at::TensorOptions().dtype(acc_type));
   // max |panel| sets the pivot tolerance; it is NaN/Inf exactly when the panel holds one.
-  const acc_t amax = max_abs_or_nan(P.a.data(), d * r);
+  const acc_t amax = max_abs_or_nan(P.a, d * r);
   if (!std::isfinite(amax)) {
     for (int64_t i = 0; i < d; ++i)
       for (int64_t j = 0; j < r; ++j)
         if (!std::isfinite(P.at(i, j))) ctx.fail_nonfinite("panel W[:, :r]", i, j);
   }
-  const acc_t tol = static_cast<acc_t>(d) * std::numeric_limits<acc_t>::epsilon() * amax;
+  check_panel_floor(static_cast<double>(amax), c10::CppTypeToScalarType<acc_t>::value, ctx);
+  return amax;
+}
 
+// The blocked kernel (mode Partial, None or Given) on a gathered panel.
+template <typename acc_t>
+void factor_blocked(Panel<acc_t>& P, PivotMode mode, const int64_t* forced, acc_t tol, const LduContext& ctx) {
+  const int64_t d = P.d, r = P.r;
+  const at::Tensor& panel = P.buf;
   // Right-looking blocked LU over the r panel columns.
   for (int64_t j0 = 0; j0 < r; j0 += kBlock) {
     const int64_t j1 = std::min(r, j0 + kBlock);
@@ -207,15 +294,66 @@ void factor_one(const at::Tensor& W, int64_t r, PivotMode mode, const int64_t* f
       }
     }
   }
+}
+
+// The panel factored in place by LAPACK's getrf through ATen (at::linalg_lu_factor_ex): partial
+// pivoting with LAPACK's tie-breaking, the pivots torch.linalg.lu chooses. getrf does not stop at
+// a tiny pivot: the first step j with |U_jj| <= tol is reported as the blocked kernel would
+// (columns 0..j of an LU depend only on columns 0..j of the panel, so the steps before j are
+// unaffected), and a panel that overflowed anyway is refused, so no NaN or Inf leaves.
+// Mode None or Given: the same call on the same panel, accepted when the pivots getrf chose are
+// the prescribed ones (no swap; or the given pivots). Pivots that ldu() returned are, so
+// ldu_from_pivots(W, ldu(W, r).pivots) repeats ldu's very computation (same panel, same aligned
+// buffer, same batch and so the same threading) and gives its factors bit for bit. Otherwise it
+// returns false and the caller runs the blocked kernel, which imposes any order.
+template <typename acc_t>
+bool factor_lapack(Panel<acc_t>& P, PivotMode mode, const int64_t* forced, acc_t tol, const LduContext& ctx) {
+  const int64_t d = P.d, r = P.r;
+  at::Tensor ipiv = at::empty({r}, at::kInt), info = at::empty({}, at::kInt);
+  at::linalg_lu_factor_ex_out(P.buf, ipiv, info, P.buf, /*pivot=*/true, /*check_errors=*/false);
+  const int* ip = ipiv.const_data_ptr<int>();  // 1-based: row j swapped with row ip[j] - 1, in turn
+  for (int64_t j = 0; j < r; ++j) std::swap(P.perm[j], P.perm[ip[j] - 1]);
+  if (mode != PivotMode::Partial) {
+    for (int64_t j = 0; j < r; ++j)
+      if (P.perm[j] != (mode == PivotMode::Given ? forced[j] : j)) return false;
+  }
+  const double limit = 1.0 / std::numeric_limits<acc_t>::epsilon();
+  for (int64_t j = 0; j < r; ++j) {
+    const acc_t piv = P.at(j, j);
+    if (!std::isfinite(piv)) ctx.fail_growth("U", std::numeric_limits<double>::infinity(), limit);
+    if (!(std::abs(piv) > tol)) ctx.fail_pivot(j, static_cast<double>(piv), static_cast<double>(tol));
+  }
+  if (!std::isfinite(max_abs_or_nan(P.a, d * r))) ctx.fail_growth("U", std::numeric_limits<double>::infinity(), limit);
+  return true;
+}
+
+// One matrix: PL, D, U, pivots, and in maxima what check_factors reads, measured here while the
+// data are in cache: max |W[:, :r]|, max |W[I, r:]| (0 when r = k), max |U|, max |PL| (NaN where
+// a factor holds a NaN or an Inf).
+template <typename acc_t>
+void factor_one(const at::Tensor& W, int64_t r, PivotMode mode, const int64_t* forced, acc_t* PL,
+                acc_t* D, acc_t* U, int64_t* pivots, acc_t* maxima, const LduContext& ctx) {
+  const int64_t d = W.size(0), k = W.size(1);
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  Panel<acc_t> P(d, r);
+  maxima[0] = gather_panel(W, P, ctx);
+  maxima[1] = 0;
+  const acc_t tol = static_cast<acc_t>(d) * std::numeric_limits<acc_t>::epsilon() * maxima[0];
+  if (r < kLapackMinRank || !factor_lapack(P, mode, forced, tol, ctx)) {
+    if (r >= kLapackMinRank) {  // getrf refused the prescribed order: start again from W
+      P.reset_order();
+      gather_panel(W, P, ctx);
+    }
+    factor_blocked(P, mode, forced, tol, ctx);
+  }
+  const at::Tensor& panel = P.buf;
 
   // Outputs from the panel: D, the pivots, PL in the original row order.
   for (int64_t i = 0; i < r; ++i) {
     D[i] = P.at(i, i);
     pivots[i] = P.perm[i];
   }
-  for_tiles(d, r, [&](int64_t i, int64_t j) {
-    PL[P.perm[i] * r + j] = j < i ? P.at(i, j) : (j == i ? acc_t(1) : acc_t(0));
-  });
+  write_unit_triangle(P, d, /*upper=*/false, [&](int64_t i) { return PL + P.perm[i] * r; });
 
   // Pivot rows: U[:, r:] = D^{-1} L11^{-1} W[I, r:]; the U11 part is already in the panel.
   const int64_t kr = k - r;
@@ -231,7 +369,8 @@ void factor_one(const at::Tensor& W, int64_t r, PivotMode mode, const int64_t* f
         for (int64_t c = 0; c < kr; ++c) dst[c] = static_cast<acc_t>(src[c * s1]);
       }
     });
-    if (std::isnan(max_abs_or_nan(b, r * kr))) {
+    maxima[1] = max_abs_or_nan(b, r * kr);
+    if (std::isnan(maxima[1])) {
       for (int64_t i = 0; i < r; ++i)
         for (int64_t c = 0; c < kr; ++c)
           if (!std::isfinite(b[i * kr + c])) ctx.fail_nonfinite("pivot row", P.perm[i], r + c);
@@ -241,26 +380,32 @@ void factor_one(const at::Tensor& W, int64_t r, PivotMode mode, const int64_t* f
         for (int64_t p = 0; p < i; ++p) axpy_neg(b + i * kr, b + p * kr, P.at(i, p), kr);
       }
     } else {
+      // In place: a row-major B is a transposed column-major one, which ATen solves without a copy.
       auto L11 = panel.narrow(0, 0, r);
-      B = at::linalg_solve_triangular(L11, B, /*upper=*/false, /*left=*/true, /*unitriangular=*/true).contiguous();
-      b = B.data_ptr<acc_t>();
+      at::linalg_solve_triangular_out(B, L11, B, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
     }
     for (int64_t i = 0; i < r; ++i) {
       scale_to(U + i * k + r, b + i * kr, acc_t(1) / D[i], kr);
     }
   }
-  for_tiles(r, r, [&](int64_t i, int64_t c) {
-    U[i * k + c] = c < i ? acc_t(0) : (c == i ? acc_t(1) : P.at(i, c) / D[i]);
+  // U11 = D^{-1} (the panel's upper triangle), divided in place column by column (contiguous,
+  // vectorized; nothing reads that triangle after this), then written out row-major.
+  at::parallel_for(1, r, std::max<int64_t>(1, (int64_t{1} << 15) / r), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) divide_by(P.col(c), D, c);
   });
+  write_unit_triangle(P, r, /*upper=*/true, [&](int64_t i) { return U + i * k; });
+  maxima[2] = max_abs_or_nan(U, r * k);
+  maxima[3] = max_abs_or_nan(PL, d * r);
 }
 
 LduResult ldu_cpu(const at::Tensor& W3, int64_t r, PivotMode mode, const at::Tensor& forced3,
-                  const std::string& shape) {
+                  const std::string& shape, FactorMaxima& maxima) {
   const int64_t B = W3.size(0), d = W3.size(1), k = W3.size(2);
   const auto acc = working_dtype(W3.scalar_type());
   auto opts = W3.options().dtype(acc);
   LduResult out{at::empty({B, d, r}, opts), at::empty({B, r}, opts), at::empty({B, r, k}, opts),
                 at::empty({B, r}, opts.dtype(at::kLong))};
+  at::Tensor M = at::empty({B, 4}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "loldu_ldu_cpu", [&] {
     // One matrix per task: batches of same-shape layers spread over the cores.
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -269,46 +414,58 @@ LduResult ldu_cpu(const at::Tensor& W3, int64_t r, PivotMode mode, const at::Ten
         const int64_t* forced = forced3.defined() ? forced3[b].const_data_ptr<int64_t>() : nullptr;
         factor_one<scalar_t>(W3[b], r, mode, forced, out.PL[b].data_ptr<scalar_t>(),
                              out.D[b].data_ptr<scalar_t>(), out.U[b].data_ptr<scalar_t>(),
-                             out.pivots[b].data_ptr<int64_t>(), ctx);
+                             out.pivots[b].data_ptr<int64_t>(), M[b].data_ptr<scalar_t>(), ctx);
       }
     });
   });
+  maxima = FactorMaxima{M.select(1, 0), M.select(1, 1), M.select(1, 2), M.select(1, 3)};
   return out;
+}
+
+// max |x| over dims, NaN where x holds a NaN. From 64 columns on, max(max x, -min x): two passes
+// and no |x| temporary of x's size. Narrower, ATen's strided reductions are slow (a (d, 16) view
+// of a wider W reduces ~7x slower than a contiguous copy), and the |x| temporary is small.
+at::Tensor abs_max(const at::Tensor& x, at::IntArrayRef dims) {
+  if (x.size(-1) < 64) return x.abs().amax(dims);
+  return at::maximum(x.amax(dims), x.amin(dims).neg());
 }
 
 }  // namespace
 
-void check_panel_scale(const at::Tensor& W3, int64_t r, const std::string& shape) {
-  const auto acc = working_dtype(W3.scalar_type());
-  const double eps = acc == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                        : std::numeric_limits<float>::epsilon();
-  const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
-  const double floor = tiny / eps;
-  // NaN compares false here: a NaN panel is left to the kernels, which report where it is; so is
-  // an all-zero panel (a plain zero pivot).
-  at::Tensor amax = W3.narrow(2, 0, r).abs().amax({1, 2}).to(at::kDouble).cpu();
+void check_panel_scale(const at::Tensor& W3, int64_t r, const std::string& shape, const at::Tensor& panel_max) {
+  at::Tensor amax = (panel_max.defined() ? panel_max : abs_max(W3.narrow(2, 0, r), {1, 2})).to(at::kDouble).cpu();
   const double* a = amax.const_data_ptr<double>();
-  for (int64_t b = 0; b < amax.size(0); ++b) {
-    if (a[b] > 0 && a[b] < floor) {
-      LduContext{shape, r, W3.size(0) > 1 ? b : -1}.fail_tiny(a[b], floor, acc == at::kDouble ? "float64" : "float32");
-    }
-  }
+  for (int64_t b = 0; b < amax.size(0); ++b)
+    check_panel_floor(a[b], working_dtype(W3.scalar_type()), LduContext{shape, r, W3.size(0) > 1 ? b : -1});
 }
 
-void check_factors(const at::Tensor& W3, const LduResult& out, int64_t r, const std::string& shape) {
+void check_factors(const at::Tensor& W3, const LduResult& out, int64_t r, const std::string& shape,
+                   const FactorMaxima& maxima) {
   const int64_t B = W3.size(0), d = W3.size(1), k = W3.size(2);
   const auto acc = out.D.scalar_type();
   const double eps = acc == at::kDouble ? std::numeric_limits<double>::epsilon()
                                         : std::numeric_limits<float>::epsilon();
   const double limit = 1.0 / eps;
-  auto idx = out.pivots.unsqueeze(2).expand({B, r, k});
-  auto rows = at::gather(W3, 1, idx);
-  auto scale = at::maximum(W3.narrow(2, 0, r).abs().amax({1, 2}), rows.abs().amax({1, 2})).to(acc);
-  auto tol = scale * static_cast<double>(d) * eps;
+  // max |W[I, :]| = max(max |W[I, :r]|, max |W[I, r:]|), and W[I, :r] lies in the panel: only the
+  // pivot rows' tails are gathered (index_select per matrix, far faster on the CPU than a gather).
+  auto scale = maxima.panel.defined() ? maxima.panel : abs_max(W3.narrow(2, 0, r), {1, 2});
+  if (maxima.tails.defined()) {
+    scale = at::maximum(scale, maxima.tails);
+  } else if (k > r) {
+    std::vector<at::Tensor> tails;
+    for (int64_t b = 0; b < B; ++b)
+      tails.push_back(abs_max(W3[b].narrow(1, r, k - r).index_select(0, out.pivots[b]), {0, 1}));
+    scale = at::maximum(scale, at::stack(tails));
+  }
+  scale = scale.to(acc);
+  auto tol = scale * (static_cast<double>(d) * eps);  // d * eps first: scale * d may overflow fp32
   auto pivot_ok = (out.D.abs() > tol.unsqueeze(1)).all(1);
-  auto u_max = out.U.abs().amax({1, 2}), pl_max = out.PL.abs().amax({1, 2});
+  auto u_max = maxima.U.defined() ? maxima.U : abs_max(out.U, {1, 2});
+  auto pl_max = maxima.PL.defined() ? maxima.PL : abs_max(out.PL, {1, 2});
   auto growth_ok = at::logical_and(u_max <= limit, pl_max <= limit);  // false for NaN too
   if (at::logical_and(pivot_ok, growth_ok).all().item<bool>()) return;
+  // A measured maximum is NaN for an Inf too: the error is worded from ATen's own reductions.
+  if (maxima.U.defined() || maxima.PL.defined()) return check_factors(W3, out, r, shape, {maxima.panel});
   auto D = out.D.to(at::kDouble).cpu(), sc = scale.to(at::kDouble).cpu(), tl = tol.to(at::kDouble).cpu();
   auto um = u_max.to(at::kDouble).cpu(), pm = pl_max.to(at::kDouble).cpu();
   for (int64_t b = 0; b < B; ++b) {
@@ -329,15 +486,19 @@ LduResult ldu_dispatch(const at::Tensor& W, int64_t rank, PivotMode mode, const 
   at::Tensor W3 = batched ? W : W.unsqueeze(0);
   at::Tensor F3;
   if (forced.defined()) F3 = (batched ? forced : forced.unsqueeze(0)).contiguous();
-  check_panel_scale(W3, rank, shape);
   LduResult out;
+  FactorMaxima maxima;
   if (W.is_cuda()) {
+    maxima.panel = abs_max(W3.narrow(2, 0, rank), {1, 2});  // read once for both checks
+    check_panel_scale(W3, rank, shape, maxima.panel);
     out = ldu_cuda(W3, rank, mode, F3, shape);
   } else {
     TORCH_CHECK(W.is_cpu(), "loldu.ldu: unsupported device ", W.device(), " for W of shape ", shape);
-    out = ldu_cpu(W3, rank, mode, F3, shape);
+    // The CPU kernel applies check_panel_scale's test to each panel as it gathers it, and measures
+    // the maxima check_factors reads while the data are in cache (a batch is far larger than it).
+    out = ldu_cpu(W3, rank, mode, F3, shape, maxima);
   }
-  check_factors(W3, out, rank, shape);
+  check_factors(W3, out, rank, shape, maxima);
   if (!batched) out = LduResult{out.PL[0], out.D[0], out.U[0], out.pivots[0]};
   return out;
 }

@@ -104,8 +104,18 @@ struct LduContext {
 // check_factors after it (pivots judged against the scale of W[:, :r] and of the pivot rows, which
 // span every column, and the factors' growth bounded), so no non-finite or absurdly scaled factor
 // is ever returned.
-void check_panel_scale(const at::Tensor& W3, int64_t r, const std::string& shape);
-void check_factors(const at::Tensor& W3, const LduResult& out, int64_t r, const std::string& shape);
+// The maxima check_factors reads, (B,) each in the working dtype: max |W3[b, :, :r]| (panel),
+// max |W3[b, I, r:]| over the pivot rows' tails (tails), max |U[b]|, max |PL[b]| (NaN where a
+// factor holds a NaN or an Inf). A kernel that measured them while the data were in cache hands
+// them over; the undefined ones are computed with ATen.
+struct FactorMaxima {
+  at::Tensor panel, tails, U, PL;
+};
+// check_panel_scale also reads max |W3[b, :, :r]|: a caller that has it (B,) passes it.
+void check_panel_scale(const at::Tensor& W3, int64_t r, const std::string& shape,
+                       const at::Tensor& panel_max = at::Tensor());
+void check_factors(const at::Tensor& W3, const LduResult& out, int64_t r, const std::string& shape,
+                   const FactorMaxima& maxima = {});
 
 LduResult ldu_dispatch(const at::Tensor& W, int64_t rank, PivotMode mode, const at::Tensor& forced);
 

@@ -60,6 +60,69 @@ def test_full_rank_float64(d, k, device):
     assert_matches(loldu.ops.ldu(W, r), W, r, 1e-9 if r > 100 else 1e-12)
 
 
+def _item(res, b):
+    return loldu.ops.LDUResult(*(t[b] for t in res))
+
+
+# Full rank, r = min(d, k) (the paper's code adapts every Linear at rank 768): from r = 64 on the
+# compiled CPU path factors the panel with LAPACK's getrf (cpp/ldu.cpp, factor_lapack). Square and
+# tall: the panel is all of W, so the computation is torch.linalg.lu's own. Wide: getrf on the
+# (d, d) panel and on the whole (d, k) W block their columns differently, so in fp32 a near-tie
+# could in principle flip a pivot (none in 1000 random (160, 400) matrices; it did happen once in
+# 60 at (384, 1536), hence the small wide shape). fp32 on CUDA (custom kernels against cuSOLVER)
+# and in the reference backend (an unblocked loop) is left to the fp64 cases: other algorithms,
+# where fp32 rounding may flip a near-tie pivot over 160+ steps. A batch is compared one matrix at
+# a time: torch.linalg.lu on a CPU batch runs getrf from several OpenMP threads at once, which in
+# torch 2.13 + MKL on a 2-core machine printed MKL errors and returned wrong pivots for n >= 160.
+@pytest.mark.parametrize("shape", [(256, 256), (384, 200), (160, 400), (3, 160, 160), (2, 90, 200)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_full_rank_matches_full_lu(shape, dtype, tol, device):
+    if dtype == torch.float32 and (device != "cpu" or loldu.build_info()["backend"] == "pytorch"):
+        pytest.skip("fp32 full rank is compared on the compiled CPU path (LAPACK against LAPACK)")
+    W = torch.randn(*shape, dtype=dtype, device=device)
+    r = min(shape[-2:])
+    res = loldu.ops.ldu(W, r)
+    if W.dim() == 2:
+        assert_matches(res, W, r, tol)
+    else:
+        for b in range(W.shape[0]):
+            assert_matches(_item(res, b), W[b], r, tol)
+
+
+@pytest.mark.parametrize("shape,r", [((256, 256), 256), ((384, 200), 200), ((160, 400), 160),
+                                     ((3, 160, 160), 160), ((300, 200), 100)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_full_rank_from_pivots_is_exact(shape, r, dtype, device):
+    # ldu_from_pivots with ldu's own pivots runs ldu's very computation (the same getrf call on the
+    # same panel, accepted because it picks the given pivots): the factors are bit for bit the same.
+    W = torch.randn(*shape, dtype=dtype, device=device)
+    res = loldu.ops.ldu(W, r)
+    again = loldu.ops.ldu_from_pivots(W, res.pivots)
+    for got, want in zip(again, res):
+        assert torch.equal(got, want)
+
+
+def test_large_rank_prescribed_order_falls_back(device):
+    """Pivots that partial pivoting would not pick, or pivoting='none' on a panel that needs swaps,
+    at r >= 64: getrf's choice is refused and the blocked kernel imposes the order."""
+    W = torch.randn(150, 120, dtype=torch.float64, device=device)
+    W[80:, :80] += 20 * torch.eye(70, 80, dtype=torch.float64, device=device)  # rows 80.. dominate
+    pv = torch.arange(100, device=device)  # partial pivoting would start with rows 80, 81, ...
+    got, ref = loldu.ops.ldu_from_pivots(W, pv), ldu_reference(W, 100, pivots=pv)
+    assert torch.equal(got.pivots.cpu(), pv.cpu())
+    for a, b in zip(got[:3], ref[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
+    got, ref = loldu.ops.ldu(W, 100, pivoting="none"), ldu_reference(W, 100, "none")
+    assert torch.equal(got.pivots.cpu(), torch.arange(100))
+    for a, b in zip(got[:3], ref[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
+    # ...while a diagonally dominant panel keeps its order under getrf: both modes agree exactly.
+    D = torch.randn(150, 120, dtype=torch.float64, device=device) + 100 * torch.eye(150, 120, dtype=torch.float64,
+                                                                                    device=device)
+    a, b = loldu.ops.ldu(D, 100, pivoting="none"), loldu.ops.ldu(D, 100)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(d=st.integers(1, 48), k=st.integers(1, 48), data=st.data(), transposed=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
@@ -75,9 +138,10 @@ def test_batch_equals_one_at_a_time(device):
     W = torch.randn(5, 120, 80, device=device)
     res = loldu.ops.ldu(W, 24)
     assert res.PL.shape == (5, 120, 24) and res.U.shape == (5, 24, 80) and res.pivots.shape == (5, 24)
-    # Compiled: exact, r <= 64 runs no BLAS call (no blocked GEMM/TRSM), every matrix the same
-    # per-matrix code. The reference backend's batched torch ops (solve_triangular over a batch) may
-    # block differently from one matrix: bounded at a few fp32 ulps of the factors' scale.
+    # Compiled: exact, r < 64 runs no BLAS call (no blocked GEMM/TRSM, no LAPACK getrf), every
+    # matrix the same per-matrix code. The reference backend's batched torch ops (solve_triangular
+    # over a batch) may block differently from one matrix: bounded at a few fp32 ulps of the
+    # factors' scale.
     exact = loldu.build_info()["backend"] != "pytorch"
     for b in range(5):
         one = loldu.ops.ldu(W[b], 24)
@@ -89,19 +153,21 @@ def test_batch_equals_one_at_a_time(device):
                 torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("r", [12, 70])  # the blocked kernel; LAPACK's getrf (full rank)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_is_factorized_in_fp32(dtype, device):
+def test_half_precision_is_factorized_in_fp32(dtype, r, device):
     W = torch.randn(90, 70, device=device).to(dtype)
-    res = loldu.ops.ldu(W, 12)
+    res = loldu.ops.ldu(W, r)
     assert res.PL.dtype == torch.float32
-    ref = loldu.ops.ldu(W.float(), 12)
+    ref = loldu.ops.ldu(W.float(), r)
     for got, want in zip(res, ref):
         assert torch.equal(got, want)
 
 
-def test_reads_only_the_panel_and_the_pivot_rows(device):
+@pytest.mark.parametrize("r", [16, 100])  # the blocked kernel; LAPACK's getrf on the panel
+def test_reads_only_the_panel_and_the_pivot_rows(r, device):
     """Poison every entry the method must not read: the result is unchanged and finite."""
-    d, k, r = 500, 400, 16
+    d, k = 500, 400
     W = torch.randn(d, k, dtype=torch.float64, device=device)
     clean = loldu.ops.ldu(W, r)
     poisoned = W.clone()
@@ -210,6 +276,36 @@ def test_nonfinite_in_a_pivot_row(device):
 def test_negligible_pivot(make, step, device):
     msg = _expect_error(make(device), 10, "negligible pivot")
     assert f"at step {step} of 10" in msg and "rank=10" in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_negligible_pivot_large_rank(dtype, device):
+    # getrf does not stop at a tiny pivot; the first step below the tolerance is reported, as the
+    # blocked kernel would, and nothing non-finite comes out.
+    a = torch.randn(300, 150, dtype=dtype, device=device)
+    W = torch.cat([a, a @ torch.randn(150, 1, dtype=dtype, device=device),
+                   torch.randn(300, 49, dtype=dtype, device=device)], dim=1)
+    msg = _expect_error(W, 200, "negligible pivot")
+    assert "at step 150 of 200" in msg and "300, 200" in msg
+    Wb = torch.randn(3, 100, 120, dtype=dtype, device=device)
+    Wb[1] = 0
+    msg = _expect_error(Wb, 100, "negligible pivot")
+    assert "at step 0 of 100" in msg and "batch item 1" in msg
+
+
+def test_nonfinite_large_rank(device):
+    W = torch.randn(100, 120, device=device)
+    p = int(loldu.ops.ldu(W, 64).pivots[40])
+    W[p, 100] = float("nan")
+    assert f"pivot row at W[{p}, 100]" in _expect_error(W, 64, "NaN or Inf")
+    W[7, 80] = float("nan")
+    W[3, 90] = float("inf")
+    msg = _expect_error(W, 100, "NaN or Inf")
+    assert "panel" in msg and "W[3, 90]" in msg  # the first in W's row order
+    # Wilkinson's matrix (growth 2^(n-1) under partial pivoting): U[-1, -1] = 2^199 overflows fp32.
+    G = torch.eye(200, device=device) - torch.ones(200, 200, device=device).tril(-1)
+    G[:, -1] = 1
+    _expect_error(G, 200, "grows to" if device == "cpu" else "loldu.ldu")
 
 
 def test_bad_pivoting_name():
