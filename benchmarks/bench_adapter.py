@@ -1,17 +1,21 @@
 """One training step of an adapted linear layer, side by side in one run:
 
   base       the frozen nn.Linear alone: forward + input gradient (the floor)
-  loldu      loldu.inject on that Linear: the fused op (forward, backward, AdamW over z)
+  auto       loldu.inject on that Linear: the fused op with form="auto" (forward, backward, AdamW over z)
+  delta      the same layer with the delta form forced (LOLDU_ADAPTER_FORM's hook, loldu.ops.FORM_OVERRIDE)
+  dense      the same layer with the dense form forced (docs/method.md §7)
   lora       PEFT's LoRA at the same rank (benchmark-only dependency: pip install peft)
-  reference  the paper's released approach: a torch.nn.utils.parametrize parametrization that
-             forms the dense update P @ L_r diag(z) U_r through a (d, d) permutation matrix
-             every forward
+  reference  (only with --methods ...,reference) the paper's released approach: a
+             torch.nn.utils.parametrize parametrization that forms the dense update
+             P @ L_r diag(z) U_r through a (d, d) permutation matrix every forward
 
-The methods run round-robin within each repetition, so machine noise hits them alike; the
-table gives per-method medians and ratios to the base step, plus trainable-parameter counts and
-optimizer-state bytes.
+The methods run round-robin within each repetition (in an order rotated from one repetition to
+the next), so machine noise and cache effects hit them alike; the
+table gives per-method medians and ratios to the base step, which form "auto" ran, and how far
+auto is from the faster of the two forced forms. --clock cpu times process CPU time instead of
+wall time: with --threads 1 it is robust to other jobs sharing the cores.
 
-    python benchmarks/bench_adapter.py [--quick] [--device cuda] [--dtype bf16]
+    python benchmarks/bench_adapter.py [--quick] [--device cuda] [--dtype bf16] [--threads 1 --clock cpu]
 """
 import argparse
 import statistics
@@ -27,6 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json  # noqa: E402
 
 import loldu  # noqa: E402
+
+FORMS = ("auto", "delta", "dense")  # one loldu model, three settings of the form hook
+SHAPES = "384x384,384x1536,768x768,768x3072,1024x1024,4096x4096"
+QUICK = {"shapes": "384x384,768x768,1024x1024", "tokens": "512,2048", "ranks": "16,64,full"}
 
 
 class DenseLoLDU(nn.Module):
@@ -69,8 +77,10 @@ def build(method: str, d: int, k: int, r: int, dtype, device):
     return model, params, opt
 
 
-def step_fn(model, opt, x):
+def step_fn(model, opt, x, form=None):
     def step():
+        if form is not None:
+            loldu.ops.FORM_OVERRIDE = form
         y = model(x)
         y.backward(torch.ones_like(y))  # a fixed upstream gradient; x.grad is produced too
         if opt is not None:
@@ -80,17 +90,46 @@ def step_fn(model, opt, x):
     return step
 
 
+def goals(rows) -> list:
+    """The targets this benchmark reports against, with the measured values (None: point not run)."""
+    def at(d, k, r, n, key):
+        return next((row[key] for row in rows if (row["d"], row["k"], row["r"], row["n"]) == (d, k, r, n)), None)
+
+    out = []
+    gaps = [row["auto_gap"] for row in rows if row.get("auto_gap") is not None]
+    if gaps:
+        out.append(("auto within 5% of the faster forced form at every point", max(gaps), 0.05))
+    for (d, k, r, n, key, bound) in [(768, 768, 768, 2048, "auto/base", 1.8), (768, 768, 768, 8192, "auto/base", 1.6),
+                                     (4096, 4096, 16, 2048, "auto/base", 1.05),
+                                     (1024, 1024, 16, 2048, "auto/base", 1.10), (1024, 1024, 64, 2048, "auto/base", 1.10),
+                                     (1024, 1024, 16, 2048, "delta/base", 1.10),
+                                     (1024, 1024, 64, 2048, "delta/base", 1.10)]:
+        out.append((f"{key} at {d}x{k}, r={r}, n={n} <= {bound}", at(d, k, r, n, key), bound))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="small shapes and fewer repetitions")
+    ap.add_argument("--quick", action="store_true", help=f"a subset: {QUICK}")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--reps", type=int, default=0)
-    ap.add_argument("--methods", default="base,loldu,lora,reference")
-    ap.add_argument("--tokens", default="8,512,2048")
-    ap.add_argument("--shapes", default="1024x1024,4096x4096")
-    ap.add_argument("--ranks", default="8,16,64")
+    ap.add_argument("--methods", default="base,loldu,lora", help="base,loldu,lora[,reference]; loldu = auto, delta, dense")
+    ap.add_argument("--tokens", default="512,2048,8192")
+    ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--ranks", default="16,64,full")
+    ap.add_argument("--skip", default="", help="points not to run, as dxk:n (e.g. 4096x4096:8192)")
+    ap.add_argument("--points", default="", help="run only these points, as dxk:r:n (r may be 'full'), "
+                                                 "instead of the shapes x ranks x tokens grid")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall time, or process CPU time")
+    ap.add_argument("--out", default="", help="JSON name under benchmarks/results/ (default from device, dtype)")
     args = ap.parse_args()
+    if args.quick:
+        args.shapes, args.tokens, args.ranks = QUICK["shapes"], QUICK["tokens"], QUICK["ranks"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     dev = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -100,51 +139,68 @@ def main():
     except ImportError:
         print("peft is not installed (pip install peft): skipping the LoRA column")
         methods = [m for m in methods if m != "lora"]
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    tokens = [int(v) for v in args.tokens.split(",")]
-    ranks = [int(v) for v in args.ranks.split(",")]
-    if args.quick:
-        shapes, tokens, ranks = [(256, 256)], [8, 64], [8]
+    # "loldu" stands for its three forms, each a column of its own.
+    columns = [c for m in methods for c in (FORMS if m == "loldu" else (m,))]
+    skip = {tuple(s.split(":")) for s in args.skip.split(",") if s}
+    grid = {}  # (d, k, r) -> [n]: one set of models per (d, k, r)
+    if args.points:
+        wanted = [p.split(":") for p in args.points.split(",")]
+    else:
+        wanted = [(shape, rank, n) for shape in args.shapes.split(",") for rank in args.ranks.split(",")
+                  for n in args.tokens.split(",") if (shape, n) not in skip]
+    for shape, rank, n in wanted:
+        d, k = (int(v) for v in shape.split("x"))
+        ns = grid.setdefault((d, k, min(d, k) if rank == "full" else int(rank)), [])
+        if int(n) not in ns:
+            ns.append(int(n))
     rows = []
-    for d, k in shapes:
-        for r in ranks:
-            built = {m: build(m, d, k, r, dtype, dev) for m in methods}
-            for n in tokens:
-                x = torch.randn(n, k, device=dev, dtype=dtype, requires_grad=True)
-                steps = {m: step_fn(model, opt, x) for m, (model, _, opt) in built.items()}
-                flops = 4 * n * d * k  # base forward + input gradient
-                reps = args.reps or max(3, min(30, int(2e10 / flops)))
-                times = {m: [] for m in methods}
-                for m in methods:  # warm-up (and AdamW state allocation)
-                    steps[m]()
-                sync()
-                for _ in range(reps):
-                    for m in methods:
-                        t0 = time.perf_counter()
-                        steps[m]()
+    for (d, k, r), tokens in sorted(grid.items()):
+        built = {m: build(m, d, k, r, dtype, dev) for m in methods}
+        for n in tokens:
+            x = torch.randn(n, k, device=dev, dtype=dtype, requires_grad=True)
+            steps = {}
+            for m, (model, _, opt) in built.items():
+                for col in (FORMS if m == "loldu" else (m,)):
+                    steps[col] = step_fn(model, opt, x, col if m == "loldu" else None)
+            flops = 4 * n * d * k  # base forward + input gradient
+            reps = args.reps or max(3, min(100, int(5e10 / flops)))
+            times = {col: [] for col in columns}
+            for col in columns:  # warm-up (and AdamW state allocation)
+                steps[col]()
+            sync()
+            try:
+                for i in range(reps):
+                    # Rotated each repetition: a step right after another model's step finds its own
+                    # weights out of cache (up to ~10% at 384 x 384), so every column takes every place.
+                    for col in columns[i % len(columns):] + columns[:i % len(columns)]:
+                        t0 = clock()
+                        steps[col]()
                         sync()
-                        times[m].append(time.perf_counter() - t0)
-                med = {m: statistics.median(ts) for m, ts in times.items()}
-                row = {"d": d, "k": k, "r": r, "n": n, "reps": reps}
-                for m in methods:
-                    row[f"{m}_ms"] = med[m] * 1e3
-                    if m != "base":
-                        row[f"{m}/base"] = med[m] / med["base"] if "base" in med else None
-                if "loldu" in med and "lora" in med:
-                    row["lora/loldu"] = med["lora"] / med["loldu"]
-                if "loldu" in med and "reference" in med:
-                    row["reference/loldu"] = med["reference"] / med["loldu"]
-                for m, (_, params, opt) in built.items():
-                    row[f"{m}_trainable"] = sum(p.numel() for p in params)
-                    row[f"{m}_optim_bytes"] = 0 if opt is None else sum(
-                        t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-                        if isinstance(t, torch.Tensor))
-                rows.append(row)
-                print("  " + ", ".join(f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}"
-                                       for key, val in row.items() if not key.endswith("bytes")), flush=True)
-            del built
-    cols = ["d", "k", "r", "n"] + [f"{m}_ms" for m in methods] + \
-           [c for c in ("loldu/base", "lora/base", "reference/base", "lora/loldu", "reference/loldu") if c in rows[0]]
+                        times[col].append(clock() - t0)
+            finally:
+                loldu.ops.FORM_OVERRIDE = "auto"
+            med = {col: statistics.median(ts) for col, ts in times.items()}
+            row = {"d": d, "k": k, "r": r, "n": n, "reps": reps}
+            if "loldu" in methods:
+                row["auto_form"] = loldu.ops.choose_form(n, d, k, r, dtype, dev.type)
+            for col in columns:
+                row[f"{col}_ms"] = med[col] * 1e3
+                if col != "base" and "base" in med:
+                    row[f"{col}/base"] = med[col] / med["base"]
+            if "loldu" in methods:
+                row["auto_gap"] = med["auto"] / min(med["delta"], med["dense"]) - 1
+            for m, (_, params, opt) in built.items():
+                row[f"{m}_trainable"] = sum(p.numel() for p in params)
+                row[f"{m}_optim_bytes"] = 0 if opt is None else sum(
+                    t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                    if isinstance(t, torch.Tensor))
+            rows.append(row)
+            print("  " + ", ".join(f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}"
+                                   for key, val in row.items() if not key.endswith(("bytes", "trainable"))),
+                  flush=True)
+        del built
+    cols = ["d", "k", "r", "n", "base_ms"] + [f"{c}/base" for c in columns if c != "base"] + \
+           [c for c in ("auto_form", "auto_gap") if c in rows[0]]
     table = print_table(rows, cols)
     print()
     pcols = ["d", "k", "r"] + [f"{m}_trainable" for m in methods] + [f"{m}_optim_bytes" for m in methods]
@@ -154,9 +210,17 @@ def main():
             seen.add((row["d"], row["k"], row["r"]))
             prow.append(row)
     params_table = print_table(prow, pcols)
-    write_json(f"bench_adapter_{dev.type}_{args.dtype}" + ("_quick" if args.quick else ""),
-               {"machine": machine(), "build": loldu.build_info(), "dtype": args.dtype, "rows": rows,
-                "table": table, "params_table": params_table})
+    print()
+    report = []
+    for what, got, bound in goals(rows):
+        status = "not run" if got is None else ("met" if got <= bound else f"NOT met (gap {got - bound:+.3f})")
+        report.append({"goal": what, "measured": got, "status": status})
+        print(f"  {what}: {'-' if got is None else f'{got:.3f}'} -> {status}")
+    name = args.out or f"bench_adapter_{dev.type}_{args.dtype}" + ("_quick" if args.quick else "")
+    write_json(name, {"machine": machine(), "build": loldu.build_info(), "dtype": args.dtype,
+                      "threads": torch.get_num_threads(), "clock": args.clock, "skipped": sorted(map(list, skip)),
+                      "points": args.points,
+                      "rows": rows, "table": table, "params_table": params_table, "goals": report})
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
-// The fused LoLDU linear op (docs/method.md §3, §4), device-generic over ATen GEMMs.
+// The fused LoLDU linear op in its two exact forms (docs/method.md §3, §4, §7), device-generic
+// over ATen GEMMs.
 //
-// What is fused where:
+// Delta form (no (d, k) temporary):
 //  * forward:  y = addmm(b, x, W0^T)             (bias in the GEMM epilogue)
-//              t = x U^T                          (n, r)
+//              t = x U^T                          (n, r), returned for the backward to reuse
 //              y.addmm_(t, (PL diag c)^T)         (accumulate into y in the GEMM epilogue, beta=1)
 //    The scale by c is folded into the (d, r) factor (d*r multiplies instead of n*r, no (n, r)
 //    pass) and the low-rank product accumulates straight into y: no (n, d) temporary.
 //  * backward: h = g PL; grad_c[j] = sum_rows t[:, j] h[:, j] in one fused pass (our kernel,
 //    fp32/fp64 accumulator, no (n, r) product temporary); grad_x = g W0, then
-//    grad_x.addmm_(h, diag(c) U) with c folded into the (r, k) factor.
+//    grad_x.addmm_(h, diag(c) U) with c folded into the (r, k) factor. t comes from the forward.
 //  * per-row c (n, r) (mixed-adapter batches): the scale goes on t and h instead.
-// t is recomputed from x in backward: the only saved activation is x. No (d, k) temporary.
+// Dense form (shared c only):
+//  * forward:  W = W0 + PL diag(c) U (d, k), returned for the backward; y = addmm(b, x, W^T).
+//  * backward: grad_x = g W; grad_c = diag(PL^T (g^T x) U^T), evaluated as colsum(PL ⊙ (G U^T))
+//    with G = g^T x, or as colsum((g PL) ⊙ (x U^T)), whichever the cost model finds cheaper.
+//  On CPU, when U is upper trapezoidal (as ldu returns it), the products with U skip its zero
+//  triangle in column blocks: at full rank the build and G U^T cost about half of 2 d k r.
+// "auto" picks the form per call from the cost model at the end of this file.
 #include "loldu/loldu.h"
 #include "cuda_glue.h"
 #include "ldu_common.h"
@@ -18,8 +25,13 @@
 #include <ATen/OpMathType.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -77,6 +89,23 @@ void check_adapter_args(const at::Tensor& x, const at::Tensor& weight,
                     "loldu.adapter_linear: c must be ", py_dtype(dt), " or float32, got ", py_dtype(c.scalar_type()));
 }
 
+enum class Form { Auto, Delta, Dense };
+
+Form parse_form(c10::string_view form, const char* op) {
+  if (form == "auto") return Form::Auto;
+  if (form == "delta") return Form::Delta;
+  if (form == "dense") return Form::Dense;
+  TORCH_CHECK_VALUE(false, op, ": form must be 'auto', 'delta' or 'dense', got '", std::string(form), "'");
+}
+
+// A resolved form: what the forward kernel and the backward accept.
+Form parse_resolved_form(c10::string_view form, const char* op) {
+  const Form f = parse_form(form, op);
+  TORCH_CHECK_VALUE(f != Form::Auto, op, ": form must be 'delta' or 'dense' here ('auto' is resolved by "
+                    "loldu::adapter_linear), got 'auto'");
+  return f;
+}
+
 // grad_c[j] = sum_i t[i, j] * h[i, j], accumulated in fp32 (fp64 for fp64), one pass.
 at::Tensor column_dot(const at::Tensor& t, const at::Tensor& h) {
   const int64_t n = t.size(0), r = t.size(1);
@@ -111,46 +140,294 @@ at::Tensor column_dot(const at::Tensor& t, const at::Tensor& h) {
   return out;
 }
 
+// -- U's zero triangle -------------------------------------------------------------------------
+// Column block [j0, j0 + w) of U (r, k) whose nonzero entries all lie in rows [0, lim).
+struct UBlock {
+  int64_t j0, w, lim;
+};
+
+constexpr int64_t kUBlock = 64;
+
+// Upper trapezoidal U (U[i, j] == 0 for j < i) splits into column blocks of the leading r
+// columns, block [j0, j1) needing rows < j1 only, and one block for the columns from r on.
+std::vector<UBlock> u_blocks(int64_t r, int64_t k, bool upper) {
+  if (!upper) return {{0, k, r}};
+  std::vector<UBlock> out;
+  const int64_t m = std::min(r, k);
+  for (int64_t j0 = 0; j0 < m; j0 += kUBlock) {
+    const int64_t w = std::min(kUBlock, m - j0);
+    out.push_back({j0, w, std::min(r, j0 + w)});
+  }
+  if (k > m) out.push_back({m, k - m, r});
+  return out;
+}
+
+// Whether U's strictly lower triangle is exactly zero (read on CPU only: a device would have to
+// synchronize). Stops at the first nonzero, so an unstructured U costs next to nothing.
+bool upper_trapezoidal(const at::Tensor& U) {
+  if (!U.is_cpu()) return false;
+  bool upper = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, U.scalar_type(), "loldu_upper_trapezoidal", [&] {
+    const scalar_t* p = U.const_data_ptr<scalar_t>();
+    const int64_t s0 = U.stride(0), s1 = U.stride(1), r = U.size(0), k = U.size(1);
+    for (int64_t i = 1; i < r && upper; ++i)
+      for (int64_t j = 0; j < std::min(i, k); ++j)
+        if (p[i * s0 + j * s1] != scalar_t(0)) {
+          upper = false;
+          break;
+        }
+  });
+  return upper;
+}
+
+// out (rows, r) = G (rows, k) U^T, block by block over U's nonzero region.
+at::Tensor mm_ut(const at::Tensor& G, const at::Tensor& U, const std::vector<UBlock>& blocks) {
+  at::Tensor out = at::zeros({G.size(0), U.size(0)}, G.options());
+  for (const auto& b : blocks) {
+    at::Tensor o = out.narrow(1, 0, b.lim);
+    o.addmm_(G.narrow(1, b.j0, b.w), U.narrow(0, 0, b.lim).narrow(1, b.j0, b.w).t());
+  }
+  return out;
+}
+
+// W = W0 + PL diag(c) U in x's dtype (the dense form's weight), block by block over U's nonzero region.
+// W is laid out as W0 (a transposed W0 gives a transposed W), so x W^T is the very GEMM x W0^T is,
+// and c = 0 gives the base layer's output bit for bit in either form.
+at::Tensor dense_weight(const at::Tensor& weight, const at::Tensor& PL, const at::Tensor& U, const at::Tensor& c,
+                        const std::vector<UBlock>& blocks) {
+  at::Tensor W = at::empty_like(weight);
+  at::Tensor PLc = PL * c.to(PL.scalar_type()).unsqueeze(0);
+  for (const auto& b : blocks) {
+    at::Tensor out = W.narrow(1, b.j0, b.w);
+    at::addmm_out(out, weight.narrow(1, b.j0, b.w), PLc.narrow(1, 0, b.lim), U.narrow(0, 0, b.lim).narrow(1, b.j0, b.w));
+  }
+  return W;
+}
+
 }  // namespace
 
-at::Tensor adapter_linear(const at::Tensor& x, const at::Tensor& weight,
-                          const std::optional<at::Tensor>& bias, const at::Tensor& PL,
-                          const at::Tensor& U, const at::Tensor& c) {
+// -- the cost model (docs/method.md §7) ------------------------------------------------------------
+// Every term is in flop-equivalents of the device's large-GEMM rate. A pass over an array of
+// `elems` elements that moves each of them `a` times and does 2 r flops on each costs
+//     elems * (2 r s + a e),
+// s ("skinny") being how much slower than a large GEMM a rank-r GEMM does its flops and e
+// ("stream") the cost of moving one element (the device's flops per byte times the element size).
+// Extra cost over the frozen base step (forward + input gradient) for n rows:
+//   delta  forward:  t = x U^T          n k (2 r s + e)       y += t (PL c)^T   n d (2 r s + 2 e)
+//          backward: h = g PL           n d (2 r s + e)       gx += h (c U)     n k (2 r s + 2 e)
+//   dense  forward:  W = W0 + PL c U    d k (2 r_u s + 3 e)   (read W0, write W fresh)
+//                    + d k hold: the (d, k) buffer held from the forward to the backward
+//                      (kept only when x needs a gradient)
+//          backward: grad_c through the cheaper of
+//                    t and h            n (k + d) (2 r s + e)
+//                    G = g^T x          2 n d k  +  G U^T: d k (2 r_u s + 3 e)
+// r_u is the average number of U's rows the blocked products touch per column (about r / 2 at
+// full rank on CPU, r elsewhere). The base GEMMs cost the same in both forms (the dense form
+// multiplies by W instead of W0) and cancel. Summing, with the base step at 4 n d k:
+//   delta ≈ 1 + r (d + k) / (d k) + 3 e (d + k) / (4 d k),
+//   dense ≈ 1 + r_u / (2 n) + min(r (d + k) / (2 d k), 1/2 + r_u / (2 n)) + memory terms,
+// i.e. 1.5 + r / n at full rank without U's structure. Every per-row term grows with n and the
+// dense form's fixed terms do not, so the dense form wins from some n on, which
+// adapter_dense_min_rows returns; without a backward (hold and the backward terms dropped) the
+// same holds for the forward alone.
+namespace {
+
+struct CostConstants {
+  double skinny;  // rank-r GEMM flops relative to a large GEMM's
+  double stream;  // flop-equivalents per element streamed once
+  double hold;    // flop-equivalents per element of the (d, k) buffer the dense form holds
+};
+
+CostConstants constants_for(at::ScalarType dtype, c10::DeviceType device) {
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  const double elem = dtype == at::kDouble ? 8.0 : (half ? 2.0 : 4.0);
+  double flops_per_byte, skinny;
+  if (device == c10::DeviceType::CUDA) {
+    // H100/H200-class spec-sheet numbers, not measured here: ~60 TFLOP/s fp32 (TF32 off) and fp64,
+    // ~900 fp16/bf16 on tensor cores, against ~4.5 TB/s; rank-r GEMMs below a large GEMM's rate.
+    flops_per_byte = half ? 200.0 : 14.0;
+    skinny = 1.5;
+  } else {
+    // Measured on a 2-core AMD EPYC (Zen 5, AVX-512) with MKL, one thread, fp32: a large GEMM's
+    // rate against passes over (n, d) / (n, k) and (d, k) arrays (benchmarks/bench_adapter.py).
+    // fp64 GEMMs run at half the rate on twice the bytes, bf16/fp16 at twice the rate on half.
+    flops_per_byte = dtype == at::kDouble ? 2.5 : (half ? 10.0 : 5.0);
+    skinny = 1.0;
+  }
+  const double stream = flops_per_byte * elem;
+  return {skinny, stream, 2.5 * stream};
+}
+
+// U's nonzero entries per column, averaged (exactly what the block products above compute).
+double upper_rank(int64_t r, int64_t k, bool upper) {
+  double s = 0;
+  for (const auto& b : u_blocks(r, k, upper)) s += static_cast<double>(b.lim) * b.w;
+  return s / k;
+}
+
+struct FormCosts {
+  double delta_row;          // per row
+  double dense_fixed;        // build + held buffer
+  double th_row;             // grad_c by t and h, per row
+  double g_row, g_fixed;     // grad_c by G = g^T x
+};
+
+FormCosts form_costs(int64_t d_, int64_t k_, int64_t r_, at::ScalarType dtype, c10::DeviceType device,
+                     bool need_grad_x, bool need_grad_c) {
+  const auto C = constants_for(dtype, device);
+  const double d = d_, k = k_, r = r_, e = C.stream, s = C.skinny;
+  const double ru = upper_rank(r_, k_, device == c10::DeviceType::CPU);
+  const bool backward = need_grad_x || need_grad_c;
+  FormCosts f{};
+  f.delta_row = k * (2 * r * s + e) + d * (2 * r * s + 2 * e);
+  if (backward) f.delta_row += d * (2 * r * s + e);
+  if (need_grad_x) f.delta_row += k * (2 * r * s + 2 * e);
+  f.dense_fixed = d * k * (2 * ru * s + 3 * e) + (need_grad_x ? d * k * C.hold : 0.0);
+  f.th_row = (k + d) * (2 * r * s + e);
+  f.g_row = 2 * d * k;
+  f.g_fixed = d * k * (2 * ru * s + 3 * e);
+  return f;
+}
+
+constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
+
+// Smallest n with fixed + n * row < n * delta_row.
+int64_t crossover(double delta_row, double row, double fixed) {
+  if (row >= delta_row) return kNever;
+  const double n = std::floor(fixed / (delta_row - row)) + 1;
+  return n >= 1e15 ? kNever : static_cast<int64_t>(n);
+}
+
+}  // namespace
+
+int64_t adapter_dense_min_rows(int64_t d, int64_t k, int64_t r, at::ScalarType dtype, c10::DeviceType device,
+                               bool need_grad_x, bool need_grad_c) {
+  const auto f = form_costs(d, k, r, dtype, device, need_grad_x, need_grad_c);
+  if (!need_grad_c) return crossover(f.delta_row, 0.0, f.dense_fixed);
+  return std::min(crossover(f.delta_row, f.th_row, f.dense_fixed),
+                  crossover(f.delta_row, f.g_row, f.dense_fixed + f.g_fixed));
+}
+
+std::string adapter_form(int64_t n, int64_t d, int64_t k, int64_t r, at::ScalarType dtype, c10::DeviceType device,
+                         bool need_grad_x, bool need_grad_c) {
+  return n >= adapter_dense_min_rows(d, k, r, dtype, device, need_grad_x, need_grad_c) ? "dense" : "delta";
+}
+
+namespace {
+
+// Whether the dense backward evaluates grad_c through G = g^T x rather than through t and h.
+bool grad_c_through_g(int64_t n, int64_t d, int64_t k, int64_t r, at::ScalarType dtype, c10::DeviceType device) {
+  const auto f = form_costs(d, k, r, dtype, device, true, true);
+  return f.g_fixed + n * f.g_row < n * f.th_row;
+}
+
+int64_t concrete(const c10::SymInt& v) { return v.guard_int(__FILE__, __LINE__); }
+
+}  // namespace
+
+std::string resolve_adapter_form(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& PL,
+                                 const at::Tensor& c, c10::string_view form) {
+  const Form f = parse_form(form, "loldu.adapter_linear");
+  // Per-row c would need one W per row: the dense form is defined for a shared c only.
+  if (f == Form::Delta || c.dim() != 1) return "delta";
+  if (f == Form::Dense) return "dense";
+  if (weight.dim() != 2 || PL.dim() != 2 || x.dim() < 1) return "delta";  // the kernel's checks will report it
+  const bool grad = at::GradMode::is_enabled();
+  const auto device = x.device().type();
+  auto dtype = x.scalar_type();
+  if (at::autocast::is_autocast_available(device) && at::autocast::is_autocast_enabled(device)) {
+    dtype = at::autocast::get_autocast_dtype(device);
+  }
+  const int64_t d = concrete(weight.sym_size(0)), k = concrete(weight.sym_size(1)), r = concrete(PL.sym_size(1));
+  const int64_t min_rows = adapter_dense_min_rows(d, k, r, dtype, device, grad && x.requires_grad(),
+                                                  grad && c.requires_grad());
+  if (min_rows == kNever || k == 0 || min_rows > kNever / k) return "delta";
+  // Guards on the inequality only, so a graph compiled with dynamic n stays valid on its side.
+  return x.sym_numel().sym_ge(c10::SymInt(k * min_rows)).guard_bool(__FILE__, __LINE__) ? "dense" : "delta";
+}
+
+std::tuple<at::Tensor, at::Tensor> adapter_linear_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                          const std::optional<at::Tensor>& bias, const at::Tensor& PL,
+                                                          const at::Tensor& U, const at::Tensor& c,
+                                                          c10::string_view form) {
   check_adapter_args(x, weight, bias, PL, U, c);
+  const Form f = parse_resolved_form(form, "loldu.adapter_linear_forward");
   const int64_t d = weight.size(0), k = weight.size(1), r = PL.size(1);
   at::Tensor x2 = x.reshape({-1, k});
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = d;
+  if (f == Form::Dense) {
+    TORCH_CHECK_VALUE(c.dim() == 1, "loldu.adapter_linear_forward: the dense form needs one c (r,) for all rows, "
+                      "got c ", shape_of(c), " (per-row c runs the delta form)");
+    at::Tensor W = dense_weight(weight, PL, U, c, u_blocks(r, k, upper_trapezoidal(U)));
+    at::Tensor y = bias ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
+    return {y.view(out_shape), W};
+  }
   at::Tensor y = bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   at::Tensor t = at::mm(x2, U.t());
   if (c.dim() == 1) {
     y.addmm_(t, (PL * c.to(PL.scalar_type()).unsqueeze(0)).t());
   } else {
-    y.addmm_(t.mul_(c.reshape({-1, r}).to(t.scalar_type())), PL.t());
+    y.addmm_(t * c.reshape({-1, r}).to(t.scalar_type()), PL.t());
   }
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = d;
-  return y.view(out_shape);
+  return {y.view(out_shape), t};
+}
+
+at::Tensor adapter_linear(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& PL,
+                          const at::Tensor& U, const at::Tensor& c, c10::string_view form) {
+  return std::get<0>(adapter_linear_forward(x, weight, bias, PL, U, c, resolve_adapter_form(x, weight, PL, c, form)));
 }
 
 std::tuple<at::Tensor, at::Tensor> adapter_linear_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& PL,
-    const at::Tensor& U, const at::Tensor& c, bool need_grad_x) {
+    const at::Tensor& U, const at::Tensor& c, bool need_grad_x, bool need_grad_c, c10::string_view form,
+    const std::optional<at::Tensor>& saved) {
   check_adapter_args(x, weight, std::nullopt, PL, U, c);
+  const Form f = parse_resolved_form(form, "loldu.adapter_linear_backward");
   const int64_t d = weight.size(0), k = weight.size(1), r = PL.size(1);
   TORCH_CHECK_VALUE(grad_y.size(-1) == d && grad_y.numel() / d == x.numel() / k,
                     "loldu.adapter_linear_backward: grad_y ", grad_y.sizes(), " does not match x ", x.sizes(),
                     " and weight ", weight.sizes());
+  const int64_t n = x.numel() / k;
   at::Tensor g2 = grad_y.reshape({-1, d}).to(x.scalar_type());
   at::Tensor x2 = x.reshape({-1, k});
-  at::Tensor h = at::mm(g2, PL);   // (n, r)
-  at::Tensor t = at::mm(x2, U.t());  // (n, r), recomputed instead of saved
-  at::Tensor grad_c;
   at::Tensor cx = c.to(x.scalar_type());
-  if (c.dim() == 1) {
-    grad_c = column_dot(t, h).to(c.scalar_type());
-  } else {
-    grad_c = t.mul(h).to(c.scalar_type()).view(c.sizes());
+  auto check_saved = [&](std::initializer_list<int64_t> shape, const char* what) {
+    TORCH_CHECK_VALUE(saved->sizes() == c10::IntArrayRef(shape) && saved->scalar_type() == x.scalar_type() &&
+                          saved->device() == x.device(),
+                      "loldu.adapter_linear_backward: saved must be ", what, " ", c10::IntArrayRef(shape), " of ",
+                      py_dtype(x.scalar_type()), ", got ", saved->sizes(), " of ", py_dtype(saved->scalar_type()));
+  };
+  at::Tensor grad_x, grad_c;
+  if (f == Form::Dense) {
+    TORCH_CHECK_VALUE(c.dim() == 1, "loldu.adapter_linear_backward: the dense form needs one c (r,) for all rows, "
+                      "got c ", shape_of(c));
+    const auto blocks = u_blocks(r, k, upper_trapezoidal(U));
+    at::Tensor W;
+    if (need_grad_x) {
+      if (saved) check_saved({d, k}, "the dense weight W");
+      W = saved ? *saved : dense_weight(weight, PL, U, c, blocks);
+      grad_x = at::mm(g2, W).view(x.sizes());
+    }
+    if (need_grad_c) {
+      if (grad_c_through_g(n, d, k, r, x.scalar_type(), x.device().type())) {
+        at::Tensor G = at::mm(g2.t(), x2);  // (d, k)
+        grad_c = column_dot(PL, mm_ut(G, U, blocks));
+      } else {
+        grad_c = column_dot(at::mm(x2, U.t()), at::mm(g2, PL));
+      }
+      grad_c = grad_c.to(c.scalar_type());
+    }
+    return {grad_x, grad_c};
   }
-  at::Tensor grad_x;
+  if (saved) check_saved({n, r}, "t = x U^T");
+  if (!need_grad_x && !need_grad_c) return {grad_x, grad_c};
+  at::Tensor h = at::mm(g2, PL);  // (n, r)
+  if (need_grad_c) {
+    at::Tensor t = saved ? *saved : at::mm(x2, U.t());  // (n, r)
+    grad_c = c.dim() == 1 ? column_dot(t, h).to(c.scalar_type()) : t.mul(h).to(c.scalar_type()).view(c.sizes());
+  }
   if (need_grad_x) {
     grad_x = at::mm(g2, weight);
     if (c.dim() == 1) {

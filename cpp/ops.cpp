@@ -43,27 +43,45 @@ LduTuple ldu_from_pivots_op(const at::Tensor& W, const at::Tensor& pivots) {
 
 std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_y, const at::Tensor& x,
                                                const at::Tensor& weight, const at::Tensor& PL,
-                                               const at::Tensor& U, const at::Tensor& c, bool need_grad_x) {
-  auto [gx, gc] = adapter_linear_backward(grad_y, x, weight, PL, U, c, need_grad_x);
+                                               const at::Tensor& U, const at::Tensor& c, bool need_grad_x,
+                                               bool need_grad_c, c10::string_view form,
+                                               const std::optional<at::Tensor>& saved) {
+  auto [gx, gc] = adapter_linear_backward(grad_y, x, weight, PL, U, c, need_grad_x, need_grad_c, form, saved);
   if (!gx.defined()) gx = at::empty({0}, x.options());
+  if (!gc.defined()) gc = at::empty({0}, c.options());
   return {gx, gc};
+}
+
+using ForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                     const std::optional<at::Tensor>&, const at::Tensor&,
+                                                     const at::Tensor&, const at::Tensor&, c10::string_view);
+
+c10::TypedOperatorHandle<ForwardFn>& forward_handle() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("loldu::adapter_linear_forward", "").typed<ForwardFn>();
+  return op;
+}
+
+// The public op decomposes (CompositeImplicitAutograd) into adapter_linear_forward, whose autograd
+// formula (registered from Python) keeps the second output for the backward. It runs above
+// autograd, so "auto" sees whether a backward will follow.
+at::Tensor adapter_linear_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& PL, const at::Tensor& U, const at::Tensor& c, c10::string_view form) {
+  const std::string resolved = resolve_adapter_form(x, weight, PL, c, form);
+  return std::get<0>(forward_handle().call(x, weight, bias, PL, U, c, resolved));
 }
 
 // Under autocast the matmuls run in the autocast dtype (fp32 accumulation inside the GEMMs)
 // while c, and so the trainable coefficients, stay fp32.
 template <c10::DeviceType device, c10::DispatchKey key>
-at::Tensor adapter_linear_autocast(const at::Tensor& x, const at::Tensor& weight,
-                                   const std::optional<at::Tensor>& bias, const at::Tensor& PL,
-                                   const at::Tensor& U, const at::Tensor& c) {
+std::tuple<at::Tensor, at::Tensor> adapter_linear_autocast(const at::Tensor& x, const at::Tensor& weight,
+                                                           const std::optional<at::Tensor>& bias, const at::Tensor& PL,
+                                                           const at::Tensor& U, const at::Tensor& c,
+                                                           c10::string_view form) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("loldu::adapter_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
   const auto dt = at::autocast::get_autocast_dtype(device);
   auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dt, t, device); };
   std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(cast(*bias)) : std::nullopt;
-  return op.call(cast(x), cast(weight), b, cast(PL), cast(U), c.to(at::kFloat));
+  return forward_handle().call(cast(x), cast(weight), b, cast(PL), cast(U), c.to(at::kFloat), form);
 }
 
 }  // namespace
@@ -72,9 +90,12 @@ at::Tensor adapter_linear_autocast(const at::Tensor& x, const at::Tensor& weight
 TORCH_LIBRARY(loldu, m) {
   m.def("ldu(Tensor W, int rank, str pivoting='partial') -> (Tensor PL, Tensor D, Tensor U, Tensor pivots)");
   m.def("ldu_from_pivots(Tensor W, Tensor pivots) -> (Tensor PL, Tensor D, Tensor U, Tensor pivots)");
-  m.def("adapter_linear(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, Tensor c) -> Tensor");
+  m.def("adapter_linear(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, Tensor c, str form='auto') -> Tensor",
+        torch::dispatch(c10::DispatchKey::CompositeImplicitAutograd, &loldu::adapter_linear_op));
+  m.def("adapter_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, Tensor c, str form) -> "
+        "(Tensor y, Tensor saved)");
   m.def("adapter_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor PL, Tensor U, Tensor c, "
-        "bool need_grad_x) -> (Tensor grad_x, Tensor grad_c)");
+        "bool need_grad_x, bool need_grad_c=True, str form='delta', Tensor? saved=None) -> (Tensor grad_x, Tensor grad_c)");
   // Pure ATen composition: autograd and meta come for free.
   m.def("delta_weight(Tensor PL, Tensor U, Tensor c) -> Tensor",
         torch::dispatch(c10::DispatchKey::CompositeImplicitAutograd, &loldu::delta_weight));
@@ -83,28 +104,39 @@ TORCH_LIBRARY(loldu, m) {
 TORCH_LIBRARY_IMPL(loldu, CPU, m) {
   m.impl("ldu", &loldu::ldu_op);
   m.impl("ldu_from_pivots", &loldu::ldu_from_pivots_op);
-  m.impl("adapter_linear", &loldu::adapter_linear);
+  m.impl("adapter_linear_forward", &loldu::adapter_linear_forward);
   m.impl("adapter_linear_backward", &loldu::backward_op);
 }
 
 TORCH_LIBRARY_IMPL(loldu, CUDA, m) {
   m.impl("ldu", &loldu::ldu_op);
   m.impl("ldu_from_pivots", &loldu::ldu_from_pivots_op);
-  m.impl("adapter_linear", &loldu::adapter_linear);
+  m.impl("adapter_linear_forward", &loldu::adapter_linear_forward);
   m.impl("adapter_linear_backward", &loldu::backward_op);
 }
 
 TORCH_LIBRARY_IMPL(loldu, AutocastCPU, m) {
-  m.impl("adapter_linear", &loldu::adapter_linear_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+  m.impl("adapter_linear_forward", &loldu::adapter_linear_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
 }
 
 TORCH_LIBRARY_IMPL(loldu, AutocastCUDA, m) {
-  m.impl("adapter_linear", &loldu::adapter_linear_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+  m.impl("adapter_linear_forward", &loldu::adapter_linear_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
 }
 
 #ifdef TORCH_EXTENSION_NAME
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "loldu C++ extension: the ops live in torch.ops.loldu; this module reports the build.";
   m.def("build_flavor", &loldu::build_flavor, "'cpu' or 'cuda': which kernels this build carries");
+  m.def(
+      "dense_min_rows",
+      [](int64_t d, int64_t k, int64_t r, const std::string& dtype, const std::string& device, bool need_grad_x,
+         bool need_grad_c) {
+        const at::ScalarType dt = dtype == "torch.float64" ? at::kDouble
+                                  : dtype == "torch.float16" ? at::kHalf
+                                  : dtype == "torch.bfloat16" ? at::kBFloat16 : at::kFloat;
+        const auto dev = device == "cuda" ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
+        return loldu::adapter_dense_min_rows(d, k, r, dt, dev, need_grad_x, need_grad_c);
+      },
+      "The C++ cost model behind form='auto' (loldu::adapter_dense_min_rows), for comparison with Python's");
 }
 #endif

@@ -1,5 +1,6 @@
 """torch.ops.loldu.adapter_linear: opcheck, gradcheck, equality with the reference and with a
-dense (W0 + ΔW) layer, compile, autocast, memory (no (d, k) temporary), bad input."""
+dense (W0 + ΔW) layer, compile, autocast, memory (no (d, k) temporary in the delta form), bad input.
+The two forms side by side: test_forms.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,8 @@ def test_bf16_without_autocast(device):
     bf = [t.bfloat16() for t in (x, W, b, PL, U)]
     y16 = loldu.ops.adapter_linear(bf[0], bf[1], bf[2], bf[3], bf[4], c)  # c stays fp32
     assert y16.dtype == torch.bfloat16
-    torch.testing.assert_close(y16.float(), y32, rtol=5e-2, atol=5e-2)
+    # bf16 rounds every input to 8 bits: the error scales with the outputs (4 bf16 ulps of the largest).
+    torch.testing.assert_close(y16.float(), y32, rtol=5e-2, atol=2**-6 * float(y32.abs().max()))
 
 
 def test_autocast_bf16_keeps_coefficients_fp32(device):
@@ -168,9 +170,12 @@ class LargestAllocation(TorchDispatchMode):
 
 @pytest.mark.skipif(loldu.build_info()["backend"] == "pytorch",
                     reason="a property of the compiled kernels; the reference op is plain autograd over aten ops")
-def test_no_dk_temporary_and_only_x_saved():
+@pytest.mark.parametrize("form", ["delta", "auto"])
+def test_no_dk_temporary_and_only_t_saved(form):
     # d*k dominates: any (d, k) temporary would be 16x larger than anything legitimate.
+    # At n = 32 and r = 16 the cost model runs the delta form for "auto" too.
     d, k, r, n = 1024, 1024, 16, 32
+    assert loldu.ops.choose_form(n, d, k, r) == "delta"
     W, b, PL, D, U = make_layer(d, k, r)
     x = torch.randn(n, k, requires_grad=True)
     z = torch.nn.Parameter(D.clone())
@@ -181,15 +186,16 @@ def test_no_dk_temporary_and_only_x_saved():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), LargestAllocation() as mode:
-        y = loldu.ops.adapter_linear(x, W, b, PL, U, (1.0 / r) * (z - D))
+        y = loldu.ops.adapter_linear(x, W, b, PL, U, (1.0 / r) * (z - D), form=form)
         y.sum().backward()
-    assert any("loldu.adapter_linear" in o for o in mode.ops)
+    assert any("loldu.adapter_linear_forward" in o for o in mode.ops)
     assert any("loldu.adapter_linear_backward" in o for o in mode.ops)
     assert mode.largest <= max(n * d, n * k, d * r, r * k) < d * k
-    # Activations saved by our op: x only (weight, PL, U are frozen buffers, c is (r,)).
-    big = [t for t in saved if t.numel() >= n and t.data_ptr() not in (W.data_ptr(), PL.data_ptr(), U.data_ptr())]
-    assert all(t.shape in ((n, k), (r,), ()) for t in big), [t.shape for t in big]
-    assert sum(t.numel() == n * k for t in big) == 1
+    # Activations saved by our op: t = x U^T (n, r) only; x is not needed by the delta backward and
+    # stands in as a one-element tensor of its shape (weight, PL, U are frozen buffers, c is (r,)).
+    frozen = (W.data_ptr(), PL.data_ptr(), U.data_ptr())
+    big = [t for t in saved if t.untyped_storage().nbytes() >= n * t.element_size() and t.data_ptr() not in frozen]
+    assert [tuple(t.shape) for t in big] == [(n, r)], [t.shape for t in big]
 
 
 def test_peak_memory_with_profiler():

@@ -1,4 +1,5 @@
-// The fused adapter op against a dense float64 (W0 + ΔW) forward and autograd of that forward.
+// The fused adapter op against a dense float64 (W0 + ΔW) forward and autograd of that forward, in
+// both forms (docs/method.md §7), and the cost model behind form "auto".
 #include <loldu/loldu.h>
 
 #include <ATen/ATen.h>
@@ -38,7 +39,45 @@ int main() {
   auto lin = torch::nn::functional::linear(x, W, b);
   LOLDU_CHECK((base - lin).abs().max().item<double>() <= 1e-12 * lin.abs().max().item<double>());
 
-  auto msg = loldu_test::error_of([&] { loldu::adapter_linear(torch::randn({3, k + 1}, f64), W, b, f.PL, f.U, c); });
+  // The dense form and its backward, with the saved W and without; full rank too (U's zero
+  // triangle skipped in blocks) and an unstructured U (no skipping). fp64, different summation
+  // orders than the reference: bound 1e-10 as above.
+  for (int64_t rr : {r, std::min(d, k)}) {
+    auto fr = loldu::ldu(W, rr);
+    for (const auto& Ur : {fr.U, fr.U + 0.1 * torch::randn_like(fr.U)}) {
+      auto cr2 = torch::randn({rr}, f64).requires_grad_(true);
+      auto xr2 = x.clone().requires_grad_(true);
+      auto ref2 = torch::addmm(b, xr2.reshape({-1, k}), (W + torch::mm(fr.PL * cr2.unsqueeze(0), Ur)).t())
+                      .reshape({2, n, d});
+      ref2.backward(g);
+      auto c2 = cr2.detach();
+      for (const char* form : {"delta", "dense"}) {
+        auto [y2, saved] = loldu::adapter_linear_forward(x, W, b, fr.PL, Ur, c2, form);
+        LOLDU_CHECK((y2 - ref2).abs().max().item<double>() < 1e-10);
+        for (const auto& s : {std::optional<at::Tensor>(saved), std::optional<at::Tensor>()}) {
+          auto [gx2, gc2] = loldu::adapter_linear_backward(g, x, W, fr.PL, Ur, c2, true, true, form, s);
+          LOLDU_CHECK((gx2 - xr2.grad()).abs().max().item<double>() < 1e-10);
+          LOLDU_CHECK((gc2 - cr2.grad()).abs().max().item<double>() < 1e-10);
+        }
+      }
+    }
+  }
+  // The chooser: full rank of a BERT-size layer runs dense, rank 16 of a 4096 x 4096 layer delta.
+  const auto cpu = c10::DeviceType::CPU;
+  LOLDU_CHECK(loldu::adapter_form(2048, 768, 768, 768, at::kFloat, cpu, true, true) == "dense");
+  LOLDU_CHECK(loldu::adapter_form(2048, 4096, 4096, 16, at::kFloat, cpu, true, true) == "delta");
+  const int64_t m = loldu::adapter_dense_min_rows(768, 768, 768, at::kFloat, cpu, true, true);
+  LOLDU_CHECK(loldu::adapter_form(m, 768, 768, 768, at::kFloat, cpu, true, true) == "dense");
+  LOLDU_CHECK(loldu::adapter_form(m - 1, 768, 768, 768, at::kFloat, cpu, true, true) == "delta");
+  // Per-row c runs delta whatever the form asked for.
+  auto cs = torch::randn({2, n, r}, f64);
+  LOLDU_CHECK(loldu::resolve_adapter_form(x, W, f.PL, cs, "dense") == "delta");
+  LOLDU_CHECK(loldu::adapter_linear(x, W, b, f.PL, f.U, cs, "dense").equal(
+      loldu::adapter_linear(x, W, b, f.PL, f.U, cs, "delta")));
+
+  auto msg = loldu_test::error_of([&] { loldu::adapter_linear(x, W, b, f.PL, f.U, c, "sparse"); });
+  LOLDU_CHECK(msg.find("form must be 'auto', 'delta' or 'dense', got 'sparse'") != std::string::npos);
+  msg = loldu_test::error_of([&] { loldu::adapter_linear(torch::randn({3, k + 1}, f64), W, b, f.PL, f.U, c); });
   LOLDU_CHECK(msg.find("features") != std::string::npos && msg.find("[3, 41]") != std::string::npos);
   msg = loldu_test::error_of([&] { loldu::adapter_linear(x, W, b, f.PL, f.U, torch::randn({r + 1}, f64)); });
   LOLDU_CHECK(msg.find("c must be") != std::string::npos);

@@ -1,22 +1,32 @@
-"""The loldu ops: `torch.ops.loldu.{ldu, ldu_from_pivots, adapter_linear, adapter_linear_backward,
-delta_weight}`, their fake (meta) kernels and autograd formula, and the Python functions users call.
+"""The loldu ops: `torch.ops.loldu.{ldu, ldu_from_pivots, adapter_linear, adapter_linear_forward,
+adapter_linear_backward, delta_weight}`, their fake (meta) kernels and autograd formula, and the
+Python functions users call.
 
 Each op has one schema. Its kernels are the compiled ones (cpp/ops.cpp: CPU, CUDA and autocast)
 or, where no extension could be built, the pure-PyTorch reference registered under the same schema
 (reference.define_ops). Either way every caller goes through `torch.ops.loldu.*`, so the argument
 checks live in the ops' implementations; the functions below only turn the ops' ValueErrors into
 loldu's error types. The method (facts used here: docs/method.md): y = x W0^T + b + ((x U^T) c) PL^T.
+
+adapter_linear is a composite of adapter_linear_forward, which returns (y, saved) for a resolved form
+("delta" or "dense", §7) and carries the autograd formula: saved (t = x U^T, or the dense W) goes to
+the backward instead of being recomputed there. LOLDU_ADAPTER_FORM=delta|dense makes form="auto" in
+loldu.ops.adapter_linear (so in every LoLDU layer) run that form instead of the cost model's choice.
 """
+import os
 from typing import NamedTuple, Optional
 
 import torch
 
 from . import _backend
 from .errors import FactorizationError, LolduError, ShapeError
-from .reference import autocast_enabled, check_adapter_args, working_dtype
+from .reference import FORMS, autocast_enabled, check_adapter_args, choose_form, dense_min_rows, working_dtype
 
-__all__ = ["LDUResult", "adapter_linear", "autocast_enabled", "delta_weight", "ldu", "ldu_from_pivots",
-           "working_dtype"]
+__all__ = ["LDUResult", "adapter_linear", "autocast_enabled", "choose_form", "delta_weight", "dense_min_rows", "ldu",
+           "ldu_from_pivots", "working_dtype"]
+
+# form="auto" replaced by this form when set (an override for benchmarks and debugging).
+FORM_OVERRIDE = os.environ.get("LOLDU_ADAPTER_FORM", "auto")
 
 
 class LDUResult(NamedTuple):
@@ -81,15 +91,22 @@ def ldu_from_pivots(W: torch.Tensor, pivots: torch.Tensor) -> LDUResult:
 
 
 def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], PL: torch.Tensor,
-                   U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """y = x W0^T + b + ((x U^T) * c) PL^T, never forming ΔW.
+                   U: torch.Tensor, c: torch.Tensor, form: str = "auto") -> torch.Tensor:
+    """y = x W^T + b with W = W0 + PL diag(c) U, in one of two exact forms (docs/method.md §7).
 
     x (..., k); weight (d, k); bias (d,) or None; PL (d, r); U (r, k); c (r,) or (..., r) per row.
+    form: "delta" computes x W0^T + b + ((x U^T) * c) PL^T and never forms a (d, k) matrix; "dense"
+    builds W once per call; "auto" (default) runs the cheaper one by the cost model of
+    `choose_form` (n = rows of x, whether a backward follows). Per-row c always runs "delta".
     Gradients flow to x and c; weight, bias, PL and U are treated as frozen. Returns (..., d).
     Under torch.autocast the matmuls run in the autocast dtype and c stays fp32.
     """
+    if form == "auto" and FORM_OVERRIDE != "auto":
+        form = FORM_OVERRIDE
+    if not isinstance(form, str) or form not in FORMS:
+        raise ShapeError(f"loldu.adapter_linear: form must be 'auto', 'delta' or 'dense', got {form!r}")
     try:
-        return torch.ops.loldu.adapter_linear(x, weight, bias, PL, U, c)
+        return torch.ops.loldu.adapter_linear(x, weight, bias, PL, U, c, form)
     except ValueError as e:
         raise _op_error(e, ShapeError) from None
 
@@ -127,30 +144,49 @@ def _ldu_from_pivots_fake(W, pivots):
 
 
 if _backend.COMPILED:
-    # The compiled adapter_linear is a kernel per device; the reference one decomposes into aten ops
-    # (CompositeImplicitAutograd), which bring their own fake kernels and gradients.
+    # The compiled adapter_linear_forward is a kernel per device; the reference one decomposes into
+    # aten ops (CompositeImplicitAutograd), which bring their own fake kernels and gradients.
+    # adapter_linear itself is a composite on both backends.
 
-    @torch.library.register_fake("loldu::adapter_linear")
-    def _adapter_linear_fake(x, weight, bias, PL, U, c):
+    @torch.library.register_fake("loldu::adapter_linear_forward")
+    def _adapter_linear_forward_fake(x, weight, bias, PL, U, c, form):
+        from .reference import _check_resolved
+
         check_adapter_args(x, weight, bias, PL, U, c)
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+        _check_resolved(form, "loldu.adapter_linear_forward", c)
+        d, k = weight.shape
+        y = x.new_empty((*x.shape[:-1], d))
+        # The dense W is laid out as weight (the kernel's empty_like), t is (n, r) row-major.
+        return y, (torch.empty_like(weight) if form == "dense" else x.new_empty((x.numel() // k, PL.shape[1])))
 
     @torch.library.register_fake("loldu::adapter_linear_backward")
-    def _adapter_linear_backward_fake(grad_y, x, weight, PL, U, c, need_grad_x):
+    def _adapter_linear_backward_fake(grad_y, x, weight, PL, U, c, need_grad_x, need_grad_c=True, form="delta",
+                                      saved=None):
         check_adapter_args(x, weight, None, PL, U, c)
         gx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
-        return gx, c.new_empty(c.shape)
+        return gx, (c.new_empty(c.shape) if need_grad_c else c.new_empty((0,)))
 
     def _setup_context(ctx, inputs, output):
-        x, weight, bias, PL, U, c = inputs
-        ctx.save_for_backward(x, weight, PL, U, c)
-
-    def _backward(ctx, grad):
-        x, weight, PL, U, c = ctx.saved_tensors
+        x, weight, bias, PL, U, c, form = inputs
         need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
-        if not (need_x or need_c):
-            return None, None, None, None, None, None
-        gx, gc = torch.ops.loldu.adapter_linear_backward(grad, x, weight, PL, U, c, need_x)
-        return (gx if need_x else None), None, None, None, None, (gc if need_c else None)
+        saved = output[1]
+        ctx.form = form
+        ctx.mark_non_differentiable(saved)  # t or W: handed to the backward, never a result
+        ctx.set_materialize_grads(False)  # no zeros of saved's shape for its (absent) gradient
+        # Only what the backward reads is kept: delta needs t for grad_c and never x; dense needs W
+        # for grad_x and x for grad_c. x is otherwise replaced by a stand-in of its shape, dtype and
+        # device that holds one element (the backward op checks shapes against it).
+        keep_x = form == "dense" and need_c
+        keep_saved = need_x if form == "dense" else need_c
+        ctx.save_for_backward(x if keep_x else x.new_zeros(()).expand(x.shape), weight, PL, U, c,
+                              saved if keep_saved else None)
 
-    torch.library.register_autograd("loldu::adapter_linear", _backward, setup_context=_setup_context)
+    def _backward(ctx, grad, _grad_saved):
+        x, weight, PL, U, c, saved = ctx.saved_tensors
+        need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
+        if grad is None or not (need_x or need_c):
+            return None, None, None, None, None, None, None
+        gx, gc = torch.ops.loldu.adapter_linear_backward(grad, x, weight, PL, U, c, need_x, need_c, ctx.form, saved)
+        return (gx if need_x else None), None, None, None, None, (gc if need_c else None), None
+
+    torch.library.register_autograd("loldu::adapter_linear_forward", _backward, setup_context=_setup_context)

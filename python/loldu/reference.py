@@ -5,6 +5,8 @@ registered as the implementation of the very same `torch.ops.loldu.*` schemas (`
 every caller goes through the ops either way. The argument checks here are the Python side of the
 ops' checks: the reference kernels and the fake (meta) kernels of both backends run them.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -14,12 +16,17 @@ from .errors import FactorizationError, ShapeError
 SCHEMAS = {
     "ldu": "ldu(Tensor W, int rank, str pivoting='partial') -> (Tensor PL, Tensor D, Tensor U, Tensor pivots)",
     "ldu_from_pivots": "ldu_from_pivots(Tensor W, Tensor pivots) -> (Tensor PL, Tensor D, Tensor U, Tensor pivots)",
-    "adapter_linear": "adapter_linear(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, Tensor c) -> Tensor",
+    "adapter_linear": "adapter_linear(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, Tensor c, "
+                      "str form='auto') -> Tensor",
+    "adapter_linear_forward": "adapter_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, "
+                              "Tensor c, str form) -> (Tensor y, Tensor saved)",
     "adapter_linear_backward": "adapter_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor PL, Tensor U, "
-                               "Tensor c, bool need_grad_x) -> (Tensor grad_x, Tensor grad_c)",
+                               "Tensor c, bool need_grad_x, bool need_grad_c=True, str form='delta', "
+                               "Tensor? saved=None) -> (Tensor grad_x, Tensor grad_c)",
     "delta_weight": "delta_weight(Tensor PL, Tensor U, Tensor c) -> Tensor",
 }
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+FORMS = ("auto", "delta", "dense")
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -219,26 +226,167 @@ def adapter_linear_reference(x, weight, bias, PL, U, c):
     return F.linear(x, weight, bias) + (t * c.to(x.dtype)) @ PL.to(x.dtype).t()
 
 
-def adapter_linear_backward_reference(grad_y, x, weight, PL, U, c, need_grad_x: bool):
-    """(grad_x, grad_c) of adapter_linear: h = g PL, grad_c = sum over rows of t * h, grad_x = g W0 + (h c) U."""
+def dense_weight_reference(weight, PL, U, c):
+    """The dense form's weight W = W0 + PL diag(c) U, in W0's dtype."""
+    return weight + (PL * c.to(PL.dtype)) @ U
+
+
+def _check_resolved(form, op: str, c) -> str:
+    if form not in ("delta", "dense"):
+        raise ShapeError(f"{op}: form must be 'delta' or 'dense' here ('auto' is resolved by "
+                         f"loldu.adapter_linear), got {form!r}")
+    if form == "dense" and c.dim() != 1:
+        raise ShapeError(f"{op}: the dense form needs one c (r,) for all rows, got c {list(c.shape)} "
+                         "(per-row c runs the delta form)")
+    return form
+
+
+def adapter_linear_forward_reference(x, weight, bias, PL, U, c, form):
+    """(y, saved) of a resolved form: saved is t = x U^T (n, r) for "delta", W (d, k) for "dense"."""
+    check_adapter_args(x, weight, bias, PL, U, c, autocast=autocast_enabled(x.device.type))
+    _check_resolved(form, "loldu.adapter_linear_forward", c)
+    # weight, bias, PL and U are frozen, as in the compiled op's gradient formula.
+    weight, PL, U = weight.detach(), PL.detach(), U.detach()
+    bias = None if bias is None else bias.detach()
+    if form == "dense":
+        W = dense_weight_reference(weight, PL, U, c)
+        return F.linear(x, W, bias), W
+    t = x.reshape(-1, x.shape[-1]) @ U.to(x.dtype).t()
+    cx = c.to(x.dtype).reshape(-1, PL.shape[1])
+    y = F.linear(x, weight, bias) + ((t * cx) @ PL.to(x.dtype).t()).view(*x.shape[:-1], weight.shape[0])
+    return y, t
+
+
+def adapter_linear_backward_reference(grad_y, x, weight, PL, U, c, need_grad_x: bool, need_grad_c: bool = True,
+                                      form: str = "delta", saved=None):
+    """(grad_x, grad_c) of adapter_linear in either form; an empty tensor stands for a gradient not asked for.
+
+    delta: h = g PL, grad_c = sum over rows of t * h, grad_x = g W0 + (h c) U.
+    dense: grad_x = g W, grad_c = diag(PL^T (g^T x) U^T).
+    """
     check_adapter_args(x, weight, None, PL, U, c)
+    _check_resolved(form, "loldu.adapter_linear_backward", c)
     d, k = weight.shape
     if grad_y.shape[-1] != d or grad_y.numel() // d != x.numel() // k:
         raise ShapeError(f"loldu.adapter_linear_backward: grad_y {tuple(grad_y.shape)} does not match x "
                          f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+    r = PL.shape[1]
     g = grad_y.reshape(-1, d).to(x.dtype)
     x2 = x.reshape(-1, k)
-    h, t = g @ PL, x2 @ U.t()
     acc = working_dtype(x.dtype)
-    if c.dim() == 1:
-        grad_c = (t.to(acc) * h.to(acc)).sum(0).to(c.dtype)
+    want = (d, k) if form == "dense" else (x2.shape[0], r)
+    if saved is not None and (tuple(saved.shape) != want or saved.dtype != x.dtype):
+        raise ShapeError(f"loldu.adapter_linear_backward: saved must be {want} of {x.dtype} for the {form} form, "
+                         f"got {tuple(saved.shape)} of {saved.dtype}")
+    grad_x, grad_c = x.new_empty((0,)), c.new_empty((0,))
+    if form == "dense":
+        if need_grad_x:
+            W = saved if saved is not None else dense_weight_reference(weight, PL, U, c)
+            grad_x = (g @ W).view(x.shape)
+        if need_grad_c:
+            grad_c = ((PL.t().to(acc) @ (g.t() @ x2).to(acc)) * U.to(acc)).sum(1).to(c.dtype)
+        return grad_x, grad_c
+    h = g @ PL
+    if need_grad_c:
+        t = saved if saved is not None else x2 @ U.t()
+        if c.dim() == 1:
+            grad_c = (t.to(acc) * h.to(acc)).sum(0).to(c.dtype)
+        else:
+            grad_c = (t * h).to(c.dtype).view(c.shape)
+    if need_grad_x:
+        grad_x = (g @ weight + (h * c.to(x.dtype).reshape(-1, r)) @ U).view(x.shape)
+    return grad_x, grad_c
+
+
+# -- the cost model behind form="auto" (docs/method.md §7; cpp/adapter_linear.cpp has the same) ---
+_U_BLOCK = 64  # column block of the CPU kernels' products with an upper trapezoidal U
+
+
+def _cost_constants(dtype: torch.dtype, device: str):
+    """(skinny, stream, hold) in flop-equivalents of a large GEMM, as the C++ constants_for."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    elem = 8.0 if dtype == torch.float64 else (2.0 if half else 4.0)
+    if device == "cuda":
+        flops_per_byte, skinny = (200.0 if half else 14.0), 1.5
     else:
-        grad_c = (t * h).to(c.dtype).view(c.shape)
-    if not need_grad_x:
-        return x.new_empty((0,)), grad_c
-    cx = c.to(x.dtype).reshape(-1, PL.shape[1])
-    grad_x = g @ weight + (h * cx) @ U
-    return grad_x.view(x.shape), grad_c
+        flops_per_byte, skinny = (2.5 if dtype == torch.float64 else (10.0 if half else 5.0)), 1.0
+    stream = flops_per_byte * elem
+    return skinny, stream, 2.5 * stream
+
+
+def _upper_rank(r: int, k: int, upper: bool) -> float:
+    """Nonzero rows of U per column, averaged over the kernels' column blocks (r when unstructured)."""
+    if not upper:
+        return float(r)
+    m = min(r, k)
+    s = 0.0
+    for j0 in range(0, m, _U_BLOCK):
+        w = min(_U_BLOCK, m - j0)
+        s += float(min(r, j0 + w)) * w
+    if k > m:
+        s += float(r) * (k - m)
+    return s / k
+
+
+def _crossover(delta_row: float, row: float, fixed: float):
+    """Smallest n with fixed + n * row < n * delta_row, None if none."""
+    if row >= delta_row:
+        return None
+    n = math.floor(fixed / (delta_row - row)) + 1
+    return None if n >= 1e15 else int(n)
+
+
+def dense_min_rows(d: int, k: int, r: int, dtype: torch.dtype = torch.float32, device: str = "cpu", *,
+                   need_grad_x: bool = True, need_grad_c: bool = True):
+    """The smallest number of rows n from which form="auto" runs the dense form; None when never.
+
+    need_grad_x / need_grad_c: which gradients the backward computes (both False: a forward only).
+    """
+    skinny, e, hold = _cost_constants(dtype, device)
+    d, k, r = float(d), float(k), float(r)
+    ru = _upper_rank(int(r), int(k), device == "cpu")
+    backward = need_grad_x or need_grad_c
+    delta_row = k * (2 * r * skinny + e) + d * (2 * r * skinny + 2 * e)
+    if backward:
+        delta_row += d * (2 * r * skinny + e)
+    if need_grad_x:
+        delta_row += k * (2 * r * skinny + 2 * e)
+    dense_fixed = d * k * (2 * ru * skinny + 3 * e) + (d * k * hold if need_grad_x else 0.0)
+    if not need_grad_c:
+        return _crossover(delta_row, 0.0, dense_fixed)
+    th_row = (k + d) * (2 * r * skinny + e)
+    g_fixed = d * k * (2 * ru * skinny + 3 * e)
+    found = [n for n in (_crossover(delta_row, th_row, dense_fixed),
+                         _crossover(delta_row, 2 * d * k, dense_fixed + g_fixed)) if n is not None]
+    return min(found) if found else None
+
+
+def choose_form(n: int, d: int, k: int, r: int, dtype: torch.dtype = torch.float32, device: str = "cpu", *,
+                need_grad_x: bool = True, need_grad_c: bool = True) -> str:
+    """"delta" or "dense": the form form="auto" runs for n rows of a (d, k) layer at rank r."""
+    m = dense_min_rows(d, k, r, dtype, device, need_grad_x=need_grad_x, need_grad_c=need_grad_c)
+    return "dense" if m is not None and n >= m else "delta"
+
+
+def resolve_form(x, weight, PL, c, form) -> str:
+    """The form adapter_linear runs: "auto" by the cost model (a backward counts when grad mode is on
+    and x or c requires grad), per-row c always "delta". ShapeError naming a bad form."""
+    if not isinstance(form, str) or form not in FORMS:
+        raise ShapeError(f"loldu.adapter_linear: form must be 'auto', 'delta' or 'dense', got {form!r}")
+    if form == "delta" or c.dim() != 1:
+        return "delta"
+    if form == "dense":
+        return "dense"
+    if weight.dim() != 2 or PL.dim() != 2 or x.dim() < 1:
+        return "delta"  # the kernel's checks report it
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype
+    grad = torch.is_grad_enabled()
+    d, k, r = int(weight.shape[0]), int(weight.shape[1]), int(PL.shape[1])
+    m = dense_min_rows(d, k, r, dtype, dev, need_grad_x=grad and x.requires_grad,
+                       need_grad_c=grad and c.requires_grad)
+    # Only the inequality is guarded under torch.compile with a dynamic number of rows.
+    return "dense" if m is not None and x.numel() >= k * m else "delta"
 
 
 def delta_weight_reference(PL, U, c):
@@ -248,11 +396,9 @@ def delta_weight_reference(PL, U, c):
     return (PL.to(acc) * c.to(acc)) @ U.to(acc)
 
 
-def _adapter_linear_kernel(x, weight, bias, PL, U, c):
-    check_adapter_args(x, weight, bias, PL, U, c, autocast=autocast_enabled(x.device.type))
-    # weight, bias, PL and U are frozen, as in the compiled op's gradient formula.
-    return adapter_linear_reference(x, weight.detach(), None if bias is None else bias.detach(), PL.detach(),
-                                    U.detach(), c)
+def _adapter_linear_kernel(x, weight, bias, PL, U, c, form="auto"):
+    resolved = resolve_form(x, weight, PL, c, form)
+    return torch.ops.loldu.adapter_linear_forward(x, weight, bias, PL, U, c, resolved)[0]
 
 
 def _ldu_kernel(W, rank, pivoting="partial"):
@@ -270,7 +416,7 @@ _LIBRARY = None
 def define_ops() -> None:
     """Defines the `loldu` ops with the reference kernels (when no compiled library defines them).
 
-    adapter_linear, its backward and delta_weight are CompositeImplicitAutograd: they decompose into
+    adapter_linear, its forward and backward and delta_weight are CompositeImplicitAutograd: they decompose into
     aten ops, so autograd, autocast and fake tensors come from those ops. The factorizations are
     CompositeExplicitAutograd (no gradient; their fake kernels are registered in ops.py).
     """
@@ -283,6 +429,7 @@ def define_ops() -> None:
     lib.impl("ldu", _ldu_kernel, "CompositeExplicitAutograd")
     lib.impl("ldu_from_pivots", _ldu_from_pivots_kernel, "CompositeExplicitAutograd")
     lib.impl("adapter_linear", _adapter_linear_kernel, "CompositeImplicitAutograd")
+    lib.impl("adapter_linear_forward", adapter_linear_forward_reference, "CompositeImplicitAutograd")
     lib.impl("adapter_linear_backward", adapter_linear_backward_reference, "CompositeImplicitAutograd")
     lib.impl("delta_weight", delta_weight_reference, "CompositeImplicitAutograd")
     _LIBRARY = lib

@@ -33,18 +33,48 @@ LduResult ldu(const at::Tensor& W, int64_t rank, const std::string& pivoting = "
 // ldu() whenever `pivots` are the pivots ldu() chose for W, at O((d + k) r^2) cost.
 LduResult ldu_from_pivots(const at::Tensor& W, const at::Tensor& pivots);
 
-// y = x W0^T + b + ((x U^T) * c) PL^T without forming ΔW.
+// The adapted linear layer y = x W^T + b, W = W0 + PL diag(c) U, in one of two exact forms
+// (docs/method.md §3, §4, §7):
+//   "delta"  y = x W0^T + b + ((x U^T) * c) PL^T: rank-r passes over (n, d) and (n, k), no (d, k) temporary;
+//   "dense"  W built once per call (d, k), y = x W^T + b: one GEMM each way plus the build;
+//   "auto"   the cheaper of the two for this call by the cost model (adapter_dense_min_rows).
 //   x (..., k); weight (d, k); bias (d) or undefined; PL (d, r); U (r, k);
-//   c (r) shared by every row, or (..., r) one coefficient vector per row of x.
+//   c (r) shared by every row, or (..., r) one coefficient vector per row of x (always delta: the
+//   dense form would need one W per row).
+// "auto" counts a backward for x or c when grad mode is on and x or c requires grad.
 at::Tensor adapter_linear(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, const at::Tensor& PL,
-                          const at::Tensor& U, const at::Tensor& c);
+                          const at::Tensor& U, const at::Tensor& c, c10::string_view form = "auto");
 
-// Gradients of adapter_linear with respect to x and c (W0, b, PL, U are frozen).
-// grad_x is an undefined tensor when need_grad_x is false.
+// The form ("delta" or "dense") adapter_linear runs for these arguments; throws on a bad form.
+std::string resolve_adapter_form(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& PL,
+                                 const at::Tensor& c, c10::string_view form);
+
+// The forward of a resolved form, with what its backward reuses: t = x U^T (n, r) for "delta",
+// the dense weight W (d, k) for "dense".
+std::tuple<at::Tensor, at::Tensor> adapter_linear_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                          const std::optional<at::Tensor>& bias,
+                                                          const at::Tensor& PL, const at::Tensor& U,
+                                                          const at::Tensor& c, c10::string_view form);
+
+// Gradients of adapter_linear with respect to x and c (W0, b, PL, U are frozen), in the form the
+// forward ran; `saved` is what adapter_linear_forward returned (recomputed when absent).
+// grad_x (grad_c) is an undefined tensor when need_grad_x (need_grad_c) is false.
 std::tuple<at::Tensor, at::Tensor> adapter_linear_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& PL, const at::Tensor& U, const at::Tensor& c, bool need_grad_x);
+    const at::Tensor& PL, const at::Tensor& U, const at::Tensor& c, bool need_grad_x,
+    bool need_grad_c = true, c10::string_view form = "delta",
+    const std::optional<at::Tensor>& saved = std::nullopt);
+
+// The cost model behind "auto" (docs/method.md §7): the smallest number of rows n = x.numel() / k
+// from which the dense form is the cheaper one for a (d, k) layer at rank r, given which
+// gradients the backward computes (none: a forward only); int64 max when never.
+int64_t adapter_dense_min_rows(int64_t d, int64_t k, int64_t r, at::ScalarType dtype, c10::DeviceType device,
+                               bool need_grad_x, bool need_grad_c);
+
+// "delta" or "dense": which form "auto" runs for n rows.
+std::string adapter_form(int64_t n, int64_t d, int64_t k, int64_t r, at::ScalarType dtype, c10::DeviceType device,
+                         bool need_grad_x, bool need_grad_c);
 
 // ΔW = PL diag(c) U, shape (d, k), computed in fp32 (fp64 for fp64 factors). For merging.
 at::Tensor delta_weight(const at::Tensor& PL, const at::Tensor& U, const at::Tensor& c);
