@@ -66,29 +66,25 @@ LOLDU_MULTIVERSION void divide_by(double* __restrict y, const double* __restrict
   for (int64_t i = 0; i < n; ++i) y[i] /= x[i];
 }
 
-// (One overload per type rather than a template: GCC's target_clones does not apply to templates.)
 // The bit pattern of max |x_i|: its float is max |x_i|, and it is >= the pattern of +Inf exactly
-// when x holds a NaN or an Inf. Integer max reductions vectorize without fast-math flags.
-LOLDU_MULTIVERSION uint32_t max_abs_bits(const float* x, int64_t n) {
-  uint32_t m = 0;
+// when x holds a NaN or an Inf. Integer max reductions vectorize without fast-math flags. The loop
+// is a template inlined into one overload per type, because GCC's target_clones does not apply to
+// templates: each clone compiles the inlined loop for its own instruction set.
+template <typename bits_t, typename real_t>
+__attribute__((always_inline)) inline bits_t max_abs_bits_loop(const real_t* x, int64_t n) {
+  static_assert(sizeof(bits_t) == sizeof(real_t), "bit pattern and value must have the same size");
+  const bits_t magnitude = ~(bits_t(1) << (8 * sizeof(bits_t) - 1));
+  bits_t m = 0;
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t b;
+    bits_t b;
     std::memcpy(&b, x + i, sizeof b);
-    b &= 0x7fffffffu;
+    b &= magnitude;
     m = b > m ? b : m;
   }
   return m;
 }
-LOLDU_MULTIVERSION uint64_t max_abs_bits(const double* x, int64_t n) {
-  uint64_t m = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t b;
-    std::memcpy(&b, x + i, sizeof b);
-    b &= 0x7fffffffffffffffull;
-    m = b > m ? b : m;
-  }
-  return m;
-}
+LOLDU_MULTIVERSION uint32_t max_abs_bits(const float* x, int64_t n) { return max_abs_bits_loop<uint32_t>(x, n); }
+LOLDU_MULTIVERSION uint64_t max_abs_bits(const double* x, int64_t n) { return max_abs_bits_loop<uint64_t>(x, n); }
 
 // max |x_i| over a contiguous buffer, or NaN when any x_i is NaN or Inf.
 template <typename acc_t>
