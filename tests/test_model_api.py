@@ -1,4 +1,4 @@
-"""The model-editing API (issue 5): inject, forward, merge/unload, disabled, named and mixed adapters."""
+"""The model-editing API: inject, forward, merge/unload, disabled, named and mixed adapters."""
 import copy
 import re
 
