@@ -1,7 +1,7 @@
 """What to adapt and how: the LoLDU configuration, validated on construction (like PEFT's configs)."""
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from typing import List, Optional, Union
 
 import torch
@@ -26,6 +26,15 @@ def _short(v) -> str:
     return r if len(r) <= 40 else f"{r[:20]}...({len(r)} characters)"
 
 
+FORMS = ("auto", "delta", "dense")
+STORAGES = ("full", "cur")
+# target_modules="all-linear" (PEFT's spelling): every nn.Linear / transformers Conv1D but the output head.
+ALL_LINEAR = "all-linear"
+# Heads a task_type implies, trained fully and saved with the adapter (PEFT's defaults).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
+
 @dataclass
 class LoLDUConfig:
     """Configuration of one LoLDU adapter.
@@ -42,6 +51,17 @@ class LoLDUConfig:
     factor_dtype: storage dtype of the frozen factors PL and U ("float32", "float64", "float16",
         "bfloat16"); None stores them in the base weight's dtype. The factorization itself always
         runs in fp32 (fp64 for fp64 weights) and c is always computed in fp32.
+    form: how the adapted linear layers compute (docs/method.md §7): "delta" (base matmul plus the
+        rank-r branch), "dense" (W = W0 + PL diag(c) U built once per call), or "auto" (the cheaper
+        of the two for each call's shape, by the documented cost model). Same outputs and gradients.
+    factor_storage: "full" keeps the frozen factors PL (d, r) and U (r, k); "cur" keeps only the two
+        r x r triangles and reads the rest from W0 itself (r^2 numbers instead of r (d + k)).
+    modules_to_save: modules (names or suffixes, as target_modules' list form) trained fully and
+        stored whole in the adapter file: a task head such as a fresh `classifier`.
+    task_type: PEFT's task names; "SEQ_CLS", "TOKEN_CLS" and "QUESTION_ANS" add the usual head
+        names (TASK_HEADS) to modules_to_save, so a new head is trained and saved with the adapter.
+        Other values ("CAUSAL_LM", "FEATURE_EXTRACTION", ...) are recorded and change nothing.
+    r: PEFT's spelling of `rank` (either may be given; both must then agree).
     """
 
     rank: int = 8
@@ -51,16 +71,29 @@ class LoLDUConfig:
     train_scale: bool = False
     pivoting: str = "partial"
     factor_dtype: Optional[str] = None
+    form: str = "auto"
+    factor_storage: str = "full"
+    modules_to_save: Optional[List[str]] = None
+    task_type: Optional[str] = None
+    r: InitVar[Optional[int]] = None
     _regex: Optional[re.Pattern] = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self, r=None):
+        if r is not None:
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise AdapterError(f"LoLDUConfig: r (PEFT's name for rank) must be a positive int, got {r!r}")
+            if self.rank not in (8, r):
+                raise AdapterError(f"LoLDUConfig: r={r} and rank={self.rank!r} disagree; give one of them")
+            self.rank = r
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise AdapterError(f"LoLDUConfig: rank must be a positive int, got {self.rank!r}")
         tm = self.target_modules
         if isinstance(tm, (tuple, set, frozenset)):
             tm = sorted(tm) if isinstance(tm, (set, frozenset)) else list(tm)
             self.target_modules = tm
-        if isinstance(tm, str):
+        if tm == ALL_LINEAR:
+            pass  # every linear layer but the output head (loldu.model.find_targets)
+        elif isinstance(tm, str):
             if not tm:
                 raise AdapterError("LoLDUConfig: target_modules is an empty regular expression")
             try:
@@ -95,6 +128,20 @@ class LoLDUConfig:
         fd = self.factor_dtype
         if fd is not None and (not isinstance(fd, str) or fd not in _FACTOR_DTYPES):  # a list is unhashable
             raise AdapterError(f"LoLDUConfig: factor_dtype must be None or one of {sorted(_FACTOR_DTYPES)}, got {fd!r}")
+        if self.form not in FORMS:
+            raise AdapterError(f"LoLDUConfig: form must be one of {list(FORMS)}, got {self.form!r}")
+        if self.factor_storage not in STORAGES:
+            raise AdapterError(f"LoLDUConfig: factor_storage must be one of {list(STORAGES)}, got {self.factor_storage!r}")
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            raise AdapterError(f"LoLDUConfig: task_type must be None or a str such as 'SEQ_CLS', got {self.task_type!r}")
+        mts = self.modules_to_save
+        if isinstance(mts, str):
+            mts = [mts]
+        elif isinstance(mts, (tuple, set, frozenset)):
+            mts = sorted(mts) if isinstance(mts, (set, frozenset)) else list(mts)
+        if mts is not None and not (isinstance(mts, list) and all(isinstance(t, str) and t for t in mts)):
+            raise AdapterError(f"LoLDUConfig: modules_to_save must be None or a list of module names, got {mts!r}")
+        self.modules_to_save = mts
 
     def _check_initial_scale(self) -> None:
         """sigma0 must be a normal fp32 number: Inf gives NaN outputs at init, and 0 or a subnormal
@@ -109,6 +156,19 @@ class LoLDUConfig:
                                f"or vanishing gradient; use |sigma0| >= {torch.finfo(torch.float32).tiny:.4g}")
 
     @property
+    def saved_modules(self) -> List[str]:
+        """modules_to_save together with the head names its task_type implies (TASK_HEADS), no repeats."""
+        names = list(self.modules_to_save or [])
+        for n in TASK_HEADS.get((self.task_type or "").upper(), ()):
+            if n not in names:
+                names.append(n)
+        return names
+
+    def matches_saved(self, module_name: str) -> bool:
+        """Whether the module called `module_name` is one of saved_modules (name or '.'-suffix)."""
+        return any(module_name == t or module_name.endswith("." + t) for t in self.saved_modules)
+
+    @property
     def initial_scale(self) -> float:
         """sigma0, rounded to fp32 so that sigma (an fp32 parameter) starts exactly equal to it."""
         s = self.sigma0 if self.sigma0 is not None else self.alpha / self.rank
@@ -120,6 +180,8 @@ class LoLDUConfig:
 
     def matches(self, module_name: str) -> bool:
         """Whether the module called `module_name` is targeted."""
+        if self.target_modules == ALL_LINEAR:
+            return True  # narrowed by module kind in loldu.model.find_targets
         if self._regex is not None:
             return self._regex.fullmatch(module_name) is not None
         return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
@@ -128,6 +190,10 @@ class LoLDUConfig:
         """JSON-serializable form (what adapter_config.json stores)."""
         d = asdict(self)
         d.pop("_regex")
+        for key, default in (("form", "auto"), ("factor_storage", "full"), ("modules_to_save", None),
+                             ("task_type", None)):
+            if d[key] == default:
+                d.pop(key)  # files stay readable by loldu versions without these options
         return d
 
     @classmethod
@@ -135,7 +201,7 @@ class LoLDUConfig:
         """Inverse of to_dict; unknown keys are an AdapterError (a file from a newer loldu)."""
         if not isinstance(d, dict):
             raise AdapterError(f"LoLDUConfig.from_dict: expected a dict, got {type(d).__name__}")
-        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")} - {"r"}
         unknown = set(d) - known
         if unknown:
             raise AdapterError(f"LoLDUConfig.from_dict: unknown keys {sorted(unknown)}")
