@@ -4,7 +4,8 @@
 
 The base module is kept untouched as `base_layer` (delta form), so disabling, several adapters and
 unloading cost nothing. The frozen factors PL (d, r), U (r, k), D (r,) and the pivots (r,) are
-non-persistent buffers: they are re-derived from W0, so they stay out of `state_dict()` (which then
+non-persistent buffers (with factor_storage="cur", the two r x r triangles L11 and U11 in place of
+PL and U, docs/method.md §8): they are re-derived from W0, so they stay out of `state_dict()` (which then
 holds only the base weights and every adapter's z and sigma) but still follow `.to()` and DDP's
 buffer broadcast. All adapters of one layer share them; each adapter adds r + 1 numbers.
 
@@ -26,7 +27,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import AdapterError, FactorizationError
 from .ldu import LDUResult
-from .ops import adapter_linear, autocast_enabled, delta_weight, ldu, working_dtype
+from .ops import adapter_linear, autocast_enabled, delta_weight, ldu, ldu_from_pivots, working_dtype
 
 # A frozen factor is stored in a dtype only while max |PL| and max |U| stay below that dtype's
 # largest value divided by this headroom (fp16: 256), so that the sums and products formed from the
@@ -34,6 +35,33 @@ from .ops import adapter_linear, autocast_enabled, delta_weight, ldu, working_dt
 # bounds |PL| by 1, and at small ranks |U| is O(1) on trained weights, so only badly scaled columns
 # or high ranks reach it. (The adapter branch itself runs in fp32 whenever a layer computes in fp16.)
 FACTOR_HEADROOM = 256.0
+
+
+# The frozen factor buffers of each factor_storage (docs/method.md §8): "full" keeps PL (d, r) and
+# U (r, k); "cur" keeps L11 = PL[pivots] (r, r, unit lower) and U11 = U[:, :r] (r, r, unit upper) and
+# reads W0[:, :r] and W0[pivots, :] from the base weight itself. D and the pivots are kept by both.
+FACTOR_KEYS = {"full": ("loldu_PL", "loldu_U"), "cur": ("loldu_L11", "loldu_U11")}
+
+
+def factor_bytes(d: int, k: int, r: int, storage: str = "full", dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the frozen factors one adapted (d, k) layer keeps at rank r (docs/storage.md).
+
+    storage: "full" (PL, U), "cur" (L11, U11), or "reference": the paper's released implementation,
+    which keeps a dense (d, d) permutation matrix P, L (d, r), U (r, k) in `dtype`. Every storage also
+    keeps D (r,) in fp32 (fp64 for fp64) and, but for "reference", the pivots (r,) int64. The adapter
+    itself (z, and sigma) is r + 1 numbers in every storage and is not counted.
+    """
+    if storage not in ("full", "cur", "reference"):
+        raise AdapterError(f"factor_bytes: storage must be 'full', 'cur' or 'reference', got {storage!r}")
+    if not 1 <= r <= min(d, k):
+        raise AdapterError(f"factor_bytes: rank {r} out of range for a ({d}, {k}) weight")
+    elt = torch.empty((), dtype=dtype).element_size()
+    d_bytes = r * torch.empty((), dtype=working_dtype(dtype)).element_size()
+    if storage == "reference":
+        return (d * d + d * r + r * k) * elt + d_bytes
+    pivots = 8 * r
+    factors = d * r + r * k if storage == "full" else 2 * r * r
+    return factors * elt + d_bytes + pivots
 
 
 def holds(dtype: torch.dtype, peak: float) -> bool:
@@ -141,7 +169,7 @@ def _install_loaded_factors(layer: "LoLDULayer", incompatible_keys) -> None:
     factors, reads = loading
     now = _reads(layer.base_matrix(), factors.pivots)
     if all(a.device == b.device and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(now, reads)):
-        layer._set_factors(factors, layer.loldu_PL.dtype, layer.loldu_D.dtype, stacklevel=4)
+        layer._set_factors(factors, layer._factor_dtype, layer.loldu_D.dtype, stacklevel=4)
 
 
 def coefficients_from(z: torch.Tensor, sigma: torch.Tensor, D: torch.Tensor, sigma0: float) -> torch.Tensor:
@@ -150,11 +178,14 @@ def coefficients_from(z: torch.Tensor, sigma: torch.Tensor, D: torch.Tensor, sig
 
 
 class LoLDULayer(nn.Module):
-    """Base of the wrappers. Subclasses implement `_adapted(x, c)` and `_c_view(c_rows, x)`.
+    """Base of the wrappers. Subclasses implement `_adapted(x, c)` (and `_adapted_cur(x, c)` for
+    factor_storage="cur") and `_c_view(c_rows, x)`.
 
-    Buffers: loldu_PL (d, r) and loldu_U (r, k) in the config's factor dtype, or fp32 where that
+    Buffers: loldu_PL (d, r) and loldu_U (r, k) ("full" storage), or loldu_L11 (r, r) and
+    loldu_U11 (r, r) ("cur" storage, FACTOR_KEYS), in the config's factor dtype, or fp32 where that
     dtype cannot hold them (`holds`); loldu_D (r,) and the pivots (r,) int64 as the factorization
-    returned them (fp32, or fp64 for fp64 weights).
+    returned them (fp32, or fp64 for fp64 weights). The storage is the first adapter's
+    factor_storage (every adapter of a layer shares its factors, so all must agree).
     Parameters: loldu_z[name] (r,) and loldu_sigma[name] () for every adapter `name`, in D's dtype
     (fp32; fp64 for fp64 weights), as is c: low-precision bases still get fp32 coefficients.
     """
@@ -163,11 +194,16 @@ class LoLDULayer(nn.Module):
     # Fewest dimensions of a batched input (batch dim 0), which loldu.adapter_ids needs.
     batched_dims = 2
 
-    def __init__(self, base_layer: nn.Module, factors: LDUResult, factor_dtype: torch.dtype, name: str = ""):
+    def __init__(self, base_layer: nn.Module, factors: LDUResult, factor_dtype: torch.dtype, name: str = "",
+                 storage: str = "full"):
         super().__init__()
         self.base_layer = base_layer
         self.layer_name = name  # the wrapped module's name in the model, for errors and warnings
-        self._factor_peak = 0.0  # max(max |PL|, max |U|) of the stored factors
+        self._factor_peak = 0.0  # largest magnitude of the stored factor buffers (FACTOR_KEYS)
+        self._factor_dtype_asked = factor_dtype  # the config's factor dtype (stored in fp32 if it cannot hold them)
+        self.storage = "full"
+        self._check_storage(storage)
+        self.storage = storage
         self._set_factors(factors, factor_dtype, factors.D.dtype, stacklevel=5)
         self.loldu_z = nn.ParameterDict()
         self.loldu_sigma = nn.ParameterDict()
@@ -189,29 +225,71 @@ class LoLDULayer(nn.Module):
         self.register_load_state_dict_post_hook(_install_loaded_factors)
 
     # -- frozen factors -------------------------------------------------------------------------
+    def _check_storage(self, storage: str) -> None:
+        if storage not in FACTOR_KEYS:
+            raise AdapterError(f"layer '{self.layer_name}': factor_storage must be one of {list(FACTOR_KEYS)}, "
+                               f"got {storage!r}")
+
+    @property
+    def _factor_dtype(self) -> torch.dtype:
+        """The dtype the frozen factor buffers are stored in."""
+        return self._buffers[FACTOR_KEYS[self.storage][0]].dtype
+
     def _set_factors(self, factors: LDUResult, factor_dtype: torch.dtype, d_dtype: torch.dtype,
                      stacklevel: int) -> None:
-        """Stores PL and U in `factor_dtype` (in fp32, with a warning naming the layer, when that
-        dtype cannot hold them), D in `d_dtype` and the pivots."""
-        peak = max(float(factors.PL.abs().amax()), float(factors.U.abs().amax()))
+        """Stores the factor buffers of the layer's storage (FACTOR_KEYS) in `factor_dtype` (in fp32,
+        with a warning naming the layer, when that dtype cannot hold them), D in `d_dtype` and the pivots."""
+        if self.storage == "full":
+            stored = (factors.PL, factors.U)
+        else:  # the r x r triangles, their unit diagonals written exactly (the solves never read them)
+            r = factors.D.shape[0]
+            eye = torch.eye(r, dtype=factors.PL.dtype, device=factors.PL.device)
+            stored = (factors.PL.index_select(0, factors.pivots.to(factors.PL.device)).tril(-1) + eye,
+                      factors.U[:, :r].triu(1) + eye)
+        peak = max(float(t.abs().amax()) for t in stored)
         if not holds(factor_dtype, peak):
+            names = "|PL|, |U|" if self.storage == "full" else "|L11|, |U11|"
             warnings.warn(
                 f"loldu: layer '{self.layer_name}' ({self.base_layer.weight.dtype} weight "
-                f"{tuple(self.base_matrix().shape)}): its frozen factors reach max(|PL|, |U|) = {peak:.3g}, more than "
+                f"{tuple(self.base_matrix().shape)}): its frozen factors reach max({names}) = {peak:.3g}, more than "
                 f"{factor_dtype} holds safely ({torch.finfo(factor_dtype).max / FACTOR_HEADROOM:.3g}); they are stored "
                 "in float32", RuntimeWarning, stacklevel=stacklevel)
             factor_dtype = torch.float32
         self._factor_peak = peak
-        self.register_buffer("loldu_PL", factors.PL.to(factor_dtype).contiguous(), persistent=False)
-        self.register_buffer("loldu_U", factors.U.to(factor_dtype).contiguous(), persistent=False)
+        for other in FACTOR_KEYS.values():
+            for key in other:
+                self._buffers.pop(key, None)
+        for key, t in zip(FACTOR_KEYS[self.storage], stored):
+            self.register_buffer(key, t.to(factor_dtype).contiguous(), persistent=False)
         self.register_buffer("loldu_D", factors.D.to(d_dtype, copy=True), persistent=False)
         self.register_buffer("loldu_pivots", factors.pivots.clone(), persistent=False)
 
+    def _use_storage(self, storage: str) -> None:
+        """Re-stores the frozen factors as `storage` (the first adapter's factor_storage). The factors are
+        derived again from W0 and the pivots (ldu_from_pivots: the same factors ldu gave)."""
+        self._check_storage(storage)
+        if storage == self.storage:
+            return
+        if self.merged_adapter is not None:  # pragma: no cover - a merged layer has an adapter
+            raise AdapterError(f"layer '{self.layer_name}' is merged; unmerge before changing factor_storage")
+        W = self.base_matrix().detach()
+        try:
+            factors = ldu_from_pivots(W, self.loldu_pivots.to(W.device))
+        except FactorizationError as e:  # pragma: no cover - the same W0 was factorized at inject
+            raise AdapterError(f"layer '{self.layer_name}': {e}") from None
+        old = self.storage
+        self.storage = storage
+        try:
+            self._set_factors(factors, self._factor_dtype_asked, self.loldu_D.dtype, stacklevel=6)
+        except BaseException:  # pragma: no cover
+            self.storage = old
+            raise
+
     def _apply(self, fn, recurse=True):
         """Casts and moves of the module (model.half(), .to(...)). A cast to a dtype that cannot hold
-        the frozen factors (`holds`) keeps PL and U in float32, moved like the rest; the parts of W0
-        remembered by merge follow the weight."""
-        before = {key: self._buffers[key] for key in ("loldu_PL", "loldu_U")}
+        the frozen factors (`holds`) keeps them (PL and U, or L11 and U11) in float32, moved like the
+        rest; the parts of W0 remembered by merge follow the weight."""
+        before = {key: self._buffers[key] for key in FACTOR_KEYS[self.storage]}
         super()._apply(fn, recurse)
         if not all(holds(self._buffers[key].dtype, self._factor_peak) for key in before):
             for key, old in before.items():
@@ -288,7 +366,16 @@ class LoLDULayer(nn.Module):
 
     def add_adapter(self, name: str, config, z: Optional[torch.Tensor] = None,
                     sigma: Optional[torch.Tensor] = None) -> None:
-        """New adapter `name`: z (r,) and sigma () default to D and sigma0, i.e. c == 0 exactly."""
+        """New adapter `name`: z (r,) and sigma () default to D and sigma0, i.e. c == 0 exactly.
+
+        The first adapter's factor_storage sets how the layer stores its frozen factors; a later
+        adapter must ask for the same (AdapterError, the layer unchanged)."""
+        storage = getattr(config, "factor_storage", "full")
+        if self.configs and storage != self.storage:
+            raise AdapterError(f"layer '{self.layer_name}': adapter {name!r} asks for factor_storage={storage!r} but "
+                               f"the layer's adapters share factors stored as {self.storage!r}")
+        if not self.configs:
+            self._use_storage(storage)
         sigma0 = config.initial_scale
         dev = self.loldu_D.device
         dt = working_dtype(self.loldu_D.dtype)
@@ -341,7 +428,35 @@ class LoLDULayer(nn.Module):
         name = name or self.active_adapter
         if name not in self.loldu_z:
             raise AdapterError(f"layer has no adapter {name!r}")
-        return delta_weight(self.loldu_PL, self.loldu_U, self.coefficients(name))
+        return self._delta(self.coefficients(name))
+
+    def _delta(self, c: torch.Tensor, reads: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """ΔW = PL diag(c) U through the delta_weight op. With "cur" storage PL and U are formed for it
+        from the triangles and `reads` (W0[:, :r], W0[pivots, :]; default: read from W0 now)."""
+        if self.storage == "full":
+            return delta_weight(self.loldu_PL, self.loldu_U, c)
+        PL, U = self.full_factors(reads)
+        return delta_weight(PL, U, c.to(PL.dtype))
+
+    @torch.no_grad()
+    def full_factors(self, reads: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        """(PL (d, r), U (r, k)): the stored ones ("full"), or, for "cur" storage, formed in the working
+        dtype (fp32, fp64 for fp64) from W0 and the triangles (docs/method.md §8):
+        PL = W0[:, :r] U11^{-1} D^{-1} and U = D^{-1} L11^{-1} W0[I, :]. For merge and inspection; the
+        forward never forms them."""
+        if self.storage == "full":
+            return self.loldu_PL, self.loldu_U
+        wide = working_dtype(self.loldu_D.dtype)
+        if reads is None:
+            reads = (self._merged_reads if self._merged_reads is not None
+                     else (self.base_matrix()[:, :self.rank], self.base_matrix().index_select(
+                         0, self.loldu_pivots.to(self.base_layer.weight.device))))
+        cols, rows = (t.to(self.loldu_D.device, wide) for t in reads)
+        D = self.loldu_D.to(wide)
+        L11, U11 = self.loldu_L11.to(wide), self.loldu_U11.to(wide)
+        PL = torch.linalg.solve_triangular(U11, cols, upper=True, left=False, unitriangular=True) / D
+        U = torch.linalg.solve_triangular(L11, rows, upper=False, unitriangular=True) / D[:, None]
+        return PL, U
 
     # -- merge ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -352,7 +467,7 @@ class LoLDULayer(nn.Module):
             raise AdapterError(f"already merged adapter {self.merged_adapter!r}; unmerge first")
         c = self.coefficients(name).detach().clone()
         reads = _reads(self.base_matrix(), self.loldu_pivots)
-        self._add_to_weight(delta_weight(self.loldu_PL, self.loldu_U, c), +1)
+        self._add_to_weight(self._delta(c, reads), +1)
         self.merged_adapter, self._merged_c, self._merged_reads = name, c, reads
 
     @torch.no_grad()
@@ -362,8 +477,8 @@ class LoLDULayer(nn.Module):
         and saved adapters still fit the base; the rest of W returns within one rounding of its dtype."""
         if self.merged_adapter is None:
             return
-        c = self._merged_c.to(self.loldu_PL.device)  # a plain attribute: .to(device) did not move it
-        self._add_to_weight(delta_weight(self.loldu_PL, self.loldu_U, c), -1, restore=self._merged_reads)
+        c = self._merged_c.to(self.loldu_D.device)  # a plain attribute: .to(device) did not move it
+        self._add_to_weight(self._delta(c, self._merged_reads), -1, restore=self._merged_reads)
         self.merged_adapter, self._merged_c, self._merged_reads = None, None, None
 
     def _add_to_weight(self, delta: torch.Tensor, sign: int,
@@ -397,6 +512,37 @@ class LoLDULayer(nn.Module):
             return self.base_layer(x)
         return self._adapted(x, self.coefficients(self.active_adapter))
 
+    def _form(self) -> str:
+        """The form the fused op runs (docs/method.md §7): the active adapter's config.form. An explicit
+        "delta" or "dense" there wins; "auto" is the cost model's choice, unless LOLDU_ADAPTER_FORM
+        (loldu.ops.FORM_OVERRIDE) replaces it. Per-row c always runs the delta form."""
+        config = self.configs.get(self.active_adapter) if self.active_adapter is not None else None
+        return getattr(config, "form", "auto")
+
+    def _cur_triangles(self, dtype: torch.dtype):
+        """L11 and U11 in `dtype`, D^{-1} (r,) in `dtype`."""
+        return self.loldu_L11.to(dtype), self.loldu_U11.to(dtype), 1.0 / self.loldu_D.to(dtype)
+
+    def _cur_t(self, s: torch.Tensor) -> torch.Tensor:
+        """t = x U^T from s = x W0[I, :]^T (..., r), as U^T = W0[I, :]^T L11^{-T} D^{-1} (docs/method.md §8):
+        one triangular solve on the rows of s, in the working dtype."""
+        wide = working_dtype(self.loldu_D.dtype)
+        L11, _, Dinv = self._cur_triangles(wide)
+        r = self.rank
+        s2 = s.to(wide).reshape(-1, r)
+        t = torch.linalg.solve_triangular(L11.t(), s2, upper=True, left=False, unitriangular=True)
+        return (t * Dinv).reshape(s.shape)
+
+    def _cur_q(self, h: torch.Tensor) -> torch.Tensor:
+        """q with q W0[:, :r]^T = h PL^T, from h (..., r), as PL^T = D^{-1} U11^{-T} W0[:, :r]^T: one
+        triangular solve on the rows of h, in the working dtype."""
+        wide = working_dtype(self.loldu_D.dtype)
+        _, U11, Dinv = self._cur_triangles(wide)
+        r = self.rank
+        h2 = (h.to(wide) * Dinv).reshape(-1, r)
+        q = torch.linalg.solve_triangular(U11.t(), h2, upper=False, left=False, unitriangular=True)
+        return q.reshape(h.shape)
+
     def _factors_for(self, x: torch.Tensor):
         """PL, U in the dtype the computation runs in (autocast casts inside the op instead)."""
         if autocast_enabled(x.device.type):
@@ -422,21 +568,60 @@ class LoLDULayer(nn.Module):
     def _c_view(self, c_rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def stored_factor_bytes(self) -> int:
+        """Bytes the layer's frozen factor buffers (FACTOR_KEYS, D, pivots) hold (factor_bytes, measured)."""
+        keys = FACTOR_KEYS[self.storage] + ("loldu_D", "loldu_pivots")
+        return sum(self._buffers[k].numel() * self._buffers[k].element_size() for k in keys)
+
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, rank={self.rank}, adapters={list(self.loldu_z.keys())}, active={self.active_adapter!r}"
+        return (f"kind={self.kind}, rank={self.rank}, storage={self.storage}, adapters={list(self.loldu_z.keys())}, "
+                f"active={self.active_adapter!r}")
 
 
 class LoLDULinear(LoLDULayer):
-    """nn.Linear (W0 = weight, (out, in)): y = x W0^T + b + ((x U^T) c) PL^T via the fused op; in
-    fp16 compute, the base layer's own forward plus that branch in fp32 (_adapted_fp32)."""
+    """nn.Linear (W0 = weight, (out, in)): y = x W0^T + b + ((x U^T) c) PL^T via the fused op, in the
+    form of the adapter's config (`_form`); in fp16 compute, the base layer's own forward plus that
+    branch in fp32 (_adapted_fp32). With "cur" storage, `_adapted_cur`."""
 
     kind = "linear"
 
     def _adapted(self, x, c):
+        if self.storage == "cur":
+            return self._adapted_cur(x, c)
         if self._fp32_branch(x):
             return self._adapted_fp32(x, c)
         PL, U = self._factors_for(x)
-        return adapter_linear(x, self.base_matrix(), self.base_layer.bias, PL, U, c)
+        return adapter_linear(x, self.base_matrix(), self.base_layer.bias, PL, U, c, form=self._form())
+
+    def _adapted_cur(self, x, c):
+        """"cur" storage (docs/method.md §8), never forming PL, U or a (d, k) matrix:
+
+            y = x W0^T + b (the base layer's own forward),  s = y[..., I] - b[I] = x W0[I, :]^T,
+            t = s L11^{-T} D^{-1} (= x U^T),  q = (t c) D^{-1} U11^{-T},  y + q W0[:, :r]^T (= y + (t c) PL^T).
+
+        The base output holds s, so the branch costs one (n, r) x (r, d) GEMM and two r x r triangular
+        solves on the (n, r) rows (backward: g W0[:, :r], the same solves, and the gradient through s
+        joins the base's input-gradient GEMM). At c == 0 the branch adds an exact zero to the base
+        layer's output. Gradients flow to x and c only, as in the fused op. The solves run in the
+        working dtype (fp32, fp64 for fp64). In fp16 compute s is an fp32 product with the pivot rows
+        instead (fp16 could overflow, §6), and the branch runs in fp32."""
+        W0 = self.base_matrix().detach()
+        r = self.rank
+        piv = self.loldu_pivots.to(x.device)
+        y = self.base_layer(x)
+        if self._fp32_branch(x):
+            wide = working_dtype(self.loldu_D.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                s = x.to(wide) @ W0.index_select(0, piv).to(wide).t()
+                q = self._cur_q(self._cur_t(s) * c.to(wide))
+                return y + (q @ W0[:, :r].to(wide).t()).to(y.dtype)
+        s = y.index_select(-1, piv)
+        b = self.base_layer.bias
+        if b is not None:
+            s = s - b.detach().index_select(0, piv).to(s.dtype)
+        q = self._cur_q(self._cur_t(s) * c.to(working_dtype(self.loldu_D.dtype)))
+        with torch.autocast(x.device.type, enabled=False):
+            return y + F.linear(q.to(y.dtype), W0[:, :r].to(y.dtype))
 
     def _adapted_fp32(self, x, c):
         """The base layer's own fp16 forward plus the adapter branch in fp32, cast to fp16 once at the
@@ -465,6 +650,8 @@ class LoLDUEmbedding(LoLDULayer):
     batched_dims = 1
 
     def _adapted(self, ids, c):
+        if self.storage == "cur":
+            return self._adapted_cur(ids, c)
         y = self.base_layer(ids)
         # c stays fp32 through the scaling; the product with U runs in fp32 when the layer computes
         # in fp16 (_fp32_branch), else in the output's dtype.
@@ -473,6 +660,25 @@ class LoLDUEmbedding(LoLDULayer):
             with torch.autocast(y.device.type, enabled=False):
                 return y + (t @ self.loldu_U.to(t.dtype)).to(y.dtype)
         return y + (t.to(y.dtype) @ self.loldu_U.to(y.dtype)).to(y.dtype)
+
+    def _adapted_cur(self, ids, c):
+        """"cur" storage (docs/method.md §8): PL[ids] = W0[ids, :r] U11^{-1} D^{-1}, read from the base
+        output's first r columns, and (PL[ids] c) U = ((PL[ids] c) D^{-1} L11^{-1}) W0[I, :]: two r x r
+        solves on the (n, r) rows and one (n, r) x (r, k) product with the pivot rows, in the working dtype."""
+        y = self.base_layer(ids)
+        W0 = self.base_matrix().detach()
+        wide = working_dtype(self.loldu_D.dtype)
+        L11, U11, Dinv = self._cur_triangles(wide)
+        r = self.rank
+        p = y[..., :r].detach().to(wide).reshape(-1, r)
+        PLi = torch.linalg.solve_triangular(U11, p, upper=True, left=False, unitriangular=True) * Dinv
+        h = (PLi.view(*ids.shape, r) * c.to(wide)) * Dinv
+        v = torch.linalg.solve_triangular(L11, h.reshape(-1, r), upper=False, left=False, unitriangular=True)
+        rows = W0.index_select(0, self.loldu_pivots.to(W0.device))
+        with torch.autocast(y.device.type, enabled=False):
+            if self._fp32_branch(y):
+                return y + (v @ rows.to(wide)).view(y.shape).to(y.dtype)
+            return y + (v.to(y.dtype) @ rows.to(y.dtype)).view(y.shape)
 
     def _c_view(self, c_rows, ids):
         shape = (c_rows.shape[0],) + (1,) * (ids.dim() - 1) + (self.rank,)
@@ -491,6 +697,8 @@ class LoLDUConv2d(LoLDULayer):
 
     def _adapted(self, x, c):
         base = self.base_layer
+        if self.storage == "cur":
+            return self._adapted_cur(x, c)
         y = base(x)
         out_ch = base.weight.shape[0]
         cv = c.view(-1, self.rank, 1, 1) if c.dim() == 2 else c.view(self.rank, 1, 1)  # (r,1,1): also unbatched (C, H, W)
@@ -504,6 +712,32 @@ class LoLDUConv2d(LoLDULayer):
         u = base._conv_forward(x, U.reshape(self.rank, *base.weight.shape[1:]), None)
         t = (u.to(cv.dtype) * cv).to(u.dtype)
         return y + F.conv2d(t, PL.reshape(out_ch, self.rank, 1, 1).to(t.dtype))
+
+    def _adapted_cur(self, x, c):
+        """"cur" storage (docs/method.md §8): the base conv's output channels I (less their bias) are the
+        conv with filters W0[I, :], so t = conv(x, U) = (those channels) L11^{-T} D^{-1} per pixel; then
+        q = (t c) D^{-1} U11^{-T} and y = base + 1x1 conv(q, W0[:, :r]). Two r x r solves per pixel in
+        the working dtype; no PL, U or (d, k) matrix is formed. In fp16 compute the channels come from
+        an fp32 conv with the r pivot filters instead, and the branch runs in fp32."""
+        base = self.base_layer
+        W = base.weight.detach()
+        wide = working_dtype(self.loldu_D.dtype)
+        piv = self.loldu_pivots.to(x.device)
+        r = self.rank
+        cv = (c.view(-1, 1, 1, r) if c.dim() == 2 else c).to(wide)  # channels last below: (..., H, W, r)
+        y = base(x)
+        cols = self.base_matrix().detach()[:, :r].reshape(W.shape[0], r, 1, 1)
+        if self._fp32_branch(x):
+            with torch.autocast(x.device.type, enabled=False):
+                s = base._conv_forward(x.to(wide), W.index_select(0, piv).to(wide), None).movedim(-3, -1)
+                q = self._cur_q(self._cur_t(s) * cv).movedim(-1, -3)
+                return y + F.conv2d(q, cols.to(wide)).to(y.dtype)
+        s = y.index_select(-3, piv)
+        if base.bias is not None:
+            s = s - base.bias.detach().index_select(0, piv).to(s.dtype).view(-1, 1, 1)
+        q = self._cur_q(self._cur_t(s.movedim(-3, -1)) * cv).movedim(-1, -3)
+        with torch.autocast(x.device.type, enabled=False):
+            return y + F.conv2d(q.to(y.dtype), cols.to(y.dtype))
 
     def _c_view(self, c_rows, x):
         return c_rows

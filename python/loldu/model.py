@@ -535,8 +535,8 @@ def _merge_refusal(layer: LoLDULayer, name: Optional[str] = None) -> Optional[st
                 "weight first (module.weight = nn.Parameter(module.weight.clone()))")
     if any(st == 0 and n > 1 for st, n in zip(w.stride(), w.shape)):
         return "its weight is an expanded view (several elements share one memory location), which cannot be written"
-    if w.device != layer.loldu_PL.device:
-        return f"its weight is on {w.device} but its LoLDU factors are on {layer.loldu_PL.device}; move the whole model"
+    if w.device != layer.loldu_D.device:
+        return f"its weight is on {w.device} but its LoLDU factors are on {layer.loldu_D.device}; move the whole model"
     if name is not None and not bool(torch.isfinite(layer.coefficients(name)).all()):
         return f"adapter {name!r} has NaN/Inf coefficients c = sigma z - sigma0 D (z or sigma diverged)"
     return None
