@@ -1,0 +1,159 @@
+"""The transformers Trainer with LoLDU adapters: adapter-only checkpoints that resume and load.
+
+The plain `transformers.Trainer` saves an injected model whole (`model.safetensors` with the
+wrapped names `...base_layer.weight`, `...loldu_z.default`), a copy of the base model that plain
+`from_pretrained` cannot read. Trainer special-cases PEFT's `PeftModel` when it saves and loads;
+a LoLDU model is an ordinary `PreTrainedModel` with LoLDU layers inside, so the same treatment
+comes from `LoLDUTrainerMixin`, which replaces the three places where Trainer writes or reads model
+weights:
+
+- `_save` (every `checkpoint-N/`, `save_model()`, the final `output_dir`): `loldu.save_adapter`
+  writes the active adapter (`adapter_model.safetensors` + `adapter_config.json`: z, sigma, the
+  pivots, the base weights' fingerprints, and the modules_to_save / task heads whole), next to the
+  processing class and `training_args.bin`. Trainer adds its own state files to checkpoints
+  (optimizer, scheduler, rng, `trainer_state.json`). No base weight is written.
+- `_load_from_checkpoint` (`train(resume_from_checkpoint=...)`) and `_load_best_model`
+  (`load_best_model_at_end=True`): `restore_adapter` copies the saved values into the model's
+  active adapter in place, after checking the checkpoint against the model (same layers, base
+  weights by fingerprint, rank, scale settings, saved modules). The parameters stay the same
+  objects and keep their requires_grad flags, so an optimizer that already holds them (Trainer's
+  own, or one given as `optimizers=`) stays valid, and Trainer then restores its state.
+  A checkpoint directory without an adapter file (one the plain Trainer wrote) is handed to
+  Trainer's own loader.
+
+A checkpoint directory is an adapter directory: `loldu.load_adapter(base_model, "out/checkpoint-N")`
+loads it for inference. See docs/trainer.md.
+"""
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .adapter_io import WEIGHTS_NAME, load_adapter, save_adapter
+from .errors import AdapterError
+from .model import delete_adapter
+from .state import AdapterState
+
+try:
+    from transformers import Trainer
+except ImportError as _e:  # pragma: no cover - transformers is a test dependency
+    raise ImportError("loldu.trainer needs transformers (and accelerate): pip install transformers accelerate") from _e
+
+__all__ = ["LoLDUTrainerMixin", "LoLDUTrainer", "restore_adapter", "is_adapter_checkpoint"]
+
+TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer names its pickled TrainingArguments
+# Config fields that only choose how the layers compute (docs/method.md §7), not what z and sigma mean:
+# a checkpoint restores into an adapter that differs in these.
+_COMPUTE_ONLY = ("form", "factor_storage")
+
+
+def is_adapter_checkpoint(directory) -> bool:
+    """Whether `directory` holds a loldu adapter file (adapter_model.safetensors)."""
+    return os.path.isfile(os.path.join(os.fspath(directory), WEIGHTS_NAME))
+
+
+def restore_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None) -> nn.Module:
+    """Copies the adapter saved in `directory` into adapter `adapter_name` (default: the active one)
+    of `model`, in place, and returns `model`: z, sigma and the saved modules' (task heads') tensors.
+
+    This is how training resumes: the model's parameters stay the same objects (an optimizer holding
+    them stays valid) and keep their requires_grad flags. The file goes through the same checks as
+    `loldu.load_adapter` (its layers are the model's, on the same base weights by fingerprint, with the
+    same rank and saved modules), and its config must equal the adapter's but for the compute-only
+    fields `form` and `factor_storage` (alpha, sigma0 and train_scale change what z and sigma mean).
+    Raises AdapterError naming the directory; the model is then unchanged.
+    """
+    where = f"loldu.trainer.restore_adapter({str(directory)!r})"
+    state = AdapterState.of(model).require_layers(where)
+    name = adapter_name if adapter_name is not None else state.active
+    if name is None:
+        raise AdapterError(f"{where}: the model has no active adapter; pass adapter_name")
+    state.require_exists(name, where)
+    state.require_unmerged(where, fix="call loldu.unmerge before restoring into it")
+    scratch, i = "_loldu_restore", 0
+    while scratch in state.names:
+        i += 1
+        scratch = f"_loldu_restore{i}"
+    # Loaded as an extra, inactive adapter: every check of load_adapter runs, and a refusal leaves the
+    # model unchanged. Its values are then copied over and it is deleted again.
+    load_adapter(model, directory, adapter_name=scratch)
+    try:
+        state = AdapterState.of(model)
+        mine, theirs = state.config(name).to_dict(), state.config(scratch).to_dict()
+        for key in _COMPUTE_ONLY:
+            mine.pop(key, None)
+            theirs.pop(key, None)
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differ:
+            raise AdapterError(
+                f"{where}: the saved adapter's config differs from adapter {name!r}'s in "
+                + ", ".join(f"{k} ({theirs.get(k)!r} saved, {mine.get(k)!r} in the model)" for k in differ)
+                + "; resume with the LoLDUConfig the checkpoint was trained with")
+        with torch.no_grad():
+            for _, layer in state.layers:
+                layer.loldu_z[name].copy_(layer.loldu_z[scratch])
+                layer.loldu_sigma[name].copy_(layer.loldu_sigma[scratch])
+            for _, saved in state.saved:
+                target = dict(saved.modules_to_save[name].state_dict(keep_vars=True))
+                for key, t in saved.modules_to_save[scratch].state_dict().items():
+                    target[key].copy_(t)
+    finally:
+        delete_adapter(model, scratch)
+    return model
+
+
+class LoLDUTrainerMixin:
+    """Mixed in before a transformers Trainer class (`class T(LoLDUTrainerMixin, Trainer)`, or before
+    a subclass such as TRL's trainers): checkpoints hold the active LoLDU adapter only, and resuming
+    and `load_best_model_at_end` restore it in place (see the module docstring).
+
+    The model must be injected (loldu.inject / loldu.load_adapter(..., is_trainable=True)) and not
+    merged; an AdapterError says so at construction. Only the active adapter is saved and restored.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        what = f"{type(self).__name__}"
+        state = AdapterState.of(self.model).require_layers(f"{what}: the model to train")
+        state.require_unmerged(f"{what}: the model to train", fix="call loldu.unmerge before training")
+        if state.active is None:
+            raise AdapterError(f"{what}: the model has no active adapter; call loldu.set_adapter")
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            # Both gather or load sharded weights outside _save / _load_from_checkpoint.
+            raise AdapterError(f"{what}: FSDP and DeepSpeed are not supported (their checkpoints bypass the adapter "
+                               "files); use DDP (torchrun), which LoLDU layers support")
+
+    def train(self, *args, **kwargs):
+        """Trainer.train, refused up front (AdapterError) when no parameter of the model requires grad:
+        an adapter loaded with loldu.load_adapter's default is_trainable=False is frozen."""
+        if not any(p.requires_grad for p in self.model.parameters()):
+            state = AdapterState.of(self.model)
+            raise AdapterError(f"{type(self).__name__}.train: nothing to train, adapter {state.active!r} is frozen "
+                               "(loldu.load_adapter loads for inference unless is_trainable=True)")
+        return super().train(*args, **kwargs)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_adapter(self.model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        if not is_adapter_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restore_adapter(self.model if model is None else model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if not is_adapter_checkpoint(best):
+            return super()._load_best_model()
+        restore_adapter(self.model, best)
+
+
+class LoLDUTrainer(LoLDUTrainerMixin, Trainer):
+    """`transformers.Trainer` for a model with a LoLDU adapter: adapter-only checkpoints (see LoLDUTrainerMixin)."""
