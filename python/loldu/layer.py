@@ -38,18 +38,21 @@ FACTOR_HEADROOM = 256.0
 
 
 # The frozen factor buffers of each factor_storage (docs/method.md §8): "full" keeps PL (d, r) and
-# U (r, k); "cur" keeps L11 = PL[pivots] (r, r, unit lower) and U11 = U[:, :r] (r, r, unit upper) and
-# reads W0[:, :r] and W0[pivots, :] from the base weight itself. D and the pivots are kept by both.
-FACTOR_KEYS = {"full": ("loldu_PL", "loldu_U"), "cur": ("loldu_L11", "loldu_U11")}
+# U (r, k); "cur" keeps the unit triangles L11 = PL[pivots] and U11 = U[:, :r] packed in one (r, r)
+# matrix LU11 (L11 below the diagonal, U11 above it, ones on it: the triangular solves read one
+# triangle each and assume the unit diagonal), and reads W0[:, :r] and W0[pivots, :] from the base
+# weight itself. D and the pivots are kept by both.
+FACTOR_KEYS = {"full": ("loldu_PL", "loldu_U"), "cur": ("loldu_LU11",)}
 
 
 def factor_bytes(d: int, k: int, r: int, storage: str = "full", dtype: torch.dtype = torch.float32) -> int:
     """Bytes of the frozen factors one adapted (d, k) layer keeps at rank r (docs/storage.md).
 
-    storage: "full" (PL, U), "cur" (L11, U11), or "reference": the paper's released implementation,
-    which keeps a dense (d, d) permutation matrix P, L (d, r), U (r, k) in `dtype`. Every storage also
-    keeps D (r,) in fp32 (fp64 for fp64) and, but for "reference", the pivots (r,) int64. The adapter
-    itself (z, and sigma) is r + 1 numbers in every storage and is not counted.
+    storage: "full" (PL, U), "cur" (L11 and U11 packed in one r x r matrix), or "reference": the
+    paper's released implementation, which keeps a dense (d, d) permutation matrix P, L (d, r) and
+    U (r, k) in `dtype`. Every storage also keeps D (r,) in fp32 (fp64 for fp64) and, but for
+    "reference", the pivots (r,) int64. The adapter itself (z, and sigma) is r + 1 numbers in every
+    storage and is not counted.
     """
     if storage not in ("full", "cur", "reference"):
         raise AdapterError(f"factor_bytes: storage must be 'full', 'cur' or 'reference', got {storage!r}")
@@ -60,7 +63,7 @@ def factor_bytes(d: int, k: int, r: int, storage: str = "full", dtype: torch.dty
     if storage == "reference":
         return (d * d + d * r + r * k) * elt + d_bytes
     pivots = 8 * r
-    factors = d * r + r * k if storage == "full" else 2 * r * r
+    factors = d * r + r * k if storage == "full" else r * r
     return factors * elt + d_bytes + pivots
 
 
@@ -181,8 +184,8 @@ class LoLDULayer(nn.Module):
     """Base of the wrappers. Subclasses implement `_adapted(x, c)` (and `_adapted_cur(x, c)` for
     factor_storage="cur") and `_c_view(c_rows, x)`.
 
-    Buffers: loldu_PL (d, r) and loldu_U (r, k) ("full" storage), or loldu_L11 (r, r) and
-    loldu_U11 (r, r) ("cur" storage, FACTOR_KEYS), in the config's factor dtype, or fp32 where that
+    Buffers: loldu_PL (d, r) and loldu_U (r, k) ("full" storage), or loldu_LU11 (r, r), the unit
+    triangles L11 and U11 packed ("cur" storage, FACTOR_KEYS), in the config's factor dtype, or fp32 where that
     dtype cannot hold them (`holds`); loldu_D (r,) and the pivots (r,) int64 as the factorization
     returned them (fp32, or fp64 for fp64 weights). The storage is the first adapter's
     factor_storage (every adapter of a layer shares its factors, so all must agree).
@@ -241,11 +244,11 @@ class LoLDULayer(nn.Module):
         with a warning naming the layer, when that dtype cannot hold them), D in `d_dtype` and the pivots."""
         if self.storage == "full":
             stored = (factors.PL, factors.U)
-        else:  # the r x r triangles, their unit diagonals written exactly (the solves never read them)
+        else:  # L11 and U11 in one r x r matrix, the unit diagonal written exactly (the solves never read it)
             r = factors.D.shape[0]
             eye = torch.eye(r, dtype=factors.PL.dtype, device=factors.PL.device)
-            stored = (factors.PL.index_select(0, factors.pivots.to(factors.PL.device)).tril(-1) + eye,
-                      factors.U[:, :r].triu(1) + eye)
+            stored = (factors.PL.index_select(0, factors.pivots.to(factors.PL.device)).tril(-1) + eye
+                      + factors.U[:, :r].triu(1),)
         peak = max(float(t.abs().amax()) for t in stored)
         if not holds(factor_dtype, peak):
             names = "|PL|, |U|" if self.storage == "full" else "|L11|, |U11|"
@@ -453,7 +456,7 @@ class LoLDULayer(nn.Module):
                          0, self.loldu_pivots.to(self.base_layer.weight.device))))
         cols, rows = (t.to(self.loldu_D.device, wide) for t in reads)
         D = self.loldu_D.to(wide)
-        L11, U11 = self.loldu_L11.to(wide), self.loldu_U11.to(wide)
+        L11 = U11 = self.loldu_LU11.to(wide)  # each solve reads its own triangle
         PL = torch.linalg.solve_triangular(U11, cols, upper=True, left=False, unitriangular=True) / D
         U = torch.linalg.solve_triangular(L11, rows, upper=False, unitriangular=True) / D[:, None]
         return PL, U
@@ -520,8 +523,9 @@ class LoLDULayer(nn.Module):
         return getattr(config, "form", "auto")
 
     def _cur_triangles(self, dtype: torch.dtype):
-        """L11 and U11 in `dtype`, D^{-1} (r,) in `dtype`."""
-        return self.loldu_L11.to(dtype), self.loldu_U11.to(dtype), 1.0 / self.loldu_D.to(dtype)
+        """L11 and U11 in `dtype` (one packed matrix: each solve reads its own triangle), D^{-1} (r,)."""
+        LU = self.loldu_LU11.to(dtype)
+        return LU, LU, 1.0 / self.loldu_D.to(dtype)
 
     def _cur_t(self, s: torch.Tensor) -> torch.Tensor:
         """t = x U^T from s = x W0[I, :]^T (..., r), as U^T = W0[I, :]^T L11^{-T} D^{-1} (docs/method.md §8):
