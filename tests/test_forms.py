@@ -1,8 +1,10 @@
 """The two exact forms of adapter_linear (docs/method.md §7): "delta" and "dense" agree in outputs
 and gradients, pass gradcheck and opcheck (and so does "auto"), the chooser picks the form the cost
-model says, per-row c runs delta, saved tensors are what each form needs, bad forms are refused."""
+model says, per-row c runs delta, saved tensors are what each form needs, bad forms are refused;
+a LoLDU layer runs its config's form (ahead of LOLDU_ADAPTER_FORM, which only replaces "auto")."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import loldu
 from loldu.reference import dense_weight_reference
@@ -234,3 +236,74 @@ def test_bad_form_is_refused_by_name():
         OPS.adapter_linear_backward(torch.randn(3, d), x, W, PL, U, c, True, True, "lowrank")
     with pytest.raises(ValueError, match="saved must be"):
         OPS.adapter_linear_backward(torch.randn(3, d), x, W, PL, U, c, True, True, "dense", torch.randn(3, r))
+
+
+# -- the config's form reaches the op (LoLDU layers) -------------------------------------------------
+class _FormsSeen(TorchDispatchMode):
+    """Records the form argument of every adapter_linear_forward call the dispatcher sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.forms = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is OPS.adapter_linear_forward.default:
+            self.forms.append(args[6])
+        return func(*args, **(kwargs or {}))
+
+
+def _injected(form, seed=0):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40, dtype=torch.float64), torch.nn.Tanh(),
+                                Conv1D(16, 40).double())
+    loldu.inject(model, loldu.LoLDUConfig(rank=16, target_modules=["0", "2"], form=form))
+    with torch.no_grad():
+        for _, layer in loldu.adapted_layers(model):
+            layer.loldu_z["default"].mul_(1.0 + 0.5 * torch.randn_like(layer.loldu_z["default"]))
+    return model
+
+
+def test_config_form_gives_the_same_model_in_delta_and_dense():
+    x = torch.randn(9, 24, dtype=torch.float64)
+    got = {}
+    for form in ("delta", "dense"):
+        model = _injected(form)
+        xx = x.clone().requires_grad_(True)
+        y = model(xx)
+        g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(3))
+        params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
+        got[form] = (y, *torch.autograd.grad(y, [xx, *params], g))
+    # Two computations of the same function (as in test_forms_agree): fp64, inner dimensions <= 40,
+    # O(1) magnitudes: they agree to ~1e-14; 1e-10 leaves margin, a real difference is O(1).
+    for a, b in zip(got["dense"], got["delta"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@COMPILED_ONLY
+@pytest.mark.parametrize("form", ["delta", "dense"])
+def test_config_form_reaches_the_op_and_beats_the_form_override(form, monkeypatch):
+    """A config's explicit form is what adapter_linear_forward runs, for nn.Linear and Conv1D, also
+    when LOLDU_ADAPTER_FORM (loldu.ops.FORM_OVERRIDE) asks for the other form: that override only
+    replaces form="auto". Seen through the dispatcher (the compiled op is a kernel of its own)."""
+    other = "dense" if form == "delta" else "delta"
+    x = torch.randn(9, 24, dtype=torch.float64)
+    model = _injected(form)
+    with _FormsSeen() as seen:
+        model(x)
+    assert seen.forms == [form, form]
+    monkeypatch.setattr(loldu.ops, "FORM_OVERRIDE", other)
+    with _FormsSeen() as seen:
+        model(x)
+    assert seen.forms == [form, form]
+    auto = _injected("auto")
+    with _FormsSeen() as seen:
+        auto(x)
+    assert seen.forms == [other, other]  # "auto" follows the override
+    monkeypatch.setattr(loldu.ops, "FORM_OVERRIDE", "auto")
+    with _FormsSeen() as seen:
+        auto(x)
+    # n = 9 rows at r = 16: the cost model picks delta here.
+    assert seen.forms == [loldu.ops.choose_form(9, 40, 24, 16, torch.float64, "cpu"),
+                          loldu.ops.choose_form(9, 16, 40, 16, torch.float64, "cpu")] == ["delta", "delta"]

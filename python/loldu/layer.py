@@ -648,7 +648,8 @@ class LoLDUConv1D(LoLDULinear):
 
 
 class LoLDUEmbedding(LoLDULayer):
-    """nn.Embedding (W0 = weight, (num, dim)): y = W0[ids] + (PL[ids] * c) U."""
+    """nn.Embedding (W0 = weight, (num, dim)): y = W0[ids] + (PL[ids] * c) U. Always this delta form
+    (a lookup reads n rows of W0; a dense W would cost d k per call): the config's `form` is not used."""
 
     kind = "embedding"
     batched_dims = 1
@@ -694,6 +695,7 @@ class LoLDUConv2d(LoLDULayer):
 
     The U branch is a conv with r filters U.view(r, in, kh, kw) sharing the base conv's stride,
     padding (and padding mode) and dilation, so it sees exactly the patches the base conv sees.
+    Always this delta form: the config's `form` is not used (it selects the fused linear op's form).
     """
 
     kind = "conv2d"

@@ -11,7 +11,9 @@ loldu's error types. The method (facts used here: docs/method.md): y = x W0^T + 
 adapter_linear is a composite of adapter_linear_forward, which returns (y, saved) for a resolved form
 ("delta" or "dense", §7) and carries the autograd formula: saved (t = x U^T, or the dense W) goes to
 the backward instead of being recomputed there. LOLDU_ADAPTER_FORM=delta|dense makes form="auto" in
-loldu.ops.adapter_linear (so in every LoLDU layer) run that form instead of the cost model's choice.
+loldu.ops.adapter_linear run that form instead of the cost model's choice; an explicit form="delta" or
+"dense" (a LoLDU layer passes its adapter config's `form`) is never overridden. So the precedence is:
+the config's explicit form, then LOLDU_ADAPTER_FORM, then the cost model.
 """
 import os
 from typing import NamedTuple, Optional
@@ -25,7 +27,8 @@ from .reference import FORMS, autocast_enabled, check_adapter_args, choose_form,
 __all__ = ["LDUResult", "adapter_linear", "autocast_enabled", "choose_form", "delta_weight", "dense_min_rows", "ldu",
            "ldu_from_pivots", "working_dtype"]
 
-# form="auto" replaced by this form when set (an override for benchmarks and debugging).
+# form="auto" replaced by this form when set (an override for benchmarks and debugging); an explicit
+# form="delta"/"dense" (a config's form) is left as it is.
 FORM_OVERRIDE = os.environ.get("LOLDU_ADAPTER_FORM", "auto")
 
 
