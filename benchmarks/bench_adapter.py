@@ -4,10 +4,13 @@
   auto       loldu.inject on that Linear: the fused op with form="auto" (forward, backward, AdamW over z)
   delta      the same layer with the delta form forced (LOLDU_ADAPTER_FORM's hook, loldu.ops.FORM_OVERRIDE)
   dense      the same layer with the dense form forced (docs/method.md §7)
+  cur        loldu.inject with factor_storage="cur": only L11, U11 (r x r) kept, the branch read from
+             W0's pivot rows (the base output) and leading columns with two triangular solves (§8)
   lora       PEFT's LoRA at the same rank (benchmark-only dependency: pip install peft)
-  reference  (only with --methods ...,reference) the paper's released approach: a
-             torch.nn.utils.parametrize parametrization that forms the dense update
-             P @ L_r diag(z) U_r through a (d, d) permutation matrix every forward
+  ia3        PEFT's IA3 on the same Linear (a learned scale per output feature, d numbers)
+  reference  the paper's released approach: a torch.nn.utils.parametrize parametrization that
+             forms the dense update P @ L_r diag(z) U_r through a (d, d) permutation matrix every
+             forward
 
 The methods run round-robin within each repetition (in an order rotated from one repetition to
 the next), so machine noise and cache effects hit them alike; the
@@ -15,7 +18,11 @@ table gives per-method medians and ratios to the base step, which form "auto" ra
 auto is from the faster of the two forced forms. --clock cpu times process CPU time instead of
 wall time: with --threads 1 it is robust to other jobs sharing the cores.
 
-    python benchmarks/bench_adapter.py [--quick] [--device cuda] [--dtype bf16] [--threads 1 --clock cpu]
+By default a representative subset of the grid runs (SUBSET: every shape and rank at n = 2048, and
+the ends n = 512, 8192 at 768 x 768 and 1024 x 1024); --full runs the whole grid, shapes x ranks x
+tokens (4096 x 4096 at n = 8192 skipped unless named in --points).
+
+    python benchmarks/bench_adapter.py [--full | --quick] [--device cuda] [--dtype bf16] [--threads 1 --clock cpu]
 """
 import argparse
 import statistics
@@ -35,6 +42,10 @@ import loldu  # noqa: E402
 FORMS = ("auto", "delta", "dense")  # one loldu model, three settings of the form hook
 SHAPES = "384x384,384x1536,768x768,768x3072,1024x1024,4096x4096"
 QUICK = {"shapes": "384x384,768x768,1024x1024", "tokens": "512,2048", "ranks": "16,64,full"}
+SUBSET = ",".join([f"{s}:{r}:2048" for s in SHAPES.split(",") for r in ("16", "64", "full")]
+                  + [f"{s}:{r}:{n}" for s in ("768x768", "1024x1024") for r in ("16", "64", "full")
+                     for n in ("512", "8192")])
+METHODS = "base,loldu,cur,lora,ia3,reference"
 
 
 class DenseLoLDU(nn.Module):
@@ -61,8 +72,9 @@ def build(method: str, d: int, k: int, r: int, dtype, device):
     lin.weight.requires_grad_(False)
     lin.bias.requires_grad_(False)
     model = nn.Sequential(lin)
-    if method == "loldu":
-        loldu.inject(model, loldu.LoLDUConfig(rank=r, target_modules=["0"]))
+    if method in ("loldu", "cur"):
+        storage = "cur" if method == "cur" else "full"
+        loldu.inject(model, loldu.LoLDUConfig(rank=r, target_modules=["0"], factor_storage=storage))
     elif method == "lora":
         import peft
 
@@ -70,6 +82,10 @@ def build(method: str, d: int, k: int, r: int, dtype, device):
         for n, p in model.named_parameters():  # start away from B = 0 so every matmul does work
             if "lora_B" in n:
                 nn.init.normal_(p, std=1e-3)
+    elif method == "ia3":
+        import peft
+
+        model = peft.get_peft_model(model, peft.IA3Config(target_modules=["0"], feedforward_modules=[]))
     elif method == "reference":
         parametrize.register_parametrization(lin, "weight", DenseLoLDU(lin.weight.detach(), r))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -105,16 +121,22 @@ def goals(rows) -> list:
                                      (1024, 1024, 16, 2048, "delta/base", 1.10),
                                      (1024, 1024, 64, 2048, "delta/base", 1.10)]:
         out.append((f"{key} at {d}x{k}, r={r}, n={n} <= {bound}", at(d, k, r, n, key), bound))
+    for n in (2048, 8192):
+        # ">= 1.3x faster than the reference" as a ratio that must stay below its bound: auto / reference.
+        ref, auto = at(768, 768, 768, n, "reference_ms"), at(768, 768, 768, n, "auto_ms")
+        out.append((f"auto/reference at 768x768, r=768, n={n} <= 1/1.3", None if ref is None or auto is None
+                    else auto / ref, 1 / 1.3))
     return out
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help=f"a subset: {QUICK}")
+    ap.add_argument("--quick", action="store_true", help=f"a smaller grid: {QUICK}")
+    ap.add_argument("--full", action="store_true", help="the whole grid (shapes x ranks x tokens) instead of SUBSET")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--reps", type=int, default=0)
-    ap.add_argument("--methods", default="base,loldu,lora", help="base,loldu,lora[,reference]; loldu = auto, delta, dense")
+    ap.add_argument("--methods", default=METHODS, help=f"subset of {METHODS}; loldu = auto, delta, dense")
     ap.add_argument("--tokens", default="512,2048,8192")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--ranks", default="16,64,full")
@@ -127,6 +149,10 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.shapes, args.tokens, args.ranks = QUICK["shapes"], QUICK["tokens"], QUICK["ranks"]
+    elif not args.full and not args.points:
+        args.points = SUBSET
+    if args.full and not args.skip:
+        args.skip = "4096x4096:8192"
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -137,8 +163,8 @@ def main():
     try:
         import peft  # noqa: F401
     except ImportError:
-        print("peft is not installed (pip install peft): skipping the LoRA column")
-        methods = [m for m in methods if m != "lora"]
+        print("peft is not installed (pip install peft): skipping the LoRA and IA3 columns")
+        methods = [m for m in methods if m not in ("lora", "ia3")]
     # "loldu" stands for its three forms, each a column of its own.
     columns = [c for m in methods for c in (FORMS if m == "loldu" else (m,))]
     skip = {tuple(s.split(":")) for s in args.skip.split(",") if s}
@@ -216,7 +242,7 @@ def main():
         status = "not run" if got is None else ("met" if got <= bound else f"NOT met (gap {got - bound:+.3f})")
         report.append({"goal": what, "measured": got, "status": status})
         print(f"  {what}: {'-' if got is None else f'{got:.3f}'} -> {status}")
-    name = args.out or f"bench_adapter_{dev.type}_{args.dtype}" + ("_quick" if args.quick else "")
+    name = args.out or f"bench_adapter_{dev.type}_{args.dtype}" + ("_quick" if args.quick else "_full" if args.full else "")
     write_json(name, {"machine": machine(), "build": loldu.build_info(), "dtype": args.dtype,
                       "threads": torch.get_num_threads(), "clock": args.clock, "skipped": sorted(map(list, skip)),
                       "points": args.points,
