@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import loldu
 from loldu import AdapterError, LoLDUConfig
-from loldu.adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterWarning
+from loldu.adapter_io import CONFIG_NAME, LEGACY_CONFIG_NAME, WEIGHTS_NAME, AdapterWarning
 
 
 def trained(base, rank=3, **kw):
@@ -33,7 +33,7 @@ def test_io_round_trip_into_plain_base_is_identical(tmp_path):
     base = TinyNet()
     model = trained(base, rank=4, train_scale=True, alpha=2.0)
     sizes = loldu.save_adapter(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     assert sizes == {n: (tmp_path / n).stat().st_size for n in (CONFIG_NAME, WEIGHTS_NAME)}
     # contents: per layer z, sigma, pivots (int64) and a fingerprint; nothing of size d or k
     t = load_file(tmp_path / WEIGHTS_NAME)
@@ -42,9 +42,9 @@ def test_io_round_trip_into_plain_base_is_identical(tmp_path):
         "pivots": (torch.int32, (5, 4)), "fingerprint": (torch.uint8, (5, 32))}
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert cfg["config"]["rank"] == 4 and [e["name"] for e in cfg["layers"]] == TARGETS
-    # format 2: the weights file holds the config too; adapter_config.json is a byte-identical copy
+    # format 3: the weights file holds the config too; loldu_config.json is a byte-identical copy
     meta = metadata(tmp_path)
-    assert meta["loldu_format"] == "loldu-adapter/2" and meta["loldu_config"] == (tmp_path / CONFIG_NAME).read_text()
+    assert meta["loldu_format"] == "loldu-adapter/3" and meta["loldu_config"] == (tmp_path / CONFIG_NAME).read_text()
     fresh = copy.deepcopy(base)
     loaded = loldu.load_adapter(fresh, tmp_path)
     assert loaded is fresh and loldu.active_adapter(fresh) == "default"
@@ -54,7 +54,9 @@ def test_io_round_trip_into_plain_base_is_identical(tmp_path):
     for (n, la), (_, lb) in zip(loldu.adapted_layers(fresh), loldu.adapted_layers(model)):
         for buf in ("loldu_PL", "loldu_U", "loldu_D", "loldu_pivots"):
             assert torch.equal(getattr(la, buf), getattr(lb, buf)), (n, buf)
-    assert sorted(n for n, p in fresh.named_parameters() if p.requires_grad) == sorted(
+    assert not any(p.requires_grad for p in fresh.parameters())  # loaded for inference: frozen (PEFT's default)
+    again = loldu.load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert sorted(n for n, p in again.named_parameters() if p.requires_grad) == sorted(
         n for n, p in model.named_parameters() if p.requires_grad)
 
 
@@ -101,12 +103,14 @@ def rewrite_metadata(d, **changes):
 
 
 def to_format_1(d):
-    """Rewrites a format-2 directory as format 1 wrote it: the config only in adapter_config.json,
-    whose sha256 the weights' metadata records."""
+    """Rewrites a format-3 directory (no saved modules) as format 1 wrote it: the config only in
+    adapter_config.json, whose sha256 the weights' metadata records."""
     header = json.loads(metadata(d)["loldu_config"])
     header["format_version"] = 1
+    assert header.pop("saved_modules") == []
     config_bytes = json.dumps(header, indent=1).encode()
-    (d / CONFIG_NAME).write_bytes(config_bytes)
+    (d / CONFIG_NAME).unlink()
+    (d / LEGACY_CONFIG_NAME).write_bytes(config_bytes)
     save_file(load_file(d / WEIGHTS_NAME), str(d / WEIGHTS_NAME),
               metadata={"format": "pt", "loldu_format": "loldu-adapter/1",
                         "config_sha256": hashlib.sha256(config_bytes).hexdigest()})
@@ -187,7 +191,7 @@ def _nested_safetensors_header(d):
     (lambda d: (d / WEIGHTS_NAME).write_bytes(b"\xff" * 4), "truncated"),
     (lambda d: (d / WEIGHTS_NAME).unlink(), "no such adapter file"),
     (_nested_safetensors_header, "nested too deeply"),
-    (lambda d: rewrite_metadata(d, loldu_format="loldu-adapter/3"), "format_version 3 is not supported"),
+    (lambda d: rewrite_metadata(d, loldu_format="loldu-adapter/9"), "format_version 9 is not supported"),
 ])
 def test_io_refuses_corrupted_files(tmp_path, damage, word, fmt):
     base = TinyNet()
@@ -292,10 +296,10 @@ def test_io_reads_format_1(tmp_path):
 
 
 @pytest.mark.parametrize("damage, word", [
-    (lambda d: (d / CONFIG_NAME).write_text("{not json"), "not valid JSON"),
-    (lambda d: (d / CONFIG_NAME).write_text("[" * 100000 + "]" * 100000), "nested too deeply"),
-    (lambda d: (d / CONFIG_NAME).write_text((d / CONFIG_NAME).read_text().replace('"rank": 3', '"rank": 2')), "config hash"),
-    (lambda d: (d / CONFIG_NAME).unlink(), "no such adapter file"),
+    (lambda d: (d / LEGACY_CONFIG_NAME).write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / LEGACY_CONFIG_NAME).write_text("[" * 100000 + "]" * 100000), "nested too deeply"),
+    (lambda d: (d / LEGACY_CONFIG_NAME).write_text((d / LEGACY_CONFIG_NAME).read_text().replace('"rank": 3', '"rank": 2')), "config hash"),
+    (lambda d: (d / LEGACY_CONFIG_NAME).unlink(), "no such adapter file"),
 ])
 def test_io_format_1_refuses_a_damaged_config(tmp_path, damage, word):
     base = TinyNet()
@@ -332,7 +336,7 @@ def test_io_save_is_atomic(tmp_path, monkeypatch):
     assert files(tmp_path) == good  # old files intact, no temporary files left behind
     monkeypatch.undo()
     loldu.save_adapter(m, tmp_path)
-    assert files(tmp_path) != good and sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert files(tmp_path) != good and sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
 
 
 def test_io_file_holds_no_pickle_and_is_small(tmp_path):

@@ -151,13 +151,13 @@ def test_cli_errors_one_line_nonzero_no_file(case, spec, tmp_path, capsys):
 
 
 def test_cli_stale_config_copy_is_one_warning_line(spec, tmp_path, capsys):
-    """A nested (or otherwise stale) adapter_config.json copy is ignored: the weights file decides."""
+    """A nested (or otherwise stale) loldu_config.json copy is ignored: the weights file decides."""
     trained_adapter(spec, tmp_path / "ad")
-    (tmp_path / "ad" / "adapter_config.json").write_text("[" * 100000 + "]" * 100000)
+    (tmp_path / "ad" / "loldu_config.json").write_text("[" * 100000 + "]" * 100000)
     assert main(["export", "--base", "loldu_cli_testmod:tiny", "--adapter", str(tmp_path / "ad"),
                  "--out", str(tmp_path / "m.onnx")]) == 0
     err = capsys.readouterr().err.strip()
-    assert err.startswith("loldu export: warning: ") and "adapter_config.json" in err and "\n" not in err
+    assert err.startswith("loldu export: warning: ") and "loldu_config.json" in err and "\n" not in err
 
 
 def test_cli_subprocess_errors_have_no_traceback(spec, tmp_path):

@@ -10,12 +10,17 @@ the order of the config's `layers`:
 Its metadata: `loldu_format` ("loldu-adapter/2"), `loldu_config` (the config JSON text: adapter
 name, LoLDUConfig, per layer name/kind/shape/dtype, and the sha256 of the tensor data) and
 `loldu_config_sha256` (the sha256 of that text), so a flipped bit in the config or the tensors is refused.
-adapter_config.json is a byte-identical copy of `loldu_config`, for people and tools; the loader
+loldu_config.json is a byte-identical copy of `loldu_config`, for people and tools; the loader
 does not need it, and ignores it with one AdapterWarning when it differs (left stale by an
 interrupted save, or edited by hand). The fingerprint hashes the weight's (d, k) shape, dtype,
 W[:, :r] and W[pivots, :]: exactly what the factorization reads.
-Format 1 (the config read from adapter_config.json, whose sha256 the weights' metadata records) is
-still read.
+Format 3 adds the modules trained fully beside the adapter (modules_to_save, task heads): each
+tensor t of saved module m is stored as `saved.<m>.<t>` in its own dtype, the config lists them as
+`saved_modules` [{name, tensors}], and the readable copy is named loldu_config.json (PEFT's tools
+look for adapter_config.json, and find none: this is not a PEFT adapter; a stale loldu
+adapter_config.json of an older format is removed by the next save).
+Formats 2 (the same without saved modules, its copy named adapter_config.json) and 1 (the config
+read from adapter_config.json, whose sha256 the weights' metadata records) are still read.
 
 Crash safety: save_adapter writes each file to a fsynced temporary file in the directory, renames the
 weights file over the old one (the single atomic commit), then the config copy, then fsyncs the
@@ -54,16 +59,18 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import LoLDUConfig
-from .errors import AdapterError
+from .errors import AdapterError, LolduWarning
 from .layer import weight_matrix
 from .model import add_with, inject_with
 from .state import AdapterState
 
-CONFIG_NAME = "adapter_config.json"
+CONFIG_NAME = "loldu_config.json"
+LEGACY_CONFIG_NAME = "adapter_config.json"  # formats 1 and 2 (PEFT's file name)
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "loldu-adapter"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+SAVED_PREFIX = "saved."  # tensor t of saved module m is stored as "saved.<m>.<t>"
 # Pivots are row indices of a (d, k) weight: int32 on disk halves their share of the file.
 _TENSORS = {"z": torch.float32, "sigma": torch.float32, "pivots": torch.int32, "fingerprint": torch.uint8}
 # Unlocked temporaries of ours that are removed by the next write to the same target (see above).
@@ -72,7 +79,7 @@ STALE_UNLOCKED_SECONDS = 3600.0
 _TEMP_SUFFIX = ".tmp"
 
 
-class AdapterWarning(UserWarning):
+class AdapterWarning(LolduWarning):
     """load_adapter ignored an adapter_config.json that differs from the config in the weights file,
     or save_adapter committed the adapter but could not replace adapter_config.json (its readable copy)."""
 
@@ -109,15 +116,19 @@ def _data_hash(tensors: Dict[str, torch.Tensor]) -> str:
     for key in sorted(tensors):
         t = tensors[key].contiguous()
         h.update(f"{key}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
 def _dumps(header: dict) -> str:
     """Indented JSON with one compact line per layer: readable, and small for 100+ layers."""
-    top = json.dumps({k: v for k, v in header.items() if k != "layers"}, indent=1)
-    rows = ",\n".join("  " + json.dumps(e, separators=(", ", ": ")) for e in header["layers"])
-    return top[:-2] + ',\n "layers": [\n' + rows + "\n ]\n}\n"
+    top = json.dumps({k: v for k, v in header.items() if k not in ("layers", "saved_modules")}, indent=1)
+    text = top[:-2]
+    for key in ("layers", "saved_modules"):
+        if key in header:
+            rows = ",\n".join("  " + json.dumps(e, separators=(", ", ": ")) for e in header[key])
+            text += f',\n "{key}": [' + ("\n" + rows + "\n " if rows else "") + "]"
+    return text + "\n}\n"
 
 
 def _file_mode() -> int:
@@ -357,8 +368,19 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
         fps.append(torch.frombuffer(bytearray(fingerprint(W, layer.loldu_pivots)), dtype=torch.uint8))
     tensors = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv).to(torch.int32),
                "fingerprint": torch.stack(fps)}
+    saved_entries = []
+    for n, m in state.saved:
+        sd = m.modules_to_save[name].state_dict()
+        for key, t in sd.items():
+            t = t.detach().cpu().contiguous()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise AdapterError(f"{what}: saved module '{n}': adapter {name!r} holds NaN/Inf in '{key}' (training "
+                                   "diverged); nothing was written")
+            tensors[f"{SAVED_PREFIX}{n}.{key}"] = t.clone()
+        saved_entries.append({"name": n, "tensors": list(sd)})
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter_name": name,
-              "config": config.to_dict(), "data_sha256": _data_hash(tensors), "layers": entries}
+              "model_class": type(state.root).__name__, "config": config.to_dict(),
+              "data_sha256": _data_hash(tensors), "layers": entries, "saved_modules": saved_entries}
     config_text = _dumps(header)
     config_bytes = config_text.encode()
     weights_bytes = st_save(tensors, metadata={"format": "pt", "loldu_format": f"{FORMAT}/{FORMAT_VERSION}",
@@ -378,12 +400,25 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
         raise AdapterError(f"loldu.save_adapter: cannot write the adapter into {str(d)!r} ({_os_reason(e)}); "
                            "the adapter there before, if any, is unchanged") from None
     written = {WEIGHTS_NAME: len(weights_bytes), CONFIG_NAME: len(config_bytes)}
+    _remove_legacy_copy(d)
     for path, e in late:
         written.pop(path.name)
         warnings.warn(f"loldu.save_adapter: the adapter was saved into {str(d)!r} ({WEIGHTS_NAME} holds all of it), "
                       f"but its readable copy {path.name} could not be replaced ({_os_reason(e)}); it is stale until "
                       "the next save", AdapterWarning, stacklevel=2)
     return written
+
+
+def _remove_legacy_copy(d: Path) -> None:
+    """Removes an adapter_config.json that an older loldu wrote here (format 1 or 2): the directory now
+    holds a format-3 adapter, whose copy is loldu_config.json. Best effort; another tool's file stays."""
+    path = d / LEGACY_CONFIG_NAME
+    try:
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < (64 << 20):
+            if json.loads(path.read_bytes()).get("format") == FORMAT:
+                path.unlink()
+    except (OSError, ValueError, AttributeError, RecursionError):
+        pass
 
 
 def _os_reason(e: OSError) -> str:
@@ -447,10 +482,11 @@ def _stored_version(meta: dict, wpath: Path) -> int:
 def _read(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor], Path]:
     """read_adapter, plus the file the config was read from."""
     d = Path(directory)
-    cpath, wpath = d / CONFIG_NAME, d / WEIGHTS_NAME
+    wpath = d / WEIGHTS_NAME
     raw = _read_bytes(wpath)
     meta = _st_metadata(raw, wpath)
     version = _stored_version(meta, wpath)
+    cpath = d / (CONFIG_NAME if version >= 3 else LEGACY_CONFIG_NAME)
     if version >= 2:
         # The weights file is the whole adapter; adapter_config.json is a copy, checked but not needed.
         text = meta.get("loldu_config")
@@ -488,15 +524,22 @@ def _read(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor], Path]:
     names = [e["name"] for e in layers]
     if len(set(names)) != len(names):
         raise AdapterError(f"{source}: repeated layer names")
+    saved = header.get("saved_modules", []) if version >= 3 else []
+    ok = isinstance(saved, list) and all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"] and isinstance(e.get("tensors"), list)
+        and all(isinstance(t, str) and t for t in e["tensors"]) for e in saved)
+    if not ok or len({e["name"] for e in saved}) != len(saved):
+        raise AdapterError(f"{source}: 'saved_modules' must be a list of {{name, tensors}} with distinct names")
+    saved_keys = {f"{SAVED_PREFIX}{e['name']}.{t}" for e in saved for t in e["tensors"]}
     try:
         tensors = st_load(raw)
     except Exception as e:  # safetensors raises its own SafetensorError
         raise AdapterError(f"{wpath}: corrupted safetensors file ({e})") from None
-    if set(tensors) != set(_TENSORS):
-        raise AdapterError(f"{wpath}: expected tensors {sorted(_TENSORS)}, found {sorted(tensors)}")
+    if set(tensors) != set(_TENSORS) | saved_keys:
+        raise AdapterError(f"{wpath}: expected tensors {sorted(set(_TENSORS) | saved_keys)}, found {sorted(tensors)}")
     L, r = len(layers), config.rank
     shapes = {"z": (L, r), "sigma": (L,), "pivots": (L, r), "fingerprint": (L, 32)}
-    for key, dt in _TENSORS.items():  # before hashing: a 0-dim tensor cannot be viewed as bytes
+    for key, dt in _TENSORS.items():  # before hashing: shapes and dtypes of the adapter's own tensors
         t = tensors[key]
         if t.dtype != dt or tuple(t.shape) != shapes[key]:
             raise AdapterError(f"{wpath}: tensor '{key}' is {t.dtype} {tuple(t.shape)}, expected {dt} {shapes[key]} "
@@ -506,6 +549,9 @@ def _read(directory) -> Tuple[dict, LoLDUConfig, Dict[str, torch.Tensor], Path]:
     tensors["pivots"] = tensors["pivots"].long()  # loldu.ldu's index dtype
     if not (torch.isfinite(tensors["z"]).all() and torch.isfinite(tensors["sigma"]).all()):
         raise AdapterError(f"{wpath}: z or sigma holds NaN/Inf")
+    for key in sorted(saved_keys):
+        if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
+            raise AdapterError(f"{wpath}: saved tensor '{key}' holds NaN/Inf")
     for i, e in enumerate(layers):
         p = tensors["pivots"][i]
         if int(p.min()) < 0 or int(p.max()) >= e["shape"][0] or p.unique().numel() != r:
@@ -540,47 +586,99 @@ def _check_layer(entry: dict, module_name: str, module: nn.Module, kind: str, W:
 
 
 def load_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None, *,
-                 progress: Optional[bool] = None, check_calls: bool = True) -> nn.Module:
+                 is_trainable: bool = False, progress: Optional[bool] = None, check_calls: bool = True) -> nn.Module:
     """Loads an adapter saved by save_adapter into `model` and returns it (edited in place).
 
     A plain base model is injected from the stored config, and the loaded adapter is active. On an
     already injected model the adapter is added under `adapter_name` (default: its stored name), not
-    activated (loldu.set_adapter). Frozen factors come from the base weights and the stored pivots.
+    activated (loldu.set_adapter). Frozen factors come from the base weights and the stored pivots;
+    saved modules (task heads) get the stored tensors.
+    is_trainable: as PEFT's: False (default) loads the adapter for inference, its z, sigma and saved
+    modules frozen; True makes them require grad (to go on training it).
     Everything is checked first; on any AdapterError (naming the file and layer) the model is unchanged.
     check_calls: as for loldu.inject (the run-time check that every layer is called by its parent;
     only armed when the model is injected here).
     """
+    if not isinstance(is_trainable, bool):
+        raise AdapterError(f"loldu.load_adapter: is_trainable must be a bool, got {is_trainable!r}")
     header, config, tensors, source = _read(_as_path(directory, "loldu.load_adapter"))
     where = str(source)
     name = adapter_name or header.get("adapter_name") or "default"
     entries = {e["name"]: (i, e) for i, e in enumerate(header["layers"])}
     pivots = {n: tensors["pivots"][i] for n, (i, _) in entries.items()}
     values = {n: (tensors["z"][i], tensors["sigma"][i]) for n, (i, _) in entries.items()}
+    saved_entries = header.get("saved_modules", [])
+    saved_values = {e["name"]: {t: tensors[f"{SAVED_PREFIX}{e['name']}.{t}"] for t in e["tensors"]}
+                    for e in saved_entries}
 
     def check(targets) -> None:
         """The (name, module, kind) the adapter goes onto must be the file's layers, on its base weights."""
-        _missing_extra(entries, {n for n, _, _ in targets}, where)
+        _missing_extra(entries, {n for n, _, _ in targets}, where, model, header)
         for n, module, kind in targets:
             i, e = entries[n]
             _check_layer(e, n, module, kind, weight_matrix(module), pivots[n], tensors["fingerprint"][i], where)
 
+    def check_saved(found) -> None:
+        """The modules trained beside the adapter must be the file's saved modules."""
+        have = {n for n, _ in found}
+        missing = [n for n in saved_values if n not in have]
+        if missing:
+            raise AdapterError(f"{where}: saved module '{missing[0]}' (modules_to_save) is in the adapter but the model "
+                               f"has no such module{_head_hint(model, missing[0])}")
+        extra = sorted(have - set(saved_values))
+        if extra:
+            raise AdapterError(f"{where}: module '{extra[0]}' is selected by the adapter's modules_to_save in the model "
+                               "but absent from the file")
+
     state = AdapterState.of(model)
     if not state.layers:
-        return inject_with(model, config, name, pivots=pivots, values=values, check=check, progress=progress,
-                           where=where, check_calls=check_calls)
+        inject_with(model, config, name, pivots=pivots, values=values, check=check, progress=progress,
+                    where=where, check_calls=check_calls, saved_values=saved_values, check_saved=check_saved,
+                    trainable=is_trainable)
+        return model
     if name in state.names:
         raise AdapterError(f"{where}: the model already has an adapter {name!r}; pass another adapter_name")
     state.require_unmerged(where, fix="call loldu.unmerge before loading another adapter")
     return add_with(model, name, config, pivots=pivots, values=values, check=check, what="loldu.load_adapter",
-                    where=where)
+                    where=where, saved_values=saved_values, check_saved=check_saved)
 
 
-def _missing_extra(entries: dict, present: set, where: str) -> None:
+def _head_hint(model: nn.Module, name: str) -> str:
+    """A hint when the model seems to be the bare encoder of a task model (no head to load into)."""
+    leaf = name.rpartition(".")[2]
+    if leaf in ("classifier", "score", "qa_outputs"):
+        return (f" (a task head: load the model class the adapter was trained with, e.g. "
+                f"AutoModelForSequenceClassification, not the bare {type(model).__name__})")
+    return ""
+
+
+def _missing_extra(entries: dict, present: set, where: str, model: Optional[nn.Module] = None,
+                   header: Optional[dict] = None) -> None:
     missing = [n for n in entries if n not in present]
     if missing:
         raise AdapterError(f"{where}: layer '{missing[0]}' is in the adapter but the model has no such targeted layer "
-                           f"({len(missing)} missing)")
+                           f"({len(missing)} missing){_class_hint(missing, model, header)}")
     extra = sorted(present - set(entries))
     if extra:
         raise AdapterError(f"{where}: layer '{extra[0]}' is targeted in the model but absent from the adapter "
                            f"({len(extra)} extra)")
+
+
+def _class_hint(missing: List[str], model: Optional[nn.Module], header: Optional[dict]) -> str:
+    """When the adapter's layer names are the model's under a prefix (or without one), the adapter was
+    trained on another model class of the same base (a task model vs its bare encoder): say which."""
+    if model is None:
+        return ""
+    names = {n for n, _ in AdapterState.of(model).root.named_modules() if n}
+    saved_class = (header or {}).get("model_class")
+    trained_on = f" ({saved_class})" if isinstance(saved_class, str) else ""
+    head, _, rest = missing[0].partition(".")
+    if rest and rest in names:
+        return (f"; the adapter's layers are the model's under the prefix '{head}.': it was trained on a task model "
+                f"of this base{trained_on}, load it into that class (e.g. AutoModelForSequenceClassification), not "
+                f"the bare {type(model).__name__}")
+    for n in names:
+        if n.endswith("." + missing[0]):
+            return (f"; the model has it as '{n}': the adapter was trained on the bare model{trained_on}, not on "
+                    f"{type(model).__name__}")
+    return ""

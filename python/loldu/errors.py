@@ -19,3 +19,8 @@ class AdapterError(LolduError):
 
 class ExportError(LolduError):
     """Export to ONNX or running the exported model failed."""
+
+
+class LolduWarning(UserWarning):
+    """Something loldu did differs from what was asked, or may not be what was meant (a target_modules
+    entry that matches nothing, a file left stale); the message says what and why."""

@@ -5,19 +5,22 @@ place. Editing is transactional: all checks and all factorizations happen before
 is swapped, so a failure leaves the model exactly as it was.
 """
 import contextlib
+import difflib
 import functools
 import re
 import sys
 import threading
+import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .config import LoLDUConfig
-from .errors import AdapterError, FactorizationError
-from .layer import KINDS, LoLDULayer, check_supported, weight_matrix, weight_refusal
+from .config import ALL_LINEAR, LoLDUConfig
+from .errors import AdapterError, FactorizationError, LolduWarning
+from .heads import SavedModule
+from .layer import KINDS, LoLDULayer, check_supported, kind_of, weight_matrix, weight_refusal
 from .ldu import LDUResult, ldu, ldu_from_pivots
 from .state import AdapterState, adapted_layers, unwrap
 
@@ -29,6 +32,10 @@ _CALL_CHECK = "_loldu_call_check"
 # The call check (_CallCheck) refuses a layer once its parent has run in this many forwards of the
 # model without calling it (a parent may call a layer only in some forwards: a mixture of experts).
 CALL_CHECK_FORWARDS = 8
+
+
+# (name, module, kind) of the modules an adapter goes onto; what inject_with/add_with give `check`.
+Targets = List[Tuple[str, nn.Module, str]]
 
 
 def _state(model) -> AdapterState:
@@ -84,25 +91,86 @@ def _check_not_bypassed(root: nn.Module, name: str, config: LoLDUConfig, n_found
 
 
 def find_targets(model: nn.Module, config: LoLDUConfig) -> List[Tuple[str, nn.Module, str]]:
-    """(name, module, kind) of every module `config` targets, outside existing LoLDU layers.
+    """(name, module, kind) of every module `config` targets, outside existing LoLDU layers and saved modules.
 
+    target_modules="all-linear" selects every nn.Linear and transformers Conv1D but the output head
+    (`get_output_embeddings()` of a transformers model), the saved modules (modules_to_save) and
+    linears their parent never calls (nn.MultiheadAttention.out_proj, ...), which are skipped.
+    A list entry that matches no module gets a LolduWarning (with the closest module names).
     Raises AdapterError for a module its parent does not call (e.g. nn.MultiheadAttention.out_proj).
     """
     root = unwrap(model)
+    all_linear = config.target_modules == ALL_LINEAR
+    head = _output_head(root) if all_linear else None
     found, inside = [], []
     for name, module in root.named_modules():
         if not name or any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, LoLDULayer):
-            inside.append(name)
+        if isinstance(module, (LoLDULayer, SavedModule)) or (all_linear and config.matches_saved(name)):
+            inside.append(name)  # (a named target inside a saved module is refused by find_saved)
             continue
-        if config.matches(name):
+        if all_linear:
+            if kind_of(module) in ("linear", "conv1d") and module is not head \
+                    and _bypass_reason(root.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) is None:
+                found.append((name, module, check_supported(name, module)))
+        elif config.matches(name):
             found.append((name, module, check_supported(name, module)))
+    if isinstance(config.target_modules, list):
+        _warn_unmatched(root, config.target_modules, "target_modules")
     _check_registered_once(root, config)
     if not found:
         raise AdapterError(f"target_modules={config.target_modules!r} matches no module of {type(root).__name__}")
     for name, _, _ in found:
         _check_not_bypassed(root, name, config, len(found))
+    return found
+
+
+def _output_head(root: nn.Module) -> Optional[nn.Module]:
+    """A transformers model's output layer (the LM head), which target_modules='all-linear' leaves out."""
+    get = getattr(root, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        head = None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _warn_unmatched(root: nn.Module, entries: Sequence[str], what: str) -> None:
+    """One LolduWarning per entry of a name list that matches no module (a typo is otherwise silent)."""
+    names = [n for n, _ in root.named_modules(remove_duplicate=False) if n]
+    leaves = sorted({n.rpartition(".")[2] for n in names})
+    for entry in entries:
+        if any(n == entry or n.endswith("." + entry) for n in names):
+            continue
+        close = difflib.get_close_matches(entry.rpartition(".")[2], leaves, n=3)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        warnings.warn(f"loldu: {what} entry {entry!r} matches no module of {type(root).__name__}{hint}",
+                      LolduWarning, stacklevel=4)
+
+
+def find_saved(model: nn.Module, config: LoLDUConfig, targets: Targets) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every module config.saved_modules selects (modules_to_save and the task's heads).
+
+    An explicit modules_to_save entry that matches nothing gets a LolduWarning; the heads a task_type
+    implies are optional. Raises AdapterError when a saved module is, contains, or lies inside an
+    adapted layer, or is already a LoLDU module.
+    """
+    root = unwrap(model)
+    if not config.saved_modules:
+        return []
+    found: List[Tuple[str, nn.Module]] = []
+    for name, module in root.named_modules():
+        if name and config.matches_saved(name) and not any(name.startswith(f + ".") for f, _ in found):
+            if isinstance(module, (LoLDULayer, SavedModule)):
+                raise AdapterError(f"modules_to_save: module '{name}' is already a LoLDU module")
+            found.append((name, module))
+    if config.modules_to_save:
+        _warn_unmatched(root, config.modules_to_save, "modules_to_save")
+    for s, _ in found:
+        for t, _, _ in targets:
+            if t == s or t.startswith(s + ".") or s.startswith(t + "."):
+                raise AdapterError(f"modules_to_save: module '{s}' overlaps the adapted layer '{t}' (a module is either "
+                                   "adapted or trained fully and saved, not both); narrow target_modules or modules_to_save")
     return found
 
 
@@ -332,29 +400,33 @@ class _CallCheck:
                 h.remove()
 
 
-def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str, check_calls: bool = True) -> None:
-    """Freezes every parameter, swaps the wrappers in and activates `adapter_name`.
+def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str, check_calls: bool = True,
+           saved: Optional[Dict[str, SavedModule]] = None, trainable: bool = True) -> None:
+    """Freezes every parameter, swaps the wrappers (LoLDU layers and saved modules) in and activates
+    `adapter_name` (trainable unless `trainable` is False).
 
     With `check_calls`, also arms the one-time check that every layer is called by its parent (_CallCheck).
     """
     root = unwrap(model)
-    saved = [(p, p.requires_grad) for p in root.parameters()]
+    saved = saved or {}
+    params = [(p, p.requires_grad) for p in root.parameters()]
     originals = []
     try:
-        for name, layer in layers.items():
+        for name, wrapper in list(layers.items()) + list(saved.items()):
             parent, _, attr = name.rpartition(".")
             holder = root.get_submodule(parent)
             originals.append((holder, attr, getattr(holder, attr)))
-            setattr(holder, attr, layer)
+            setattr(holder, attr, wrapper)
     except Exception:
         for holder, attr, module in reversed(originals):
             setattr(holder, attr, module)
         raise
-    for p, _ in saved:
+    for p, _ in params:
         p.requires_grad_(False)
-    AdapterState(list(layers.items())).set_active(adapter_name)
+    state = AdapterState(list(layers.items()), saved=list(saved.items()))
+    state.set_active(adapter_name, trainable=trainable)
     # Plain attributes (not Modules/Parameters), so they stay out of state_dict.
-    object.__setattr__(root, _SAVED_FLAGS, saved)
+    object.__setattr__(root, _SAVED_FLAGS, params)
     if check_calls:
         object.__setattr__(root, _CALL_CHECK, _CallCheck(root, list(layers)))
 
@@ -392,14 +464,13 @@ def inject(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default",
     return inject_with(model, config, adapter_name, progress=progress, check_calls=check_calls)
 
 
-# (name, module, kind) of the modules an adapter goes onto; what inject_with/add_with give `check`.
-Targets = List[Tuple[str, nn.Module, str]]
-
-
 def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
                 pivots: Optional[Dict[str, torch.Tensor]] = None, values: Optional[Dict[str, tuple]] = None,
                 check: Optional[Callable[[Targets], None]] = None, progress: Optional[bool] = None,
-                where: Optional[str] = None, check_calls: bool = True) -> nn.Module:
+                where: Optional[str] = None, check_calls: bool = True,
+                saved_values: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+                check_saved: Optional[Callable[[List[Tuple[str, nn.Module]]], None]] = None,
+                trainable: bool = True) -> nn.Module:
     """loldu.inject, and loldu.load_adapter into a plain model: the one path that wraps a model.
 
     pivots: layer name -> (r,) int64; the frozen factors are re-derived from them
@@ -408,6 +479,9 @@ def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
     check: called with the targets before anything is factorized; raises to refuse them.
     where: prefixes the AdapterErrors of finding and factorizing the targets (load_adapter's file).
     check_calls: arm the run-time check that every layer is called by its parent (see loldu.inject).
+    saved_values: saved module name -> its state_dict (load_adapter); default: copies of the originals.
+    check_saved: called with the saved modules (name, module) found; raises to refuse them.
+    trainable: whether the adapter's parameters require grad afterwards.
     """
     if not isinstance(model, nn.Module):
         raise AdapterError(f"loldu.inject: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -420,13 +494,19 @@ def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
         raise AdapterError("loldu.inject: the model already has LoLDU layers; use loldu.add_adapter for another adapter")
     with _named(where):
         targets = find_targets(model, config)
+        found_saved = find_saved(model, config, targets)
     if check is not None:
         check(targets)
+    if check_saved is not None:
+        check_saved(found_saved)
     with _named(where):
         factors = factorize(targets, config, pivots=pivots, progress=progress)
     layers = build_layers(targets, factors, config)
-    AdapterState(list(layers.items())).add(adapter_name, config, values)
-    commit(model, layers, adapter_name, check_calls)
+    saved = {n: SavedModule(m, n) for n, m in found_saved}
+    prefix = f"{where}: " if where else ""
+    AdapterState(list(layers.items()), saved=list(saved.items())).add(adapter_name, config, values, saved_values,
+                                                                       where=prefix)
+    commit(model, layers, adapter_name, check_calls, saved, trainable)
     return model
 
 
@@ -451,7 +531,8 @@ def add_adapter(model: nn.Module, adapter_name: str, config: Optional[LoLDUConfi
 def add_with(model: nn.Module, adapter_name: str, config: Optional[LoLDUConfig] = None, *,
              pivots: Optional[Dict[str, torch.Tensor]] = None, values: Optional[Dict[str, tuple]] = None,
              check: Optional[Callable[[Targets], None]] = None, what: Optional[str] = None,
-             where: Optional[str] = None) -> nn.Module:
+             where: Optional[str] = None, saved_values: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+             check_saved: Optional[Callable[[List[Tuple[str, nn.Module]]], None]] = None) -> nn.Module:
     """loldu.add_adapter, and loldu.load_adapter into an injected model: the one path that adds an adapter.
 
     pivots: layer name -> (r,) pivots the adapter was trained with; each must equal the layer's, as
@@ -470,13 +551,15 @@ def add_with(model: nn.Module, adapter_name: str, config: Optional[LoLDUConfig] 
         state.require_fits(config, what or f"loldu.add_adapter({adapter_name!r})")
     if check is not None:
         check([(n, layer.base_layer, layer.kind) for n, layer in state.layers])
+    if check_saved is not None:
+        check_saved([(n, m.original_module) for n, m in state.saved])
     if pivots is not None:
         with _named(where):
             for n, layer in state.layers:
                 if not torch.equal(pivots[n].cpu(), layer.loldu_pivots.cpu()):
                     raise AdapterError(f"layer '{n}': stored pivots differ from the injected layer's pivots, so the "
                                        "adapter does not fit its frozen factors")
-    state.add(adapter_name, config, values)
+    state.add(adapter_name, config, values, saved_values, where=f"{where}: " if where else "")
     return model
 
 
@@ -557,6 +640,10 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     state.require_exists(name, "loldu.merge")
     state.require_unmerged("loldu.merge", "is already merged")
     state.require_no_row_ids(f"loldu.merge: adapter {name!r} is in use by loldu.adapter_ids")
+    if state.saved and name != state.active:
+        raise AdapterError(f"loldu.merge: adapter {name!r} is not the active one ({state.active!r}) and the model's "
+                           f"saved modules ('{state.saved[0][0]}', ...) run the active adapter's copy; call "
+                           f"loldu.set_adapter(model, {name!r}) first")
     layers = state.layers
     # A tied weight (e.g. embedding and LM head), adapted or not on the other side, would receive ΔW
     # for every module that uses it: count each base weight's occurrences among all parameters.
@@ -611,11 +698,17 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _strip(model: nn.Module) -> nn.Module:
+def _strip(model: nn.Module, keep_heads: bool = False) -> nn.Module:
+    """Puts the base modules back; a saved module becomes its original, or with `keep_heads` the
+    active adapter's trained copy (merge_and_unload)."""
     root = unwrap(model)
-    for name, layer in adapted_layers(root):
+    state = AdapterState.of(root)
+    for name, layer in state.layers:
         parent, _, attr = name.rpartition(".")
         setattr(root.get_submodule(parent), attr, layer.base_layer)
+    for name, m in state.saved:
+        parent, _, attr = name.rpartition(".")
+        setattr(root.get_submodule(parent), attr, m.current if keep_heads else m.original_module)
     for p, flag in root.__dict__.pop(_SAVED_FLAGS, []):
         p.requires_grad_(flag)
     check = root.__dict__.pop(_CALL_CHECK, None)
@@ -648,7 +741,7 @@ def merge_and_unload(model: nn.Module, adapter_name: Optional[str] = None) -> nn
     elif adapter_name is not None and merged != adapter_name:
         raise AdapterError(f"loldu.merge_and_unload: adapter {merged!r} is merged, not {adapter_name!r}; "
                            "call loldu.unmerge first")
-    return _strip(model)
+    return _strip(model, keep_heads=True)
 
 
 @contextlib.contextmanager
@@ -656,15 +749,15 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """`with loldu.disabled(model):` the model computes its base outputs (unmerged models only)."""
     state = _state(model)
     state.require_unmerged("loldu.disabled")
-    layers = state.layers
-    before = [layer.disabled for _, layer in layers]
-    for _, layer in layers:
-        layer.disabled = True
+    switches = state.switches
+    before = [m.disabled for m in switches]
+    for m in switches:
+        m.disabled = True
     try:
         yield model
     finally:
-        for (_, layer), flag in zip(layers, before):
-            layer.disabled = flag
+        for m, flag in zip(switches, before):
+            m.disabled = flag
 
 
 @contextlib.contextmanager
@@ -676,6 +769,9 @@ def adapter_ids(model: nn.Module, ids: Union[torch.Tensor, Sequence[Optional[str
     """
     state = _state(model)
     names, layers = state.names, state.layers
+    if state.saved:
+        raise AdapterError(f"loldu.adapter_ids: the model trains saved modules ('{state.saved[0][0]}', "
+                           "modules_to_save) per adapter, which cannot be mixed within one batch")
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise AdapterError(f"loldu.adapter_ids: ids must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")

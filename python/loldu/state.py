@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .config import LoLDUConfig
 from .errors import AdapterError
+from .heads import SavedModule, saved_modules
 from .layer import LoLDULayer
 
 
@@ -30,6 +31,8 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
+        elif getattr(type(model), "_loldu_wrapper", False):  # loldu.LoLDUModel
+            model = model.base_model
         else:
             return model
 
@@ -42,16 +45,25 @@ def adapted_layers(model: nn.Module) -> List[Tuple[str, LoLDULayer]]:
 class AdapterState:
     """The adapters of `layers` ((name, LoLDULayer) pairs of one model, possibly none yet).
 
-    `root` (the unwrapped model) is needed only by require_fits.
+    `root` (the unwrapped model) is needed only by require_fits. `saved`: (name, SavedModule) of the
+    modules trained fully beside the adapters (modules_to_save); every adapter has a copy in each.
     """
 
-    def __init__(self, layers: List[Tuple[str, LoLDULayer]], root: Optional[nn.Module] = None):
+    def __init__(self, layers: List[Tuple[str, LoLDULayer]], root: Optional[nn.Module] = None,
+                 saved: Optional[List[Tuple[str, SavedModule]]] = None):
         self.layers = layers
         self.root = root
+        self.saved = saved if saved is not None else ([] if root is None else saved_modules(root))
 
     @classmethod
     def of(cls, model: nn.Module) -> "AdapterState":
-        return cls(adapted_layers(model), unwrap(model))
+        root = unwrap(model)
+        return cls(adapted_layers(root), root)
+
+    @property
+    def switches(self) -> list:
+        """Every module whose forward follows the active adapter: the LoLDU layers and the saved modules."""
+        return [m for _, m in self.layers] + [m for _, m in self.saved]
 
     # -- what there is ----------------------------------------------------------------------------
     @property
@@ -118,33 +130,54 @@ class AdapterState:
                                    "cover the same layers")
         for name, _ in self.root.named_modules():
             if name and config.matches(name) and name not in adapted and not any(name.startswith(a + ".") for a in adapted):
-                raise AdapterError(f"{what}: target_modules selects '{name}', which has no LoLDU factors")
+                if config.target_modules != "all-linear":  # that one selects by kind; see loldu.model.find_targets
+                    raise AdapterError(f"{what}: target_modules selects '{name}', which has no LoLDU factors")
+        have = [n for n, _ in self.saved]
+        wanted = [n for n in have if config.matches_saved(n)]
+        if wanted != have:
+            missing = [n for n in have if n not in wanted]
+            raise AdapterError(f"{what}: modules_to_save/task_type do not select the saved module '{missing[0]}' that "
+                               "the model's adapters train; every adapter must save the same modules")
 
     # -- changes, on every layer ------------------------------------------------------------------
-    def add(self, name: str, config: LoLDUConfig, values: Optional[dict] = None) -> None:
-        """Adds adapter `name`; `values`: layer name -> (z, sigma), default z = D and sigma = sigma0 (c == 0)."""
+    def add(self, name: str, config: LoLDUConfig, values: Optional[dict] = None,
+            saved_values: Optional[dict] = None, where: str = "") -> None:
+        """Adds adapter `name`; `values`: layer name -> (z, sigma), default z = D and sigma = sigma0 (c == 0);
+        `saved_values`: saved module name -> its state_dict, default a copy of the original module.
+        The saved modules' copies are made (and checked) before any layer changes."""
+        copies = [(m, m.make_copy((saved_values or {}).get(n), where)) for n, m in self.saved]
         for n, layer in self.layers:
             layer.add_adapter(name, config, *(values[n] if values is not None else ()))
+        for m, module in copies:
+            m.add_adapter(name, module)
 
     def delete(self, name: str) -> None:
         for _, layer in self.layers:
             layer.delete_adapter(name)
+        for _, m in self.saved:
+            m.delete_adapter(name)
 
     def set_active(self, name: Optional[str], trainable: bool = True) -> None:
         """Makes `name` the adapter the forward uses and (with `trainable`) the only one whose parameters train."""
-        for _, layer in self.layers:
-            layer.active_adapter = name
+        for m in self.switches:
+            m.active_adapter = name
             if trainable:
-                layer.set_trainable(name)
+                m.set_trainable(name)
+
+    def freeze(self) -> None:
+        """No adapter trains (load_adapter for inference)."""
+        for m in self.switches:
+            m.set_trainable(None)
 
     @contextlib.contextmanager
     def using(self, name: Optional[str]) -> Iterator[None]:
         """`with state.using(name):` the forward uses adapter `name` (None: unchanged); restored after."""
-        before = [layer.active_adapter for _, layer in self.layers]
+        switches = self.switches
+        before = [m.active_adapter for m in switches]
         try:
             if name is not None:
                 self.set_active(name, trainable=False)
             yield
         finally:
-            for (_, layer), a in zip(self.layers, before):
-                layer.active_adapter = a
+            for m, a in zip(switches, before):
+                m.active_adapter = a
