@@ -91,6 +91,20 @@ def checkpoints(out) -> list:
     return sorted(os.listdir(out), key=lambda n: int(re.sub(r"\D", "", n) or 0))
 
 
+class Logged(torch.utils.data.Dataset):
+    """A list of examples that records the index of every example fetched, in order."""
+
+    def __init__(self, examples):
+        self.examples, self.seen = examples, []
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        self.seen.append(int(i))
+        return self.examples[i]
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -176,12 +190,14 @@ def test_resume_equals_straight_training(tmp_path, task):
     seed = int(torch.randint(0, 2**31 - 1, ()))
     straight = make()
     init = values(straight)
-    ta = LoLDUTrainer(model=straight, args=targs(tmp_path / "a", max_steps=N, save_steps=N, seed=seed), train_dataset=data)
+    data_a, data_b, data_c = Logged(data), Logged(data), Logged(data)
+    ta = LoLDUTrainer(model=straight, args=targs(tmp_path / "a", max_steps=N, save_steps=N, seed=seed),
+                      train_dataset=data_a)
     ta.train()
 
     stopped = make()
     tb = LoLDUTrainer(model=stopped, args=targs(tmp_path / "b", max_steps=N, save_steps=k, seed=seed),
-                      train_dataset=data, callbacks=[StopAt(k)])
+                      train_dataset=data_b, callbacks=[StopAt(k)])
     tb.train()
     assert checkpoints(tmp_path / "b") == [f"checkpoint-{k}"]
     at_k = values(stopped)
@@ -191,9 +207,14 @@ def test_resume_equals_straight_training(tmp_path, task):
     before = trainable(resumed)
     begin = AtTrainBegin()
     tc = LoLDUTrainer(model=resumed, args=targs(tmp_path / "b", max_steps=N, save_steps=N, seed=seed),
-                      train_dataset=data, callbacks=[begin])
+                      train_dataset=data_c, callbacks=[begin])
     tc.train(resume_from_checkpoint=True)
     assert tc.state.global_step == N
+    # Same data order: steps 1..k of the stopped run and k+1..N of the resumed one are the straight run's
+    # batches (each run may fetch one batch ahead of its last step: prefixes are compared).
+    b = 4  # per_device_train_batch_size
+    assert len(data_a.seen) >= N * b and data_b.seen[: k * b] == data_a.seen[: k * b]
+    assert data_c.seen[: (N - k) * b] == data_a.seen[k * b : N * b]
     # Restored in place: the same parameter objects, still the trainable ones, holding step k's values
     # (a copy of the stored fp32 values) and step k's optimizer state.
     after = trainable(resumed)
