@@ -298,7 +298,8 @@ def test_io_reads_format_1(tmp_path):
 @pytest.mark.parametrize("damage, word", [
     (lambda d: (d / LEGACY_CONFIG_NAME).write_text("{not json"), "not valid JSON"),
     (lambda d: (d / LEGACY_CONFIG_NAME).write_text("[" * 100000 + "]" * 100000), "nested too deeply"),
-    (lambda d: (d / LEGACY_CONFIG_NAME).write_text((d / LEGACY_CONFIG_NAME).read_text().replace('"rank": 3', '"rank": 2')), "config hash"),
+    (lambda d: (d / LEGACY_CONFIG_NAME).write_text(
+        (d / LEGACY_CONFIG_NAME).read_text().replace('"rank": 3', '"rank": 2')), "config hash"),
     (lambda d: (d / LEGACY_CONFIG_NAME).unlink(), "no such adapter file"),
 ])
 def test_io_format_1_refuses_a_damaged_config(tmp_path, damage, word):
