@@ -11,7 +11,7 @@ from . import ops  # noqa: F401  (loldu.ops: the ops, one namespace below the ve
 from ._backend import build_info
 from .adapter_io import load_adapter, save_adapter
 from .config import LoLDUConfig
-from .errors import AdapterError, ExportError, FactorizationError, LolduError, ShapeError
+from .errors import AdapterError, ExportError, FactorizationError, LolduError, LolduWarning, ShapeError
 from .model import (
     active_adapter,
     adapted_layers,
@@ -29,6 +29,7 @@ from .model import (
     unload,
     unmerge,
 )
+from .wrapper import LoLDUModel, get_loldu_model
 
 __version__ = "0.1.0"
 
@@ -36,5 +37,6 @@ __all__ = [
     "LoLDUConfig", "inject", "add_adapter", "set_adapter", "delete_adapter", "adapter_names", "active_adapter",
     "adapted_layers", "trainable_parameters", "print_trainable_parameters", "merge", "unmerge", "unload",
     "merge_and_unload", "disabled", "adapter_ids", "save_adapter", "load_adapter", "build_info",
-    "LolduError", "FactorizationError", "ShapeError", "AdapterError", "ExportError",
+    "LoLDUModel", "get_loldu_model",
+    "LolduError", "FactorizationError", "ShapeError", "AdapterError", "ExportError", "LolduWarning",
 ]

@@ -1,0 +1,133 @@
+"""PEFT's model surface, natively: `loldu.get_loldu_model(model, config)` and `LoLDUModel.from_pretrained`.
+
+PEFT (0.21) can host a new method only if its name is a member of `peft.PeftType`, a closed enum:
+`register_peft_method` refuses any other name, so LoLDU cannot live inside PEFT without patching
+PEFT's internals. LoLDUModel offers the same surface instead, with the same names and defaults
+(`print_trainable_parameters`, `disable_adapter`, `merge_and_unload`, `save_pretrained`,
+`from_pretrained(..., is_trainable=False)`, `set_adapter`, ...). It is a thin handle: the adapters
+live in the wrapped model's modules, every loldu verb works on the wrapper or on the model inside
+it, and attributes it does not define (`config`, `generate`, ...) are the wrapped model's.
+"""
+import contextlib
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch.nn as nn
+
+from . import adapter_io, model as _model
+from .config import LoLDUConfig
+from .errors import AdapterError
+
+
+class LoLDUModel(nn.Module):
+    """A model with LoLDU adapters, with PEFT's PeftModel methods. Build it with loldu.get_loldu_model
+    or LoLDUModel.from_pretrained; `base_model` is the wrapped model (edited in place)."""
+
+    _loldu_wrapper = True  # loldu.state.unwrap looks through it
+
+    def __init__(self, base_model: nn.Module):
+        super().__init__()
+        if not isinstance(base_model, nn.Module):
+            raise AdapterError(f"LoLDUModel: expected a torch.nn.Module, got {type(base_model).__name__}")
+        self.base_model = base_model
+
+    # -- PEFT's constructors --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory, adapter_name: Optional[str] = None, *,
+                        is_trainable: bool = False, **kwargs) -> "LoLDUModel":
+        """Loads the adapter saved in `directory` (save_pretrained / loldu.save_adapter) into `model`.
+
+        is_trainable: False (PEFT's default) loads it for inference, frozen; True to train it further.
+        Other keyword arguments are those of loldu.load_adapter (progress, check_calls).
+        """
+        adapter_io.load_adapter(model, directory, adapter_name, is_trainable=is_trainable, **kwargs)
+        return cls(model)
+
+    # -- forwarding -----------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules (base_model)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with its LoLDU layers)."""
+        return self.base_model
+
+    # -- adapters -------------------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> Optional[str]:
+        return _model.active_adapter(self.base_model)
+
+    @property
+    def active_adapters(self):
+        return [self.active_adapter]
+
+    @property
+    def peft_config(self) -> Dict[str, LoLDUConfig]:
+        """adapter name -> its LoLDUConfig (PEFT's attribute name)."""
+        state = _model.AdapterState.of(self.base_model).require_layers()
+        return {n: state.config(n) for n in state.names}
+
+    def add_adapter(self, adapter_name: str, config: Optional[LoLDUConfig] = None) -> None:
+        _model.add_adapter(self.base_model, adapter_name, config)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        _model.set_adapter(self.base_model, adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        _model.delete_adapter(self.base_model, adapter_name)
+
+    def load_adapter(self, directory, adapter_name: Optional[str] = None, *, is_trainable: bool = False,
+                     **kwargs) -> None:
+        """Adds the adapter saved in `directory` under `adapter_name` (not activated; set_adapter)."""
+        adapter_io.load_adapter(self.base_model, directory, adapter_name, is_trainable=is_trainable, **kwargs)
+
+    def save_pretrained(self, save_directory, adapter_name: Optional[str] = None, **kwargs) -> Dict[str, int]:
+        """Writes the adapter (default: the active one) into `save_directory`: loldu.save_adapter.
+
+        PEFT's and transformers' other keyword arguments (safe_serialization, state_dict, ...) do not
+        apply to a loldu adapter file and are refused, so nothing is silently ignored.
+        """
+        if kwargs:
+            raise AdapterError(f"LoLDUModel.save_pretrained: unsupported arguments {sorted(kwargs)} (a loldu adapter is "
+                               "always one safetensors file holding only the adapter)")
+        return adapter_io.save_adapter(self.base_model, save_directory, adapter_name)
+
+    def print_trainable_parameters(self) -> Tuple[int, int]:
+        return _model.print_trainable_parameters(self.base_model)
+
+    def get_nb_trainable_parameters(self) -> Tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT's method of that name."""
+        params = list(self.base_model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[nn.Module]:
+        """`with model.disable_adapter():` the base model's outputs."""
+        with _model.disabled(self.base_model):
+            yield self
+
+    def merge_adapter(self, adapter_name: Optional[str] = None) -> None:
+        _model.merge(self.base_model, adapter_name)
+
+    def unmerge_adapter(self) -> None:
+        _model.unmerge(self.base_model)
+
+    def merge_and_unload(self, adapter_name: Optional[str] = None) -> nn.Module:
+        """Folds the adapter into the weights and returns the plain model (without loldu)."""
+        return _model.merge_and_unload(self.base_model, adapter_name)
+
+    def unload(self) -> nn.Module:
+        """Returns the plain base model, the adapters removed (unmerged first)."""
+        return _model.unload(self.base_model)
+
+
+def get_loldu_model(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default", **kwargs) -> LoLDUModel:
+    """PEFT's get_peft_model for LoLDU: injects `config` into `model` (loldu.inject, same keyword
+    arguments) and returns it wrapped in a LoLDUModel."""
+    return LoLDUModel(_model.inject(model, config, adapter_name, **kwargs))
