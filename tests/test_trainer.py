@@ -129,9 +129,10 @@ def eval_logits(model, batch):
 
 
 def assert_close_outputs(got, want, what):
-    # The same layers computing on the same stored fp32 values: the factors come from the stored pivots
-    # (loldu.ldu_from_pivots) where training used loldu.ldu's, the same factorization on the same entries.
-    # Bounded rather than bit-compared: 1e-5 of the output scale is ~100 fp32 ulps through 2 layers.
+    # The same z, sigma and heads (copies of the stored fp32 values) on the same base weights; the factors
+    # come from the stored pivots (loldu.ldu_from_pivots) where training used loldu.ldu's, and a form='dense'
+    # adapter builds W0 + PL diag(c) U where the trained one may add the rank-r branch: another GEMM route,
+    # so a bound and not bit equality. 1e-5 of the output scale is ~100 fp32 ulps (seen: <= 3e-7 relative).
     err = (got - want).abs().max().item()
     assert err <= 1e-5 * want.abs().max().item(), f"{what}: max |difference| {err}"
     return err
@@ -175,6 +176,12 @@ def test_checkpoints_hold_the_adapter_and_load_for_inference(tmp_path):
     assert not trainable(fresh)  # loaded for inference (is_trainable=False)
     err = assert_close_outputs(eval_logits(fresh, batch), want, "checkpoint-4 loaded into a fresh base")
     assert (base_out - want).abs().max().item() > 100 * max(err, 1e-7)  # the adapter changed the outputs
+    # restore_adapter (what resuming runs) into an adapter that computes in another form: same outputs.
+    dense = make(inject=False)
+    loldu.inject(dense, loldu.LoLDUConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"], train_scale=True,
+                                          form="dense"))
+    restore_adapter(dense, out / "checkpoint-4")
+    assert_close_outputs(eval_logits(dense, batch), want, "checkpoint-4 restored into a form='dense' adapter")
     # An earlier checkpoint is another adapter: the one of step 2.
     early = eval_logits(loldu.load_adapter(make(inject=False), out / "checkpoint-2"), batch)
     assert (early - want).abs().max().item() > 100 * max(err, 1e-7)
@@ -329,7 +336,11 @@ def test_resume_refuses_another_base_or_config_and_changes_nothing(tmp_path):
     other_alpha = make(inject=False)
     loldu.inject(other_alpha, loldu.LoLDUConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"], train_scale=True,
                                                 alpha=3.0))
-    for model, match in ((other_base, "fingerprint"), (other_alpha, r"alpha \(1\.0 saved, 3\.0 in the model\)")):
+    other_storage = make(inject=False)
+    loldu.inject(other_storage, loldu.LoLDUConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  train_scale=True, factor_storage="cur"))
+    for model, match in ((other_base, "fingerprint"), (other_alpha, r"alpha \(1\.0 saved, 3\.0 in the model\)"),
+                         (other_storage, r"factor_storage \('full' saved, 'cur' in the model\)")):
         loldu.add_adapter(model, "second")  # a second adapter: names and activity must survive too
         before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
         names, active = loldu.adapter_names(model), loldu.active_adapter(model)

@@ -24,28 +24,29 @@ weights:
 A checkpoint directory is an adapter directory: `loldu.load_adapter(base_model, "out/checkpoint-N")`
 loads it for inference. See docs/trainer.md.
 """
+import dataclasses
 import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from .adapter_io import WEIGHTS_NAME, load_adapter, save_adapter
+from .adapter_io import WEIGHTS_NAME, load_adapter, read_adapter, save_adapter
 from .errors import AdapterError
 from .model import delete_adapter
 from .state import AdapterState
 
 try:
     from transformers import Trainer
+    from transformers.trainer import TRAINING_ARGS_NAME
 except ImportError as _e:  # pragma: no cover - transformers is a test dependency
     raise ImportError("loldu.trainer needs transformers (and accelerate): pip install transformers accelerate") from _e
 
 __all__ = ["LoLDUTrainerMixin", "LoLDUTrainer", "restore_adapter", "is_adapter_checkpoint"]
 
-TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer names its pickled TrainingArguments
-# Config fields that only choose how the layers compute (docs/method.md §7), not what z and sigma mean:
-# a checkpoint restores into an adapter that differs in these.
-_COMPUTE_ONLY = ("form", "factor_storage")
+# The config field that only chooses how the layers compute (docs/method.md §7), not what z and sigma
+# mean: a checkpoint restores into an adapter that differs in it.
+_COMPUTE_ONLY = ("form",)
 
 
 def is_adapter_checkpoint(directory) -> bool:
@@ -60,8 +61,8 @@ def restore_adapter(model: nn.Module, directory, adapter_name: Optional[str] = N
     This is how training resumes: the model's parameters stay the same objects (an optimizer holding
     them stays valid) and keep their requires_grad flags. The file goes through the same checks as
     `loldu.load_adapter` (its layers are the model's, on the same base weights by fingerprint, with the
-    same rank and saved modules), and its config must equal the adapter's but for the compute-only
-    fields `form` and `factor_storage` (alpha, sigma0 and train_scale change what z and sigma mean).
+    same rank and saved modules), and its config must equal the adapter's but for `form`, which only
+    chooses how the layers compute (alpha, sigma0 and train_scale change what z and sigma mean).
     Raises AdapterError naming the directory; the model is then unchanged.
     """
     where = f"loldu.trainer.restore_adapter({str(directory)!r})"
@@ -71,25 +72,24 @@ def restore_adapter(model: nn.Module, directory, adapter_name: Optional[str] = N
         raise AdapterError(f"{where}: the model has no active adapter; pass adapter_name")
     state.require_exists(name, where)
     state.require_unmerged(where, fix="call loldu.unmerge before restoring into it")
+    mine, theirs = state.config(name), read_adapter(directory)[1]
+    differ = [f.name for f in dataclasses.fields(mine) if not f.name.startswith("_") and f.name not in _COMPUTE_ONLY
+              and getattr(mine, f.name) != getattr(theirs, f.name)]
+    if differ:
+        raise AdapterError(
+            f"{where}: the saved adapter's config differs from the model's adapter {name!r} in "
+            + ", ".join(f"{k} ({getattr(theirs, k)!r} saved, {getattr(mine, k)!r} in the model)" for k in differ)
+            + "; resume with the LoLDUConfig the checkpoint was trained with")
     scratch, i = "_loldu_restore", 0
     while scratch in state.names:
         i += 1
         scratch = f"_loldu_restore{i}"
-    # Loaded as an extra, inactive adapter: every check of load_adapter runs, and a refusal leaves the
-    # model unchanged. Its values are then copied over and it is deleted again.
+    # Loaded as an extra, inactive adapter: every check of load_adapter runs (layers, base weights by
+    # fingerprint, saved modules), and a refusal leaves the model unchanged. Its values are then copied
+    # over and it is deleted again.
     load_adapter(model, directory, adapter_name=scratch)
     try:
         state = AdapterState.of(model)
-        mine, theirs = state.config(name).to_dict(), state.config(scratch).to_dict()
-        for key in _COMPUTE_ONLY:
-            mine.pop(key, None)
-            theirs.pop(key, None)
-        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if differ:
-            raise AdapterError(
-                f"{where}: the saved adapter's config differs from adapter {name!r}'s in "
-                + ", ".join(f"{k} ({theirs.get(k)!r} saved, {mine.get(k)!r} in the model)" for k in differ)
-                + "; resume with the LoLDUConfig the checkpoint was trained with")
         with torch.no_grad():
             for _, layer in state.layers:
                 layer.loldu_z[name].copy_(layer.loldu_z[scratch])
