@@ -19,7 +19,10 @@ _ORT_TO_NUMPY = {
 
 
 class OrtNotice(UserWarning):
-    """OrtRunner fell back to CPUExecutionProvider (shown once per runner)."""
+    """OrtRunner fell back to CPUExecutionProvider (shown once per process and reason)."""
+
+
+_NOTICES_SHOWN = set()  # the reasons already shown in this process
 
 
 def _import_ort():
@@ -35,7 +38,7 @@ class OrtRunner:
     """An ONNX Runtime session for an exported file.
 
     provider: "auto" (CUDAExecutionProvider if the installed onnxruntime-gpu can create it on this
-    machine, else CPUExecutionProvider with one OrtNotice warning), "cuda" (ExportError if CUDA cannot
+    machine, else CPUExecutionProvider with one OrtNotice warning per process), "cuda" (ExportError if CUDA cannot
     be used) or "cpu". `run` takes numpy arrays or torch tensors; CUDA tensors on a CUDA session go
     through IO binding (no host copies) and come back as CUDA tensors, anything else as numpy arrays.
     Errors from ONNX Runtime (bad file, unknown provider, wrong input names, dtypes or shapes) are
@@ -69,8 +72,10 @@ class OrtRunner:
                 if provider == "cuda":
                     raise ExportError(f"{self.path}: provider='cuda' but {reason}")
                 self.notice = f"loldu.export.OrtRunner: running {Path(self.path).name} on CPUExecutionProvider: {reason}"
-                if not quiet:
-                    warnings.warn(self.notice, OrtNotice, stacklevel=2)
+                if not quiet and reason not in _NOTICES_SHOWN:
+                    _NOTICES_SHOWN.add(reason)
+                    warnings.warn(f"loldu.export.OrtRunner: running on CPUExecutionProvider: {reason} (shown once)",
+                                  OrtNotice, stacklevel=2)
         if self.session is None:
             self.session = self._create(ort, opts, ["CPUExecutionProvider"], quiet=False)
         self.provider = self.session.get_providers()[0]

@@ -15,13 +15,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .config import ALL_LINEAR, LoLDUConfig
 from .errors import AdapterError, FactorizationError, LolduWarning
 from .heads import SavedModule
 from .layer import KINDS, LoLDULayer, check_supported, kind_of, weight_matrix, weight_refusal
 from .ldu import LDUResult, ldu, ldu_from_pivots
+from .progress import Progress
 from .state import AdapterState, adapted_layers, unwrap
 
 _PROGRESS_MIN_LAYERS = 32  # show a progress bar from this many layers on
@@ -222,7 +222,7 @@ def factorize(targets: Sequence[Tuple[str, nn.Module, str]], config: LoLDUConfig
             return ldu(Ws, r, pivoting=config.pivoting)
         return ldu_from_pivots(Ws, torch.stack([pivots[n] for n in names]).to(Ws.device))
 
-    with tqdm(total=len(targets), desc="loldu: factorizing", disable=not show, leave=False) as bar:
+    with Progress(len(targets), "loldu: factorizing", "layers", enabled=show) as bar:
         for (shape, dtype, _), items in groups.items():
             per = max(1, _STACK_BYTES // max(1, shape[0] * shape[1] * torch.finfo(dtype).bits // 8))
             for i in range(0, len(items), per):
@@ -448,7 +448,7 @@ def inject(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default",
 
     Supported: nn.Linear, nn.Conv2d (groups=1), nn.Embedding, transformers Conv1D. The base weights
     are not rewritten; the adapter starts at c == 0, so outputs are unchanged. Afterwards only z
-    (and sigma if config.train_scale) require grad. `progress`: tqdm bar (default: from 32 layers).
+    (and sigma if config.train_scale) require grad. `progress`: progress output (default: from 32 layers; loldu.progress).
     Raises AdapterError naming the layer (unsupported type, rank too large, degenerate or non-finite
     weight, a weight recomputed on every forward (parametrized, weight_norm), a lazy or meta weight,
     a module registered under two names, or a module its parent reads the weight of instead of
