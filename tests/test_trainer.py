@@ -309,6 +309,29 @@ def test_bf16_and_activation_checkpointing_train_every_layer_and_load(tmp_path, 
     assert_close_outputs(eval_logits(fresh, batch), eval_logits(model, batch), f"{kw} checkpoint")
 
 
+def test_loldu_model_handle_trains_evaluates_and_resumes(tmp_path):
+    """A loldu.get_loldu_model handle (PEFT's surface): Trainer sees the wrapped model's inputs and labels."""
+    make, data = causal_task(n=8)
+    config = loldu.LoLDUConfig(rank=4, target_modules=["q_proj", "v_proj"])
+    model = loldu.get_loldu_model(make(inject=False), config)
+    init = values(model)
+    trainer = LoLDUTrainer(model=model, args=targs(tmp_path / "out", max_steps=2, save_steps=2), train_dataset=data,
+                           eval_dataset=data[:4])
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    assert movement(model, init) > 1e-3
+    assert "eval_loss" in trainer.evaluate()
+    assert {WEIGHTS_NAME, CONFIG_NAME} | TRAINER_FILES <= set(os.listdir(tmp_path / "out" / "checkpoint-2"))
+    resumed = loldu.get_loldu_model(make(inject=False), config)
+    begin = AtTrainBegin()
+    again = LoLDUTrainer(model=resumed, args=targs(tmp_path / "out", max_steps=4, save_steps=2), train_dataset=data,
+                         callbacks=[begin])
+    again.train(resume_from_checkpoint=True)
+    assert again.state.global_step == 4
+    at_2 = values(model)
+    assert begin.values.keys() == at_2.keys() and all(torch.equal(begin.values[n], at_2[n]) for n in at_2)
+
+
 # -- refusals -------------------------------------------------------------------------------------
 def test_refuses_a_model_without_adapter_and_a_frozen_adapter(tmp_path):
     make, data = causal_task(n=4)

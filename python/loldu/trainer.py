@@ -21,10 +21,14 @@ weights:
   A checkpoint directory without an adapter file (one the plain Trainer wrote) is handed to
   Trainer's own loader.
 
+For a `loldu.LoLDUModel` handle (loldu.get_loldu_model), the mixin also makes Trainer read the input
+names, labels and loss arguments off the wrapped model, as Trainer does for PeftModel.
+
 A checkpoint directory is an adapter directory: `loldu.load_adapter(base_model, "out/checkpoint-N")`
 loads it for inference. See docs/trainer.md.
 """
 import dataclasses
+import inspect
 import os
 from typing import Optional
 
@@ -34,11 +38,12 @@ import torch.nn as nn
 from .adapter_io import WEIGHTS_NAME, load_adapter, read_adapter, save_adapter
 from .errors import AdapterError
 from .model import delete_adapter
-from .state import AdapterState
+from .state import AdapterState, unwrap
 
 try:
     from transformers import Trainer
     from transformers.trainer import TRAINING_ARGS_NAME
+    from transformers.utils import can_return_loss, find_labels
 except ImportError as _e:  # pragma: no cover - transformers is a test dependency
     raise ImportError("loldu.trainer needs transformers (and accelerate): pip install transformers accelerate") from _e
 
@@ -123,6 +128,22 @@ class LoLDUTrainerMixin:
             # Both gather or load sharded weights outside _save / _load_from_checkpoint.
             raise AdapterError(f"{what}: FSDP and DeepSpeed are not supported (their checkpoints bypass the adapter "
                                "files); use DDP (torchrun), which LoLDU layers support")
+        inner = unwrap(self.model)
+        if inner is not self.model:
+            # A loldu.LoLDUModel handle: Trainer reads the labels, loss and input names off the model's class
+            # and forward signature, which are the wrapped model's (as Trainer does for PEFT's PeftModel).
+            forward = inspect.signature(inner.forward).parameters.values()
+            self.model_accepts_loss_kwargs = getattr(
+                inner, "accepts_loss_kwargs", any(p.kind == inspect.Parameter.VAR_KEYWORD for p in forward))
+            if self.args.label_names is None:
+                self.label_names = find_labels(inner.__class__)
+            self.can_return_loss = can_return_loss(inner.__class__)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The input names Trainer keeps (remove_unused_columns): those of the wrapped model's forward."""
+        if self._signature_columns is None:
+            names = list(inspect.signature(unwrap(self.model).forward).parameters)
+            self._signature_columns = names + list({"label", "label_ids", *self.label_names})
 
     def train(self, *args, **kwargs):
         """Trainer.train, refused up front (AdapterError) when no parameter of the model requires grad:
