@@ -111,7 +111,7 @@ def adapter_feeds(source, onnx_model=None, *, adapter_name: Optional[str] = None
                     tensors["pivots"][i].tolist(), f"adapter {source}")
         z, s = tensors["z"][i].float(), tensors["sigma"][i].float()
         D = torch.tensor(rec["D"], dtype=torch.float32)
-        feeds[rec["input"]] = coefficients_from(z, s, D, s0)
+        feeds[rec["input"]] = coefficients_from(z, s, D, s0, config.parametrization)
     return feeds
 
 

@@ -204,3 +204,40 @@ def test_files_are_not_mistaken_for_peft_adapters(tmp_path):
         peft.PeftConfig.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="adapter_config.json"):
         peft.PeftModel.from_pretrained(bert_cls(0), str(tmp_path))
+
+
+def test_relative_parametrization(tmp_path):
+    """c = (sigma / sigma0) D z with z from 0: starts as the base, z's gradient is D times c's, and the
+    adapter saves, loads and merges like the paper's form."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 5)).double()
+    x = torch.randn(7, 16, dtype=torch.float64)
+    want = net(x).detach()
+    model = loldu.inject(copy.deepcopy(net), LoLDUConfig(rank=4, target_modules=["0", "2"], parametrization="relative",
+                                                         train_scale=True, alpha=3.0))
+    layer = model[0]
+    assert torch.equal(layer.loldu_z["default"], torch.zeros(4, dtype=torch.float64))
+    # c == 0 exactly; the fused op and nn.Linear may round the base matmul differently (another GEMM route)
+    torch.testing.assert_close(model(x), want, rtol=1e-13, atol=1e-13)
+    # the gradient of z is D times the gradient of c (float64 oracle: autograd through c itself)
+    model(x).square().sum().backward()
+    c = layer.coefficients("default").detach().requires_grad_(True)
+    y = model[2](model[1](loldu.ops.adapter_linear(x, layer.base_matrix(), layer.bias, layer.loldu_PL, layer.loldu_U, c)))
+    y.square().sum().backward()
+    torch.testing.assert_close(layer.loldu_z["default"].grad, layer.loldu_D * c.grad, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        # values an fp32 adapter file holds exactly (z and sigma are stored in fp32)
+        layer.loldu_z["default"].copy_((torch.randn(4) * 0.1).double())
+        layer.loldu_sigma["default"].fill_(1.75)
+    torch.testing.assert_close(layer.coefficients("default"),
+                               (1.75 / 0.75) * layer.loldu_D * layer.loldu_z["default"], rtol=1e-14, atol=0)
+    loldu.save_adapter(model, tmp_path)
+    again = loldu.load_adapter(copy.deepcopy(net), tmp_path)
+    assert again[0].configs["default"].parametrization == "relative"
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+        out = model(x)
+        loldu.merge(model)
+        torch.testing.assert_close(model(x), out, rtol=1e-12, atol=1e-12)
+    with pytest.raises(AdapterError, match="parametrization"):
+        LoLDUConfig(rank=2, target_modules=["q"], parametrization="multiplicative")

@@ -28,6 +28,7 @@ def _short(v) -> str:
 
 FORMS = ("auto", "delta", "dense")
 STORAGES = ("full", "cur")
+PARAMETRIZATIONS = ("paper", "relative")
 # target_modules="all-linear" (PEFT's spelling): every nn.Linear / transformers Conv1D but the output head.
 ALL_LINEAR = "all-linear"
 # Heads a task_type implies, trained fully and saved with the adapter (PEFT's defaults).
@@ -61,6 +62,9 @@ class LoLDUConfig:
     task_type: PEFT's task names; "SEQ_CLS", "TOKEN_CLS" and "QUESTION_ANS" add the usual head
         names (TASK_HEADS) to modules_to_save, so a new head is trained and saved with the adapter.
         Other values ("CAUSAL_LM", "FEATURE_EXTRACTION", ...) are recorded and change nothing.
+    parametrization: "paper" (the default): c = sigma z - sigma0 D with z trained from D (docs/method.md §1);
+        "relative": c = (sigma / sigma0) D * z with z trained from 0, each pivot scaled by 1 + z_i, so
+        the step on each component is relative to its pivot (docs/method.md §9). Same cost and file size.
     r: PEFT's spelling of `rank` (either may be given; both must then agree).
     """
 
@@ -75,6 +79,7 @@ class LoLDUConfig:
     factor_storage: str = "full"
     modules_to_save: Optional[List[str]] = None
     task_type: Optional[str] = None
+    parametrization: str = "paper"
     r: InitVar[Optional[int]] = None
     _regex: Optional[re.Pattern] = field(default=None, init=False, repr=False, compare=False)
 
@@ -132,6 +137,9 @@ class LoLDUConfig:
             raise AdapterError(f"LoLDUConfig: form must be one of {list(FORMS)}, got {self.form!r}")
         if self.factor_storage not in STORAGES:
             raise AdapterError(f"LoLDUConfig: factor_storage must be one of {list(STORAGES)}, got {self.factor_storage!r}")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise AdapterError(f"LoLDUConfig: parametrization must be one of {list(PARAMETRIZATIONS)}, "
+                               f"got {self.parametrization!r}")
         if self.task_type is not None and not isinstance(self.task_type, str):
             raise AdapterError(f"LoLDUConfig: task_type must be None or a str such as 'SEQ_CLS', got {self.task_type!r}")
         mts = self.modules_to_save
@@ -191,7 +199,7 @@ class LoLDUConfig:
         d = asdict(self)
         d.pop("_regex")
         for key, default in (("form", "auto"), ("factor_storage", "full"), ("modules_to_save", None),
-                             ("task_type", None)):
+                             ("task_type", None), ("parametrization", "paper")):
             if d[key] == default:
                 d.pop(key)  # files stay readable by loldu versions without these options
         return d

@@ -175,8 +175,15 @@ def _install_loaded_factors(layer: "LoLDULayer", incompatible_keys) -> None:
         layer._set_factors(factors, layer._factor_dtype, layer.loldu_D.dtype, stacklevel=4)
 
 
-def coefficients_from(z: torch.Tensor, sigma: torch.Tensor, D: torch.Tensor, sigma0: float) -> torch.Tensor:
-    """c = sigma z - sigma0 D, written as sigma0 (z - D) + (sigma - sigma0) z: exactly 0 at init."""
+def coefficients_from(z: torch.Tensor, sigma: torch.Tensor, D: torch.Tensor, sigma0: float,
+                      parametrization: str = "paper") -> torch.Tensor:
+    """The adapter's c, exactly 0 at init.
+
+    "paper": c = sigma z - sigma0 D, written as sigma0 (z - D) + (sigma - sigma0) z (z starts at D).
+    "relative": c = (sigma / sigma0) D z (z starts at 0; sigma / sigma0 is exactly 1 until sigma trains).
+    """
+    if parametrization == "relative":
+        return (sigma / sigma0) * (D * z)
     return sigma0 * (z - D) + (sigma - sigma0) * z
 
 
@@ -369,7 +376,8 @@ class LoLDULayer(nn.Module):
 
     def add_adapter(self, name: str, config, z: Optional[torch.Tensor] = None,
                     sigma: Optional[torch.Tensor] = None) -> None:
-        """New adapter `name`: z (r,) and sigma () default to D and sigma0, i.e. c == 0 exactly.
+        """New adapter `name`: z (r,) and sigma () default to c == 0 exactly (z = D, or 0 in the relative
+        parametrization; sigma = sigma0).
 
         The first adapter's factor_storage sets how the layer stores its frozen factors; a later
         adapter must ask for the same (AdapterError, the layer unchanged)."""
@@ -382,7 +390,9 @@ class LoLDULayer(nn.Module):
         sigma0 = config.initial_scale
         dev = self.loldu_D.device
         dt = working_dtype(self.loldu_D.dtype)
-        z0 = (self.loldu_D if z is None else z).detach().to(dev, dt).clone()
+        if z is None:  # c == 0: z = D in the paper's form, z = 0 in the relative one
+            z = torch.zeros_like(self.loldu_D) if getattr(config, "parametrization", "paper") == "relative" else self.loldu_D
+        z0 = z.detach().to(dev, dt).clone()
         s0 = torch.tensor(sigma0, dtype=dt, device=dev) if sigma is None else sigma.detach().to(dev, dt).reshape(()).clone()
         self.loldu_z[name] = nn.Parameter(z0, requires_grad=False)
         self.loldu_sigma[name] = nn.Parameter(s0, requires_grad=False)
@@ -418,7 +428,7 @@ class LoLDULayer(nn.Module):
         z = self.loldu_z[name].to(dt)
         s = self.loldu_sigma[name]
         s0 = self._sigma0_as[name].get(s.dtype, self.sigma0[name])
-        return coefficients_from(z, s.to(dt), D.to(dt), s0)
+        return coefficients_from(z, s.to(dt), D.to(dt), s0, getattr(self.configs[name], "parametrization", "paper"))
 
     def row_coefficients(self) -> torch.Tensor:
         """(rows, r) in c's dtype: each row's adapter c; an index equal to len(_row_names) means 'no adapter'."""
