@@ -15,6 +15,7 @@ from transformers import (
     BertModel,
     LlamaConfig,
     LlamaForCausalLM,
+    Trainer,
     TrainerCallback,
     TrainingArguments,
 )
@@ -330,6 +331,22 @@ def test_loldu_model_handle_trains_evaluates_and_resumes(tmp_path):
     assert again.state.global_step == 4
     at_2 = values(model)
     assert begin.values.keys() == at_2.keys() and all(torch.equal(begin.values[n], at_2[n]) for n in at_2)
+
+
+def test_resumes_a_checkpoint_of_the_plain_trainer(tmp_path):
+    """A checkpoint the plain Trainer wrote (the whole injected model) is loaded by Trainer's own code."""
+    make, data = causal_task(n=8)
+    model = make()
+    Trainer(model=model, args=targs(tmp_path / "out", max_steps=2, save_steps=2), train_dataset=data).train()
+    assert "model.safetensors" in os.listdir(tmp_path / "out" / "checkpoint-2")
+    begin = AtTrainBegin()
+    resumed = make()
+    trainer = LoLDUTrainer(model=resumed, args=targs(tmp_path / "out", max_steps=3, save_steps=3), train_dataset=data,
+                           callbacks=[begin])
+    trainer.train(resume_from_checkpoint=True)
+    at_2 = values(model)
+    assert begin.values.keys() == at_2.keys() and all(torch.equal(begin.values[n], at_2[n]) for n in at_2)
+    assert WEIGHTS_NAME in os.listdir(tmp_path / "out" / "checkpoint-3")
 
 
 # -- refusals -------------------------------------------------------------------------------------
