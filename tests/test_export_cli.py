@@ -203,3 +203,31 @@ def test_cli_default_opset_is_the_exporters():
 
     args = build_parser().parse_args(["export", "--base", "x:y", "--out", "m.onnx"])
     assert args.opset == DEFAULT_OPSET
+
+
+def test_cli_rebuilds_a_task_model_from_the_adapter(tmp_path):
+    """An adapter trained on AutoModelForSequenceClassification (task head saved with it) exports from the
+    plain model directory: the CLI rebuilds the recorded class with the head's label count."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import loldu
+    from loldu.presets import minilm_path
+
+    path = minilm_path()
+    model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, num_labels=3).eval()
+    model = loldu.inject(model, loldu.LoLDUConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for _, layer in loldu.adapted_layers(model):
+            layer.loldu_z["default"].add_(torch.randn_like(layer.loldu_z["default"]) * 0.05)
+        model.classifier.modules_to_save["default"].weight.normal_()
+    loldu.save_adapter(model, tmp_path / "ad")
+    out = tmp_path / "cls.onnx"
+    r = subprocess.run([sys.executable, "-m", "loldu", "export", "--base", str(path), "--adapter", str(tmp_path / "ad"),
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "outputs: logits" in r.stdout and "parity" in r.stdout
+    import onnx
+
+    logits = [o for o in onnx.load(str(out), load_external_data=False).graph.output if o.name == "logits"][0]
+    assert logits.type.tensor_type.shape.dim[-1].dim_value == 3  # the saved head, not a fresh 2-label one

@@ -3,8 +3,9 @@
     loldu export --base <model dir | package.module:factory> [--adapter <adapter dir>] --out model.onnx
                  [--fp16] [--adapter-inputs] [--opset N] [--no-check]
 
-A model dir is a transformers directory, loaded with AutoModel and AutoTokenizer
-(local_files_only=True); the example inputs are tokenized sentences (input_ids, attention_mask) with
+A model dir is a transformers directory, loaded with AutoTokenizer and the model class the adapter
+was trained on (recorded in the adapter file, e.g. BertForSequenceClassification with its task
+head and number of labels; AutoModel without an adapter), local_files_only=True; the example inputs are tokenized sentences (input_ids, attention_mask) with
 dynamic batch and sequence axes. A module spec names a factory returning an nn.Module; its example
 inputs come from `example_inputs()` in the same module (or a method of the model), returning a
 tensor, a tuple of tensors or a dict of them; it is called twice, for tracing and for the parity check.
@@ -29,17 +30,40 @@ class CliError(Exception):
     pass
 
 
-def _load_transformers(directory: Path):
+def _model_class(transformers, adapter: Optional[tuple]):
+    """(class, keyword arguments) to rebuild the model an adapter was trained on: the class recorded in
+    the adapter file when transformers has it, with the label count of its saved head; else AutoModel.
+    `adapter`: (header, tensors) of read_adapter, or None."""
+    header, tensors = adapter if adapter is not None else ({}, {})
+    name = header.get("model_class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        return transformers.AutoModel, {}
+    kwargs = {}
+    for entry in header.get("saved_modules", []):
+        w = tensors.get(f"saved.{entry['name']}.weight")
+        if entry["name"].rpartition(".")[2] in ("classifier", "score") and w is not None and w.dim() == 2:
+            kwargs["num_labels"] = int(w.shape[0])  # the head's output size decides the model's label count
+    return cls, kwargs
+
+
+def _load_transformers(directory: Path, adapter: Optional[tuple] = None):
     try:
         import transformers
     except ImportError as e:
         raise CliError(f"--base {directory}: loading a model directory needs transformers ({e})") from None
+    cls, kwargs = _model_class(transformers, adapter)
+    verbosity = transformers.logging.get_verbosity()
+    if kwargs:  # the head comes from the adapter: transformers' report of a missing (new) head is noise here
+        transformers.logging.set_verbosity_error()
     try:
-        model = transformers.AutoModel.from_pretrained(str(directory), local_files_only=True)
+        model = cls.from_pretrained(str(directory), local_files_only=True, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:
-        raise CliError(f"--base {directory}: not a loadable transformers model directory "
+        raise CliError(f"--base {directory}: not a loadable transformers model directory for {cls.__name__} "
                        f"({type(e).__name__}: {_one_line(e)})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
     def make(sentences):
         enc = tokenizer(sentences, padding=True, return_tensors="pt")
@@ -82,11 +106,12 @@ def _load_spec(spec: str):
     return model, guarded, guarded
 
 
-def load_base(base: str) -> Tuple[object, Callable, Callable]:
-    """(model, example inputs for tracing, fresh inputs for the parity check)."""
+def load_base(base: str, adapter: Optional[tuple] = None) -> Tuple[object, Callable, Callable]:
+    """(model, example inputs for tracing, fresh inputs for the parity check). `adapter`: (header,
+    tensors) of the adapter (read_adapter), which name the model class to rebuild from a model directory."""
     p = Path(base)
     if p.is_dir():
-        return _load_transformers(p)
+        return _load_transformers(p, adapter)
     if ":" in base and not p.exists():
         return _load_spec(base)
     if p.exists():
@@ -111,7 +136,13 @@ def cmd_export(args) -> int:
         raise CliError("--adapter-inputs needs --adapter (the adapter fixes which layers take a c input)")
     if args.adapter and not Path(args.adapter).is_dir():
         raise CliError(f"--adapter {args.adapter}: no such adapter directory")
-    model, trace_inputs, check_inputs = load_base(args.base)
+    adapter = None
+    if args.adapter:
+        from loldu.adapter_io import read_adapter
+
+        header, _, tensors = read_adapter(args.adapter)
+        adapter = (header, tensors)
+    model, trace_inputs, check_inputs = load_base(args.base, adapter)
     model.eval()
     if args.adapter:
         model = loldu.load_adapter(model, args.adapter)
