@@ -7,8 +7,9 @@ A model dir is a transformers directory, loaded with AutoTokenizer and the model
 was trained on (recorded in the adapter file, e.g. BertForSequenceClassification with its task
 head and number of labels; AutoModel without an adapter), local_files_only=True; the example
 inputs are tokenized sentences (input_ids, attention_mask) with dynamic batch and sequence axes.
-A module spec names a factory returning an nn.Module; its example inputs come from `example_inputs()` in the same module (or a method of the model), returning a
-tensor, a tuple of tensors or a dict of them; it is called twice, for tracing and for the parity check.
+A module spec names a factory returning an nn.Module; its example inputs come from
+`example_inputs()` in the same module (or a method of the model), returning a tensor, a tuple of
+tensors or a dict of them; it is called twice, for tracing and for the parity check.
 
 Errors print one line, `loldu export: error: ...`, and exit with status 1; no .onnx file is left behind.
 Warnings print one line each, `loldu export: warning: ...`.
