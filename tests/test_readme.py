@@ -20,6 +20,17 @@ def run_section(heading: str) -> None:
         exec(compile(block, f"{README}:{heading}[{i}]", "exec"), {"__name__": "readme_example"})
 
 
+def test_quick_start_runs(capsys):
+    """The transformers quick start at the top of the README, as written."""
+    pytest.importorskip("onnxruntime")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU-fallback notice, transformers' notes on the new head
+        run_section("Quick start")
+    out = capsys.readouterr().out
+    assert "trainable params:" in out and "adapter_model.safetensors" in out
+    assert "outputs: logits" in out and "max |ORT - PyTorch|" in out
+
+
 def test_intro_factorization_example_runs(capsys):
     run_section("The factorization")
     assert "pivots" in capsys.readouterr().out
