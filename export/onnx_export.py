@@ -378,6 +378,14 @@ def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: 
         if adapter_name is not None:
             state.require_exists(adapter_name, "loldu.export", ExportError)
         already = state.merged
+        if state.saved:
+            if adapter_inputs:
+                raise ExportError(f"loldu.export: adapter_inputs=True cannot serve other adapters of this model: its "
+                                  f"saved module '{state.saved[0][0]}' (modules_to_save, a task head) is trained per "
+                                  "adapter and would be baked into the graph; export each adapter merged instead")
+            chosen = adapter_name or already or state.active
+            if chosen is not None and chosen != state.active and already is None:
+                state.set_active(chosen, trainable=False)  # this private copy's heads: the exported adapter's
         if merge:
             name = adapter_name or already or state.active
             if already is not None and already != name:

@@ -241,3 +241,33 @@ def test_relative_parametrization(tmp_path):
         torch.testing.assert_close(model(x), out, rtol=1e-12, atol=1e-12)
     with pytest.raises(AdapterError, match="parametrization"):
         LoLDUConfig(rank=2, target_modules=["q"], parametrization="multiplicative")
+
+
+def test_export_uses_the_exported_adapters_head(tmp_path):
+    """to_onnx(adapter_name=...) exports that adapter's head (the model itself is untouched), and
+    adapter_inputs=True, which would bake one head into a file meant for every adapter, is refused."""
+    ort = pytest.importorskip("onnxruntime")  # noqa: F841
+    import loldu.export as lx
+
+    model = loldu.inject(bert_cls(0), LoLDUConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    train(model)
+    loldu.add_adapter(model, "b")
+    loldu.set_adapter(model, "b")
+    train(model, lr=5e-2)
+    loldu.set_adapter(model, "default")
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        want_default = model(input_ids=ids).logits
+        loldu.set_adapter(model, "b")
+        want_b = model(input_ids=ids).logits
+        loldu.set_adapter(model, "default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lx.to_onnx(model, {"input_ids": ids}, tmp_path / "b.onnx", adapter_name="b")
+        out = lx.OrtRunner(tmp_path / "b.onnx").run({"input_ids": ids})["logits"]
+    assert loldu.active_adapter(model) == "default"
+    assert abs(torch.as_tensor(out) - want_b).max() <= 1e-4  # ORT vs PyTorch: the export's fp32 parity bound
+    assert not torch.allclose(want_b, want_default, atol=1e-3)
+    with pytest.raises(loldu.ExportError, match="task head"):
+        lx.to_onnx(model, {"input_ids": ids}, tmp_path / "c.onnx", merge=False, adapter_inputs=True)
+    assert not (tmp_path / "c.onnx").exists()
