@@ -1,0 +1,470 @@
+"""LoLDU against its peers on a real labelled task (run by `make eval`; results in docs/evaluation.md).
+
+Task: positive vs negative words of the AFINN-165 lexicon (loldu.datasets.afinn_split, seed 0: 1,646
+train / 706 test entries, balanced), classified from the offline MiniLM's mean-pooled sentence
+embedding by a linear head (loldu.datasets.MeanPoolClassifier). Every method gets the same model,
+data, budget (EPOCHS epochs at batch BATCH, max length MAX_LEN, Adam without weight decay, constant
+learning rate) and the same fresh head, which is trained fully at HEAD_LR by every method but
+head-only (whose grid tunes the head's own rate).
+
+Methods: LoLDU (loldu.inject) on the attention query/value or on every encoder linear, at ranks
+8, 64 and min(d, k) = 384, with sigma frozen or trained, in both parametrizations ("paper":
+c = sigma z - sigma0 D, "relative": c = (sigma / sigma0) D z; docs/method.md §1, §9); PEFT LoRA (r=8,
+alpha=16, query/value), IA3 (key, value and the FFN output), VeRA (r=256, query/value) and RoAd
+(road_1, query/value), all peft==0.21.2; full fine-tuning; head only.
+
+Protocol: each method's learning rate is tuned on a grid of four values spanning three decades at
+seed 0 (test accuracy); the best one is then run with seeds 1 and 2 (seed = head init and data
+order). For each LoLDU parametrization a default learning rate is chosen from the seed-0 grids (the
+grid value with the smallest worst-case loss against each configuration's best) and run with every
+seed on every LoLDU configuration; it "holds" when, on each seed, it is within DEFAULT_TOL accuracy
+points of that configuration's tuned mean.
+
+Measured: trainable parameters (the head included), adapter bytes (what each library saves:
+loldu.save_adapter, PEFT's save_pretrained, a safetensors file of the whole model or the head),
+test accuracy, median time per training step and peak memory: each method runs in its own
+subprocess and reports resource.getrusage(RUSAGE_SELF).ru_maxrss (the process's peak resident set,
+model and data included) at its end. Time per step is noisy on a shared machine: compare the
+ratios to head-only within one run, not the absolute numbers.
+
+    python benchmarks/eval_peft.py [--epochs N] [--workers N] [--resume] [--only NAME ...]
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DOC_IMG = HERE.parent / "docs" / "img"
+
+EPOCHS = 1
+BATCH = 32
+MAX_LEN = 16
+HEAD_LR = 1e-2
+SEEDS = (0, 1, 2)
+DEFAULT_TOL = 2.0  # accuracy points
+QV = ["query", "value"]
+
+GRIDS = {
+    "head": [1e-4, 1e-3, 1e-2, 1e-1],
+    "full": [1e-6, 1e-5, 1e-4, 1e-3],
+    "peft": [1e-4, 1e-3, 1e-2, 1e-1],
+    "paper": [3e-3, 3e-2, 3e-1, 3.0],
+    "relative": [1e-4, 1e-3, 1e-2, 1e-1],
+}
+
+
+def methods():
+    """name -> spec. The LoLDU ones first, the most expensive first (the pool runs them in order)."""
+    out = {}
+    for target in ("all", "qv"):
+        for rank in (384, 64, 8):
+            for param in ("paper", "relative"):
+                for scale in ("fixed", "trained"):
+                    name = f"loldu-{param}-{target}-r{rank}-sigma_{scale}"
+                    out[name] = {"kind": "loldu", "target": target, "rank": rank, "parametrization": param,
+                                 "train_scale": scale == "trained", "grid": GRIDS[param]}
+    out["full"] = {"kind": "full", "grid": GRIDS["full"]}
+    for kind in ("lora", "vera", "road", "ia3"):
+        out[kind] = {"kind": kind, "grid": GRIDS["peft"]}
+    out["head"] = {"kind": "head", "grid": GRIDS["head"]}
+    return out
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+def _build(spec, seed):
+    """(model, trainable named parameters, function saving the adapter into a directory -> bytes)."""
+    import torch
+
+    import loldu
+    from loldu.datasets import load_minilm_classifier
+
+    model, _ = load_minilm_classifier(seed=seed)
+    kind = spec["kind"]
+    if kind == "head" or kind == "full":
+        for p in model.bert.parameters():
+            p.requires_grad_(kind == "full")
+
+        def save(d):
+            from safetensors.torch import save_file
+            part = model if kind == "full" else model.classifier
+            f = Path(d) / "weights.safetensors"
+            save_file({k: v.contiguous() for k, v in part.state_dict().items()}, str(f))
+            return f.stat().st_size
+    elif kind == "loldu":
+        target = QV if spec["target"] == "qv" else "all-linear"
+        cfg = loldu.LoLDUConfig(rank=spec["rank"], target_modules=target, train_scale=spec["train_scale"],
+                                parametrization=spec["parametrization"], modules_to_save=["classifier"])
+        model = loldu.inject(model, cfg)
+
+        def save(d):
+            return sum(loldu.save_adapter(model, d).values())
+    else:
+        import peft
+
+        if kind == "lora":
+            cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=QV, modules_to_save=["classifier"])
+        elif kind == "vera":
+            cfg = peft.VeraConfig(r=256, target_modules=QV, modules_to_save=["classifier"])
+        elif kind == "road":
+            cfg = peft.RoadConfig(variant="road_1", target_modules=QV, modules_to_save=["classifier"])
+        elif kind == "ia3":
+            cfg = peft.IA3Config(target_modules=r".*layer\.\d+\.(attention\.self\.(key|value)|output\.dense)",
+                                 feedforward_modules=r".*layer\.\d+\.output\.dense", modules_to_save=["classifier"])
+        else:
+            raise ValueError(kind)
+        model = peft.get_peft_model(model, cfg)
+
+        def save(d):
+            model.save_pretrained(d)
+            return sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file() and f.suffix == ".safetensors")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    return model, named, save
+
+
+def run_one(spec, lr, seed, data):
+    """Train one method at one learning rate and seed; returns the run's record."""
+    import torch
+    import torch.nn.functional as F
+
+    model, named, save = _build(spec, seed)
+    head = [p for n, p in named if "classifier" in n]
+    body = [p for n, p in named if "classifier" not in n]
+    if spec["kind"] == "head":
+        groups = [{"params": head, "lr": lr}]
+    else:
+        groups = [{"params": body, "lr": lr}, {"params": head, "lr": HEAD_LR}]
+    opt = torch.optim.Adam(groups, weight_decay=0.0)
+    ids, mask, labels, test_ids, test_mask, test_labels = data
+    g = torch.Generator().manual_seed(seed)
+    times, losses = [], []
+    model.train()
+    for _ in range(EPOCHS):
+        order = torch.randperm(len(labels), generator=g)
+        for i in range(0, len(order), BATCH):
+            b = order[i:i + BATCH]
+            m = mask[b]
+            L = int(m.sum(1).max())
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(input_ids=ids[b, :L], attention_mask=m[:, :L]), labels[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(test_labels), 128):
+            m = test_mask[i:i + 128]
+            L = int(m.sum(1).max())
+            pred = model(input_ids=test_ids[i:i + 128, :L], attention_mask=m[:, :L]).argmax(-1)
+            correct += int((pred == test_labels[i:i + 128]).sum())
+    with tempfile.TemporaryDirectory(prefix="eval-adapter-") as d:
+        nbytes = save(d)
+    acc = 100.0 * correct / len(test_labels)
+    return {"lr": lr, "seed": seed, "acc": acc, "finite": all(x == x for x in losses), "loss_first": losses[0],
+            "loss_last": statistics.fmean(losses[-10:]), "step_s": statistics.median(times), "steps": len(times),
+            "trainable": sum(p.numel() for _, p in named), "adapter_bytes": nbytes}
+
+
+def load_data():
+    import torch
+
+    from loldu.datasets import afinn_split, load_minilm_classifier
+
+    train, test = afinn_split(0)
+    _, tok = load_minilm_classifier()
+
+    def enc(split):
+        e = tok(split.texts, padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="pt")
+        return e["input_ids"], e["attention_mask"], torch.tensor(split.labels)
+
+    return (*enc(train), *enc(test))
+
+
+def worker(args):
+    """Runs (lr, seed) pairs of one method in this process; with --pick, the grid at seed 0 first, then
+    the other seeds at its best learning rate. Writes one JSON object to --json."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("LOLDU_PROGRESS", "off")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    spec = methods()[args.worker]
+    data = load_data()
+    runs = []
+    pairs = [tuple(json.loads(p)) for p in args.pairs]
+    for lr, seed in pairs:
+        runs.append(run_one(spec, lr, seed, data))
+        print(f"  {args.worker} lr={lr:g} seed={seed}: acc {runs[-1]['acc']:.2f}", file=sys.stderr, flush=True)
+    if args.pick:
+        grid = [r for r in runs if r["seed"] == 0]
+        best = max(grid, key=lambda r: (r["finite"], r["acc"]))["lr"]
+        for seed in SEEDS[1:]:
+            runs.append(run_one(spec, best, seed, data))
+            print(f"  {args.worker} lr={best:g} seed={seed}: acc {runs[-1]['acc']:.2f}", file=sys.stderr, flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    Path(args.json).write_text(json.dumps({"method": args.worker, "runs": runs, "peak_rss_bytes": peak}))
+
+
+# --------------------------------------------------------------------------------------- orchestrator
+
+def spawn(name, pairs, pick, threads, log):
+    with tempfile.NamedTemporaryFile(prefix="eval-", suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, __file__, "--worker", name, "--json", out, "--threads", str(threads), "--epochs", str(EPOCHS)]
+    cmd += ["--pick"] if pick else []
+    cmd += ["--pairs", *[json.dumps(p) for p in pairs]]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log(f"{name}: {len(pairs)}{' + seeds' if pick else ''} runs in {time.perf_counter() - t0:.0f} s")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return res
+
+
+def summarize(records):
+    """Per method: best lr at seed 0, mean/std over seeds at it, trainable, bytes, step time, peak."""
+    import math
+
+    specs = methods()
+    table = {}
+    for name, rec in records.items():
+        runs = rec["runs"]
+        grid = {r["lr"]: r for r in runs if r["seed"] == 0 and r.get("phase", "grid") == "grid"}
+        best = max(grid.values(), key=lambda r: (r["finite"], r["acc"]))["lr"]
+        at = [r for r in runs if r["lr"] == best and r.get("phase", "grid") == "grid"]
+        accs = [r["acc"] for r in at]
+        table[name] = {
+            "spec": {k: v for k, v in specs[name].items() if k != "grid"}, "grid": specs[name]["grid"],
+            "grid_acc": {str(lr): grid[lr]["acc"] for lr in sorted(grid)}, "best_lr": best,
+            "acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else math.nan,
+            "acc_seeds": accs, "trainable": at[0]["trainable"], "adapter_bytes": at[0]["adapter_bytes"],
+            "step_s": statistics.median(r["step_s"] for r in runs), "peak_rss_bytes": rec["peak_rss_bytes"],
+        }
+    return table
+
+
+def pick_default(table, param):
+    """The grid value whose worst loss against each LoLDU configuration's best (seed 0) is smallest."""
+    names = [n for n, t in table.items() if t["spec"].get("parametrization") == param]
+    grid = GRIDS[param]
+
+    def worst(lr):
+        return max(max(table[n]["grid_acc"].values()) - table[n]["grid_acc"][str(lr)] for n in names)
+
+    return min(grid, key=worst), {str(lr): worst(lr) for lr in grid}
+
+
+def main(argv=None):
+    global EPOCHS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", nargs="*", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--pick", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per method process (default 1)")
+    ap.add_argument("--workers", type=int, default=2, help="method processes at once (default 2)")
+    ap.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs per run (default {EPOCHS})")
+    ap.add_argument("--resume", action="store_true", help="reuse the methods already in results/eval_runs.json")
+    ap.add_argument("--only", nargs="*", help="run only these methods (names as in the table)")
+    ap.add_argument("--out", default=str(RESULTS / "eval_peft.json"))
+    args = ap.parse_args(argv)
+    EPOCHS = args.epochs
+    if args.worker:
+        return worker(args)
+
+    RESULTS.mkdir(exist_ok=True)
+    raw_path = RESULTS / "eval_runs.json"
+    records = json.loads(raw_path.read_text()) if args.resume and raw_path.exists() else {}
+    specs = methods()
+    todo = [n for n in (args.only or specs) if n not in records]
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
+
+    def save_raw():
+        raw_path.write_text(json.dumps(records, indent=1))
+
+    log(f"{len(todo)} methods, {args.workers} at a time, {args.threads} thread(s) each, {EPOCHS} epoch(s)")
+    with ThreadPoolExecutor(args.workers) as pool:
+        futs = {n: pool.submit(spawn, n, [(lr, 0) for lr in specs[n]["grid"]], True, args.threads, log) for n in todo}
+        for n, f in futs.items():
+            records[n] = f.result()
+            save_raw()
+    table = summarize(records)
+
+    # A default learning rate per parametrization, checked on every seed and LoLDU configuration.
+    defaults = {}
+    for param in ("paper", "relative"):
+        if not any(t["spec"].get("parametrization") == param for t in table.values()):
+            continue
+        lr, worst = pick_default(table, param)
+        names = [n for n, t in table.items() if t["spec"].get("parametrization") == param]
+        jobs = {}
+        for n in names:
+            have = {r["seed"] for r in records[n]["runs"] if r["lr"] == lr}
+            need = [(lr, s) for s in SEEDS if s not in have]
+            if need:
+                jobs[n] = need
+        with ThreadPoolExecutor(args.workers) as pool:
+            futs = {n: pool.submit(spawn, n, need, False, args.threads, log) for n, need in jobs.items()}
+            for n, f in futs.items():
+                extra = f.result()["runs"]
+                for r in extra:
+                    r["phase"] = "default"
+                records[n]["runs"] += extra
+                save_raw()
+        per = {}
+        for n in names:
+            accs = {r["seed"]: r["acc"] for r in records[n]["runs"] if r["lr"] == lr}
+            ref = table[n]["acc_mean"]
+            per[n] = {"acc_seeds": [accs[s] for s in SEEDS], "acc_mean": statistics.fmean(accs.values()),
+                      "acc_std": statistics.stdev(accs.values()), "tuned_mean": ref,
+                      "holds": all(accs[s] >= ref - DEFAULT_TOL for s in SEEDS)}
+        defaults[param] = {"lr": lr, "worst_loss_seed0": worst, "holds": all(p["holds"] for p in per.values()),
+                           "per_config": per}
+        log(f"default lr for {param}: {lr:g}; holds on every config and seed: {defaults[param]['holds']}")
+
+    import torch
+
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "cpu": cpu_model(), "python": platform.python_version(), "epochs": EPOCHS, "batch": BATCH,
+            "max_len": MAX_LEN, "head_lr": HEAD_LR, "seeds": list(SEEDS), "default_tol_points": DEFAULT_TOL,
+            "threads_per_method": args.threads, "methods_at_once": args.workers,
+            "peak_memory": "resource.getrusage(RUSAGE_SELF).ru_maxrss of the method's own process",
+            "wall_s": round(time.perf_counter() - t_start)}
+    try:
+        import peft
+        meta["peft"] = peft.__version__
+    except ImportError:
+        pass
+    out = {"meta": meta, "methods": table, "defaults": defaults}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    md = markdown(out)
+    (RESULTS / "eval_peft.md").write_text(md)
+    plots(out)
+    print(md)
+    log(f"wrote {args.out}, {RESULTS / 'eval_peft.md'} and the plots in {DOC_IMG}")
+    return 0
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def label(name, spec):
+    if spec["kind"] != "loldu":
+        return {"full": "full fine-tuning", "head": "head only", "lora": "LoRA r=8 (q,v)", "vera": "VeRA r=256 (q,v)",
+                "road": "RoAd road_1 (q,v)", "ia3": "IA3 (k,v,ffn)"}[spec["kind"]]
+    tgt = "q,v" if spec["target"] == "qv" else "all linear"
+    return (f"LoLDU {spec['parametrization']} r={spec['rank']} ({tgt}), sigma "
+            f"{'trained' if spec['train_scale'] else 'frozen'}")
+
+
+def markdown(out):
+    t = out["methods"]
+    head_step = t["head"]["step_s"] if "head" in t else None
+    lines = ["| method | trainable params | adapter bytes | best lr | test acc % (3 seeds) | step ms | step / head-only "
+             "| peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in sorted(t.items(), key=lambda kv: -kv[1]["acc_mean"]):
+        ratio = f"{r['step_s'] / head_step:.1f}x" if head_step else "-"
+        lines.append(f"| {label(name, r['spec'])} | {r['trainable']:,} | {r['adapter_bytes']:,} | {r['best_lr']:g} | "
+                     f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {r['step_s'] * 1e3:.0f} | {ratio} | "
+                     f"{r['peak_rss_bytes'] / 2 ** 20:.0f} |")
+    for param, d in out["defaults"].items():
+        lines += ["", f"Default learning rate, {param} parametrization: {d['lr']:g} "
+                      f"(holds within {out['meta']['default_tol_points']:g} points on every seed: {d['holds']})", "",
+                  "| configuration | acc % at the default (3 seeds) | tuned acc % | holds |", "|---|---:|---:|---|"]
+        for n, p in d["per_config"].items():
+            lines.append(f"| {label(n, t[n]['spec'])} | {p['acc_mean']:.2f} ± {p['acc_std']:.2f} | "
+                         f"{p['tuned_mean']:.2f} | {'yes' if p['holds'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    DOC_IMG.mkdir(parents=True, exist_ok=True)
+    t = out["methods"]
+    colors = {"paper": "tab:blue", "relative": "tab:green"}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, r in t.items():
+        s = r["spec"]
+        if s["kind"] == "loldu":
+            c = colors[s["parametrization"]]
+            mk = "o" if s["target"] == "qv" else "s"
+            fill = c if s["train_scale"] else "none"
+            ax.errorbar(r["trainable"], r["acc_mean"], yerr=r["acc_std"], fmt=mk, color=c, mfc=fill, capsize=2)
+        else:
+            ax.errorbar(r["trainable"], r["acc_mean"], yerr=r["acc_std"], fmt="^", color="tab:red", capsize=2)
+            ax.annotate(label(name, s), (r["trainable"], r["acc_mean"]), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points")
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], marker="o", ls="", color="tab:blue", label="LoLDU paper, q,v"),
+               Line2D([], [], marker="s", ls="", color="tab:blue", label="LoLDU paper, all linear"),
+               Line2D([], [], marker="o", ls="", color="tab:green", label="LoLDU relative, q,v"),
+               Line2D([], [], marker="s", ls="", color="tab:green", label="LoLDU relative, all linear"),
+               Line2D([], [], marker="o", ls="", color="gray", mfc="none", label="hollow: sigma frozen"),
+               Line2D([], [], marker="^", ls="", color="tab:red", label="peers")]
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (head of 770 included, log scale)")
+    ax.set_ylabel("test accuracy % (mean ± std, 3 seeds, best lr)")
+    ax.set_title("AFINN-165 positive vs negative, MiniLM, " + f"{out['meta']['epochs']} epoch(s)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(DOC_IMG / "eval_acc_vs_params.png", dpi=110)
+    plt.close(fig)
+
+    panels = [("LoLDU paper", lambda s: s.get("parametrization") == "paper"),
+              ("LoLDU relative", lambda s: s.get("parametrization") == "relative"),
+              ("peers", lambda s: s["kind"] != "loldu")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharey=True)
+    for ax, (title, keep) in zip(axes, panels):
+        for name, r in t.items():
+            if not keep(r["spec"]):
+                continue
+            lrs = sorted(float(k) for k in r["grid_acc"])
+            ax.plot(lrs, [r["grid_acc"][str(lr)] for lr in lrs], marker="o", label=label(name, r["spec"]))
+        ax.set_xscale("log")
+        ax.set_title(title + " (seed 0)")
+        ax.set_xlabel("learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("test accuracy %")
+    fig.tight_layout()
+    fig.savefig(DOC_IMG / "eval_acc_vs_lr.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
