@@ -118,12 +118,13 @@ class LoLDUTrainerMixin:
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
         what = f"{type(self).__name__}"
-        state = AdapterState.of(self.model).require_layers(f"{what}: the model to train")
-        state.require_unmerged(f"{what}: the model to train", fix="call loldu.unmerge before training")
-        if state.active is None:
-            raise AdapterError(f"{what}: the model has no active adapter; call loldu.set_adapter")
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None:  # checked before Trainer touches it (a model_init's model: after)
+            self._check_model(model, what)
+        super().__init__(*args, **kwargs)
+        if model is None:
+            self._check_model(self.model, what)
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
             # Both gather or load sharded weights outside _save / _load_from_checkpoint.
             raise AdapterError(f"{what}: FSDP and DeepSpeed are not supported (their checkpoints bypass the adapter "
@@ -138,6 +139,13 @@ class LoLDUTrainerMixin:
             if self.args.label_names is None:
                 self.label_names = find_labels(inner.__class__)
             self.can_return_loss = can_return_loss(inner.__class__)
+
+    @staticmethod
+    def _check_model(model: nn.Module, what: str) -> None:
+        state = AdapterState.of(model).require_layers(f"{what}: the model to train")
+        state.require_unmerged(f"{what}: the model to train", fix="call loldu.unmerge before training")
+        if state.active is None:
+            raise AdapterError(f"{what}: the model has no active adapter; call loldu.set_adapter")
 
     def _set_signature_columns_if_needed(self) -> None:
         """The input names Trainer keeps (remove_unused_columns): those of the wrapped model's forward."""
@@ -158,8 +166,7 @@ class LoLDUTrainerMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        save_adapter(self.model, output_dir)
+        save_adapter(self.model, output_dir)  # creates the directory; AdapterError naming it if it cannot
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
