@@ -33,10 +33,21 @@ from .wrapper import LoLDUModel, get_loldu_model
 
 __version__ = "0.1.0"
 
+# The transformers Trainer integration imports transformers: loaded on first use only.
+_LAZY = {"LoLDUTrainer": "trainer", "LoLDUTrainerMixin": "trainer", "restore_adapter": "trainer"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'loldu' has no attribute {name!r}")
+
 __all__ = [
     "LoLDUConfig", "inject", "add_adapter", "set_adapter", "delete_adapter", "adapter_names", "active_adapter",
     "adapted_layers", "trainable_parameters", "print_trainable_parameters", "merge", "unmerge", "unload",
     "merge_and_unload", "disabled", "adapter_ids", "save_adapter", "load_adapter", "build_info",
-    "LoLDUModel", "get_loldu_model",
+    "LoLDUModel", "get_loldu_model", "LoLDUTrainer", "LoLDUTrainerMixin", "restore_adapter",
     "LolduError", "FactorizationError", "ShapeError", "AdapterError", "ExportError", "LolduWarning",
 ]
