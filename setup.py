@@ -8,7 +8,8 @@ What is built, printed as "loldu setup: ..." lines (shown by `pip install -v`):
   (CUDA_HOME / CUDA_PATH, else the toolkit of the `nvcc` on PATH, else /usr/local/cuda, /usr/local/cuda-*);
 - a CPU extension otherwise (torch without CUDA, no nvcc, or nvcc of another CUDA major version), with a
   notice saying why. LOLDU_FORCE_CPU=1 builds the CPU extension; LOLDU_FORCE_CUDA=1 turns every
-  reason for a CPU build into an error.
+  reason for a CPU build into an error;
+- nothing with LOLDU_NO_EXTENSION=1: the Python package alone, its ops on the pure-PyTorch reference path.
 
 GPU architectures: TORCH_CUDA_ARCH_LIST when set (checked against what nvcc can compile); else the
 visible GPUs' (torch's own default); else, with no GPU visible, the architectures the installed torch was
@@ -17,6 +18,7 @@ built for (torch.cuda.get_arch_list()) that nvcc supports, the newest also as PT
 import glob
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,17 +28,22 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPP = "cpp"
 
-try:
-    import torch
-except ImportError as e:
-    sys.exit(
-        f"loldu setup: error: torch is not importable here ({e}).\n"
-        "loldu compiles against the torch of the environment it is installed into, so it is built without "
-        "pip's isolated build environment (which has no torch): install torch first, then\n"
-        "    pip install --no-build-isolation .\n"
-        "(an isolated build would compile against a different torch than the one that later imports loldu; "
-        "see docs/install.md)."
-    )
+# LOLDU_NO_EXTENSION=1: the Python package alone (no compiler, no torch needed to build); the ops then
+# run on the pure-PyTorch reference path (python/loldu/_backend.py).
+NO_EXTENSION = os.environ.get("LOLDU_NO_EXTENSION", "0") == "1"
+
+if not NO_EXTENSION:
+    try:
+        import torch
+    except ImportError as e:
+        sys.exit(
+            f"loldu setup: error: torch is not importable here ({e}).\n"
+            "loldu compiles against the torch of the environment it is installed into, so it is built without "
+            "pip's isolated build environment (which has no torch): install torch first, then\n"
+            "    pip install --no-build-isolation .\n"
+            "(an isolated build would compile against a different torch than the one that later imports loldu; "
+            "see docs/install.md)."
+        )
 
 
 def notice(msg: str) -> None:
@@ -219,6 +226,18 @@ def plan_cuda() -> tuple[str, tuple[int, int]] | None:
     return home, release
 
 
+def check_compiler() -> None:
+    """torch.utils.cpp_extension compiles with $CXX, else c++: say so plainly when there is none."""
+    cxx = os.environ.get("CXX") or "c++"
+    words = shlex.split(cxx)
+    if not words or shutil.which(words[0]) is None:
+        sys.exit(
+            f"loldu setup: error: no C++ compiler: {cxx!r} is not on PATH (install g++ or clang++, or set CXX).\n"
+            "Without a compiler, install the Python package alone; its ops then run on the slower pure-PyTorch "
+            "reference path:\n"
+            "    LOLDU_NO_EXTENSION=1 pip install --no-build-isolation .")
+
+
 def extension():
     sources = [os.path.join(CPP, f) for f in ("ldu.cpp", "adapter_linear.cpp", "ops.cpp")]
     include_dirs = [os.path.join(ROOT, "cpp", "include"), os.path.join(ROOT, "cpp")]
@@ -247,8 +266,14 @@ def extension():
     )
 
 
-cpp_extension, ext = extension()
-setup(
-    ext_modules=[ext],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+if NO_EXTENSION:
+    notice("LOLDU_NO_EXTENSION=1: installing the Python package without loldu._C (the ops run on the "
+           "pure-PyTorch reference path)")
+    setup()
+else:
+    check_compiler()
+    cpp_extension, ext = extension()
+    setup(
+        ext_modules=[ext],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    )

@@ -47,6 +47,10 @@ def _load():
             return "compiled-" + _C.build_flavor(), _C, None
         except ImportError as e:
             reason = f"no compiled loldu._C ({e})"
+            if "undefined symbol" in str(e):
+                # The extension was compiled against another torch than this one (docs/install.md).
+                reason += (f"; it was built against another torch than {torch.__version__}: reinstall loldu with "
+                           "`pip install --no-build-isolation .` in this environment")
     if os.environ.get("LOLDU_NO_JIT", "") == "1":
         reason += "; LOLDU_NO_JIT=1 skips the JIT build"
     elif _REPO_CPP.is_dir():
