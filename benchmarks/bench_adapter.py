@@ -242,10 +242,11 @@ def main():
         status = "not run" if got is None else ("met" if got <= bound else f"NOT met (gap {got - bound:+.3f})")
         report.append({"goal": what, "measured": got, "status": status})
         print(f"  {what}: {'-' if got is None else f'{got:.3f}'} -> {status}")
-    name = args.out or f"bench_adapter_{dev.type}_{args.dtype}" + ("_quick" if args.quick else "_full" if args.full else "")
+    name = args.out or f"bench_adapter_{dev.type}_{args.dtype}" + (
+        "_quick" if args.quick else "" if args.full else "_points" if args.points != SUBSET else "_subset")
     write_json(name, {"machine": machine(), "build": loldu.build_info(), "dtype": args.dtype,
                       "threads": torch.get_num_threads(), "clock": args.clock, "skipped": sorted(map(list, skip)),
-                      "points": args.points,
+                      "points": args.points, "command": " ".join(["python", *sys.argv]),
                       "rows": rows, "table": table, "params_table": params_table, "goals": report})
 
 
