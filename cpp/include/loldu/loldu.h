@@ -83,3 +83,8 @@ at::Tensor delta_weight(const at::Tensor& PL, const at::Tensor& U, const at::Ten
 std::string build_flavor();
 
 }  // namespace loldu
+
+// Adapter files (read, write) and merging them into weight maps without Python (docs/cpp.md).
+#include <loldu/adapter_file.h>
+#include <loldu/merge.h>
+#include <loldu/sha256.h>

@@ -1,0 +1,119 @@
+// Reading and writing loldu adapter files, torch-free (plain bytes <-> structs).
+//
+// The format is python/loldu/adapter_io.py's: a directory holding adapter_model.safetensors (the
+// whole adapter) and loldu_config.json (adapter_config.json in format 2): a byte-identical readable
+// copy of its config text, not needed to read it. The safetensors metadata holds "loldu_format" ("loldu-adapter/<version>"),
+// "loldu_config" (the config JSON text) and "loldu_config_sha256" (sha256 of that text); the
+// tensors are z (L, r) F32, sigma (L,) F32, pivots (L, r) I32, fingerprint (L, 32) U8 and, from
+// version 3, "saved.<module>.<tensor>" for each tensor of each saved module (modules_to_save), in
+// its own dtype. The config text is {"format": "loldu-adapter", "format_version", "adapter_name",
+// "config": {LoLDUConfig}, "data_sha256", "layers": [{name, kind, shape [d, k], dtype}, ...],
+// "saved_modules": [{name, tensors}, ...] (version 3)}. Versions 2 and 3 are read; 3 is written.
+//
+// The reader accepts what the Python reader accepts and refuses what it refuses, with an
+// AdapterError naming the file and the field: every hash (config, tensor data) is checked, every
+// tensor's dtype and shape, the config's values, z and sigma finite, and each layer's pivots r
+// distinct rows in [0, d).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <loldu/errors.h>
+#include <loldu/safetensors.h>
+
+namespace loldu {
+
+constexpr const char* kAdapterWeightsName = "adapter_model.safetensors";
+constexpr const char* kAdapterConfigName = "loldu_config.json";  // the readable copy (format 3)
+constexpr const char* kLegacyConfigName = "adapter_config.json";  // its name in format 2
+constexpr int kAdapterFormatVersion = 3;
+
+// One adapted matrix: the module's name in the model, its kind ("linear", "conv2d", "embedding",
+// "conv1d"), the (d, k) matrix LoLDU factorizes (docs/method.md §0) and the base weight's dtype
+// ("float32", "float16", "bfloat16", "float64").
+struct AdapterLayer {
+  std::string name;
+  std::string kind;
+  int64_t d = 0;
+  int64_t k = 0;
+  std::string dtype;
+};
+
+// A module trained fully and stored whole (modules_to_save): its tensors replace the base's
+// "<name>.<tensor>" entries when merging.
+struct SavedModule {
+  std::string name;
+  std::vector<std::string> tensors;
+};
+
+// A saved tensor, owning its bytes (little-endian, row-major).
+struct OwnedTensor {
+  std::string dtype;  // safetensors dtype name: "F32", "BF16", "I64", ...
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> bytes;
+};
+
+// The LoLDUConfig fields a merge needs, and the whole config object as JSON text.
+struct AdapterConfig {
+  int64_t rank = 8;
+  double alpha = 1.0;
+  std::optional<double> sigma0;
+  bool train_scale = false;
+  std::string pivoting = "partial";
+  std::optional<std::string> factor_dtype;  // storage dtype of PL and U; none: the weight's dtype
+  std::string factor_storage = "full";      // "full" (PL, U stored) or "cur" (formed from W0 when merging)
+  // How z and sigma give c (docs/method.md §1, §9): "paper", c = sigma z - sigma0 D (z starts at D),
+  // or "relative", c = (sigma / sigma0) D z (z starts at 0).
+  std::string parametrization = "paper";
+  // The "config" object as stored (other keys such as target_modules are kept for writing back);
+  // empty for a config built in C++, where the writer lists the layers as target_modules.
+  std::string json;
+  // sigma0 as the Python side uses it: float32(sigma0 if set, else alpha / rank).
+  float initial_scale() const;
+};
+
+struct AdapterFile {
+  int format_version = kAdapterFormatVersion;
+  std::string adapter_name = "default";
+  AdapterConfig config;
+  std::vector<AdapterLayer> layers;  // L layers, in file order
+  std::vector<float> z;              // (L, r) row-major
+  std::vector<float> sigma;          // (L,)
+  std::vector<int32_t> pivots;       // (L, r) row-major
+  std::vector<std::array<uint8_t, 32>> fingerprints;  // (L,): sha256 of what the factorization reads
+  std::vector<SavedModule> saved_modules;
+  std::map<std::string, OwnedTensor> saved_tensors;  // by file key "saved.<module>.<tensor>"
+  std::string config_text;  // the config text as read or last written
+  std::string source;       // the file it was read from, for messages ("" when built in C++)
+
+  int64_t rank() const { return config.rank; }
+  size_t num_layers() const { return layers.size(); }
+};
+
+// Parses adapter_model.safetensors given as bytes; `where` names it in errors. Fully checked.
+AdapterFile parse_adapter(const uint8_t* bytes, size_t size, const std::string& where);
+
+// Reads the adapter directory `dir`. A missing or differing config copy is ignored, with
+// one line appended to `warnings` (when given), as the Python reader warns.
+AdapterFile read_adapter(const std::string& dir, std::vector<std::string>* warnings = nullptr);
+
+// The adapter_model.safetensors bytes of `adapter` (format 3) and its config text. Checks the
+// adapter as the reader would (its own output is parsed back) and throws AdapterError otherwise.
+struct SerializedAdapter {
+  std::vector<uint8_t> weights;
+  std::string config_text;
+};
+SerializedAdapter serialize_adapter(const AdapterFile& adapter);
+
+// Writes `adapter` into `dir` (created if missing): adapter_model.safetensors first, by an atomic
+// rename (the commit), then loldu_config.json; a loldu adapter_config.json of format 2 there is
+// removed. Nothing is written when the adapter is invalid.
+void save_adapter(const std::string& dir, const AdapterFile& adapter);
+
+}  // namespace loldu

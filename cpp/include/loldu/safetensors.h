@@ -1,0 +1,56 @@
+// The safetensors format, torch-free: plain bytes <-> tensor records.
+//
+// A file is an 8-byte little-endian header length n, n bytes of JSON header, then the data. The
+// header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets
+// relative to the end of the header) and may hold "__metadata__", a map of strings to strings.
+// parse_safetensors checks every length and offset against the file size: the header must be at
+// most kMaxHeaderBytes, UTF-8 JSON starting with '{', nested at most kMaxJsonDepth deep, with known
+// dtypes; the tensors' byte ranges must tile the data exactly (no gap, no overlap, nothing past the
+// end) and each must hold exactly numel * element size bytes. Violations throw loldu::AdapterError
+// naming the file and the field.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace loldu {
+
+constexpr uint64_t kMaxHeaderBytes = 100000000;  // 100 MB, as the reference implementation
+constexpr int kMaxJsonDepth = 8;                 // loldu's headers and configs nest at most 3 deep
+
+// Element size in bytes of a safetensors dtype name ("F32", "I64", ...), 0 if unknown.
+size_t safetensors_dtype_size(const std::string& dtype);
+
+struct SafetensorsTensor {
+  std::string dtype;           // "F32", "BF16", "I32", "U8", ...
+  std::vector<int64_t> shape;  // empty for a 0-dim tensor
+  const uint8_t* data = nullptr;  // into the parsed buffer (parse) or the caller's memory (serialize)
+  size_t nbytes = 0;
+  int64_t numel() const;
+};
+
+struct SafetensorsFile {
+  std::map<std::string, std::string> metadata;
+  std::map<std::string, SafetensorsTensor> tensors;  // views into the buffer passed to parse
+};
+
+// Parses `size` bytes (the whole file); `where` names the file in errors. The tensors point into
+// `bytes`, which must outlive the result.
+SafetensorsFile parse_safetensors(const uint8_t* bytes, size_t size, const std::string& where);
+
+// The file bytes for `tensors` (each one's data/nbytes must match dtype and shape; throws
+// loldu::ShapeError otherwise) and `metadata`. Tensors are laid out by decreasing element size,
+// then name, after a header padded with spaces to a multiple of 8 bytes, so every tensor is aligned.
+std::vector<uint8_t> serialize_safetensors(const std::map<std::string, SafetensorsTensor>& tensors,
+                                           const std::map<std::string, std::string>& metadata);
+
+// Whole-file helpers; errors (AdapterError) name the path and the OS reason.
+std::vector<uint8_t> read_file_bytes(const std::string& path);
+// Writes to a temporary file in the same directory, fsyncs it and renames it over `path`, so a
+// crash leaves the old file or the new one; the temporary is removed on failure.
+void write_file_atomic(const std::string& path, const std::vector<uint8_t>& bytes);
+
+}  // namespace loldu

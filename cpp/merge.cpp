@@ -1,0 +1,409 @@
+// Merge, unmerge and swap of adapter files over weight maps (see loldu/merge.h), and safetensors
+// files <-> weight maps. Mirrors python/loldu/layer.py (merge, unmerge, _add_to_weight,
+// coefficients) and python/loldu/adapter_io.py (fingerprint, the load-time checks).
+#include <loldu/merge.h>
+
+#include <loldu/loldu.h>
+#include <loldu/safetensors.h>
+#include <loldu/sha256.h>
+
+#include <c10/core/GradMode.h>
+
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <set>
+
+namespace loldu {
+namespace {
+
+struct DtypeName {
+  const char* safetensors;
+  at::ScalarType type;
+  const char* torch;
+};
+
+const std::vector<DtypeName>& dtype_table() {
+  static const std::vector<DtypeName> table = {
+      {"F64", at::kDouble, "torch.float64"},
+      {"F32", at::kFloat, "torch.float32"},
+      {"F16", at::kHalf, "torch.float16"},
+      {"BF16", at::kBFloat16, "torch.bfloat16"},
+      {"I64", at::kLong, "torch.int64"},
+      {"I32", at::kInt, "torch.int32"},
+      {"I16", at::kShort, "torch.int16"},
+      {"I8", at::kChar, "torch.int8"},
+      {"U8", at::kByte, "torch.uint8"},
+      {"BOOL", at::kBool, "torch.bool"},
+      {"F8_E4M3", at::kFloat8_e4m3fn, "torch.float8_e4m3fn"},
+      {"F8_E4M3FNUZ", at::kFloat8_e4m3fnuz, "torch.float8_e4m3fnuz"},
+      {"F8_E5M2", at::kFloat8_e5m2, "torch.float8_e5m2"},
+      {"F8_E5M2FNUZ", at::kFloat8_e5m2fnuz, "torch.float8_e5m2fnuz"},
+      {"C64", at::kComplexFloat, "torch.complex64"},
+      {"U16", at::kUInt16, "torch.uint16"},
+      {"U32", at::kUInt32, "torch.uint32"},
+      {"U64", at::kUInt64, "torch.uint64"}};
+  return table;
+}
+
+const DtypeName* by_safetensors(const std::string& name) {
+  for (const auto& d : dtype_table())
+    if (name == d.safetensors) return &d;
+  return nullptr;
+}
+
+const DtypeName* by_type(at::ScalarType t) {
+  for (const auto& d : dtype_table())
+    if (t == d.type) return &d;
+  return nullptr;
+}
+
+// "float32" for at::kFloat: the layer dtype names of adapter files.
+std::string short_dtype(at::ScalarType t) {
+  const DtypeName* d = by_type(t);
+  return d ? std::string(d->torch).substr(6) : std::string(c10::toString(t));
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+at::Tensor from_bytes(const std::string& dtype, const std::vector<int64_t>& shape, const uint8_t* data, size_t nbytes,
+                      const std::string& where) {
+  const DtypeName* d = by_safetensors(dtype);
+  if (!d) throw AdapterError(where + ": dtype " + dtype + " has no torch counterpart");
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(d->type));
+  if (size_t(t.nbytes()) != nbytes) throw AdapterError(where + ": " + std::to_string(nbytes) + " bytes do not fit " + dtype + " " + shape_str(shape));
+  if (nbytes) std::memcpy(t.data_ptr(), data, nbytes);
+  return t;
+}
+
+at::ScalarType working_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Python's loldu.layer.holds: factors whose largest magnitude is `peak` may be stored in `t`.
+bool holds(at::ScalarType t, double peak) {
+  double max = std::numeric_limits<double>::max();
+  if (t == at::kHalf) max = 65504.0;
+  else if (t == at::kBFloat16) max = 3.3895313892515355e38;
+  else if (t == at::kFloat) max = double(std::numeric_limits<float>::max());
+  return peak <= max / 256.0;
+}
+
+at::ScalarType factor_dtype(const std::optional<std::string>& name, at::ScalarType weight) {
+  if (!name) return weight;
+  if (*name == "float32") return at::kFloat;
+  if (*name == "float64") return at::kDouble;
+  if (*name == "float16") return at::kHalf;
+  return at::kBFloat16;
+}
+
+std::string where_of(const AdapterFile& a) {
+  return a.source.empty() ? "adapter '" + a.adapter_name + "'" : a.source;
+}
+
+at::Tensor as_layout(const at::Tensor& M, const at::Tensor& weight, const std::string& kind) {
+  if (kind == "conv2d") return M.reshape(weight.sizes());
+  if (kind == "conv1d") return M.t();
+  return M;
+}
+
+// Where a plan reads the base weights: the map itself, or staged values overriding it.
+struct BaseView {
+  const WeightMap& weights;
+  std::map<std::string, at::Tensor> staged;  // key -> value (undefined: the key is absent)
+  std::set<std::string> owned;               // staged values no map tensor aliases (pristine copies)
+  const at::Tensor* find(const std::string& key) const {
+    auto s = staged.find(key);
+    if (s != staged.end()) return s->second.defined() ? &s->second : nullptr;
+    auto w = weights.find(key);
+    return w == weights.end() ? nullptr : &w->second;
+  }
+};
+
+struct LayerCheck {
+  std::string key, kind;
+  at::Tensor weight, W, pivots;
+};
+
+std::vector<LayerCheck> check_layers(const BaseView& view, const AdapterFile& a) {
+  const std::string where = where_of(a);
+  const int64_t r = a.rank();
+  std::vector<LayerCheck> out;
+  std::set<std::string> keys;
+  for (size_t i = 0; i < a.layers.size(); ++i) {
+    const AdapterLayer& l = a.layers[i];
+    const std::string layer = where + ": layer '" + l.name + "'";
+    const std::string key = l.name + ".weight";
+    const at::Tensor* t = view.find(key);
+    if (!t) throw AdapterError(layer + " is in the adapter but the weights have no '" + key + "'");
+    if (l.kind != "linear" && l.kind != "embedding" && l.kind != "conv2d" && l.kind != "conv1d")
+      throw AdapterError(layer + ": unknown kind '" + l.kind + "' (linear, conv2d, embedding, conv1d)");
+    const int64_t want_dim = l.kind == "conv2d" ? 4 : 2;
+    if (t->dim() != want_dim)
+      throw AdapterError(layer + " is a " + l.kind + " layer in the file, but '" + key + "' has shape " +
+                         shape_str(t->sizes()) + " (" + std::to_string(want_dim) + " dimensions expected)");
+    const at::ScalarType st = t->scalar_type();
+    if (st != at::kFloat && st != at::kDouble && st != at::kHalf && st != at::kBFloat16)
+      throw AdapterError(layer + ": '" + key + "' is " + short_dtype(st) + ", not a floating-point weight");
+    at::Tensor W = weight_matrix(*t, l.kind);
+    if (W.size(0) != l.d || W.size(1) != l.k)
+      throw AdapterError(layer + " has weight " + shape_str(W.sizes()) + " in the weights but " +
+                         shape_str({l.d, l.k}) + " in the file");
+    if (short_dtype(st) != l.dtype)
+      throw AdapterError(layer + " has weight dtype torch." + short_dtype(st) + " in the weights but " + l.dtype +
+                         " in the file");
+    at::Tensor piv = at::from_blob(const_cast<int32_t*>(a.pivots.data()) + int64_t(i) * r, {r}, at::kInt).to(at::kLong);
+    if (fingerprint(W, piv) != a.fingerprints[i])
+      throw AdapterError(layer + ": the base weight's fingerprint differs from the one the adapter was trained on "
+                         "(a different base model or checkpoint)");
+    keys.insert(key);
+    out.push_back({key, l.kind, *t, W, piv});
+  }
+  for (const auto& kv : a.saved_tensors) {
+    const std::string target = kv.first.substr(6);  // "saved.<module>.<tensor>" -> "<module>.<tensor>"
+    if (keys.count(target))
+      throw AdapterError(where + ": saved tensor '" + kv.first + "' would replace the adapted weight '" + target + "'");
+    const at::Tensor* t = view.find(target);
+    const DtypeName* d = by_safetensors(kv.second.dtype);
+    if (!d) throw AdapterError(where + ": saved tensor '" + kv.first + "' has dtype " + kv.second.dtype + ", which torch lacks");
+    if (t && (t->sizes() != at::IntArrayRef(kv.second.shape) || t->scalar_type() != d->type))
+      throw AdapterError(where + ": saved tensor '" + kv.first + "' is " + kv.second.dtype + " " +
+                         shape_str(kv.second.shape) + " but the weights' '" + target + "' is " +
+                         short_dtype(t->scalar_type()) + " " + shape_str(t->sizes()));
+  }
+  return out;
+}
+
+// The staged writes of a merge of `a` onto `view`, and its record.
+struct Plan {
+  std::map<std::string, at::Tensor> writes;  // key -> new value (undefined: erase the key)
+  MergeRecord record;
+};
+
+Plan plan_merge(const BaseView& view, const AdapterFile& a, bool keep_base) {
+  const std::string where = where_of(a);
+  std::vector<LayerCheck> layers = check_layers(view, a);  // every layer before any computation
+  Plan plan;
+  plan.record.adapter_name = a.adapter_name;
+  plan.record.source = a.source;
+  plan.record.keep_base = keep_base;
+  plan.record.active = true;
+  const int64_t r = a.rank();
+  const double s0 = double(a.config.initial_scale());
+  c10::NoGradGuard no_grad;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const LayerCheck& l = layers[i];
+    LduResult f;
+    try {
+      f = ldu_from_pivots(l.W, l.pivots);
+    } catch (const c10::Error& e) {
+      throw AdapterError(where + ": layer '" + a.layers[i].name + "': the base weight cannot be factorized (" +
+                         e.what_without_backtrace() + ")");
+    }
+    // Storage of PL and U as the Python layer keeps them (factor_dtype, else the weight's dtype;
+    // fp32 when that dtype cannot hold them); "cur" storage forms them in the working dtype.
+    at::Tensor PL = f.PL, U = f.U;
+    if (a.config.factor_storage == "full") {
+      at::ScalarType fd = factor_dtype(a.config.factor_dtype, l.W.scalar_type());
+      const double peak = std::max(f.PL.abs().max().item<double>(), f.U.abs().max().item<double>());
+      if (!holds(fd, peak)) fd = at::kFloat;
+      PL = f.PL.to(fd).contiguous();
+      U = f.U.to(fd).contiguous();
+    }
+    const at::ScalarType wt = working_dtype(f.D.scalar_type());
+    at::Tensor z = at::from_blob(const_cast<float*>(a.z.data()) + int64_t(i) * r, {r}, at::kFloat).to(wt);
+    at::Tensor sigma = at::scalar_tensor(double(a.sigma[i]), at::kFloat).to(wt);
+    at::Tensor D = f.D.to(wt);
+    // "paper": c = sigma z - sigma0 D as sigma0 (z - D) + (sigma - sigma0) z; "relative":
+    // c = (sigma / sigma0) D z. Both exactly 0 at initialisation (python/loldu/layer.py coefficients_from).
+    at::Tensor c = a.config.parametrization == "relative" ? (sigma / s0) * (D * z) : s0 * (z - D) + (sigma - s0) * z;
+    at::Tensor delta = delta_weight(PL, U, a.config.factor_storage == "full" ? c : c.to(PL.scalar_type()));
+    at::Tensor merged = (l.W.to(delta.scalar_type()) + delta).to(l.W.scalar_type());
+    plan.writes[l.key] = as_layout(merged, l.weight, l.kind);
+    MergeRecord::Layer rec{l.key, l.kind, l.pivots, PL, U, c,
+                           l.W.narrow(1, 0, r).clone(), l.W.index_select(0, l.pivots), at::Tensor()};
+    if (keep_base) rec.base = view.owned.count(l.key) ? l.weight : l.weight.clone();
+    plan.record.layers.push_back(std::move(rec));
+  }
+  for (const auto& kv : a.saved_tensors) {
+    const std::string target = kv.first.substr(6);
+    const at::Tensor* t = view.find(target);
+    MergeRecord::Saved rec{target, at::Tensor()};
+    if (t) rec.original = view.owned.count(target) ? *t : t->clone();
+    plan.record.saved.push_back(rec);
+    plan.writes[target] = from_bytes(kv.second.dtype, kv.second.shape, kv.second.bytes.data(), kv.second.bytes.size(),
+                                     where + ": saved tensor '" + kv.first + "'");
+  }
+  return plan;
+}
+
+// The values that unmerging `rec` gives back (undefined: the key was absent before the merge).
+std::map<std::string, at::Tensor> plan_unmerge(const WeightMap& weights, const MergeRecord& rec, std::set<std::string>& owned) {
+  const std::string where = rec.source.empty() ? "adapter '" + rec.adapter_name + "'" : rec.source;
+  if (!rec.active) throw AdapterError(where + ": this merge record was already unmerged or swapped");
+  std::map<std::string, at::Tensor> out;
+  c10::NoGradGuard no_grad;
+  for (const auto& l : rec.layers) {
+    auto it = weights.find(l.key);
+    const at::Tensor* base = l.base.defined() ? &l.base : nullptr;
+    if (it == weights.end() || it->second.sizes() != (base ? base->sizes() : it->second.sizes()) ||
+        (base && it->second.scalar_type() != base->scalar_type()))
+      throw AdapterError(where + ": cannot unmerge: the weights' '" + l.key + "' is missing or was replaced since the merge");
+    if (base) {
+      out[l.key] = *base;
+      owned.insert(l.key);
+      continue;
+    }
+    const at::Tensor& w = it->second;
+    at::Tensor W = weight_matrix(w, l.kind);
+    at::Tensor delta = delta_weight(l.PL, l.U, l.c.scalar_type() == l.PL.scalar_type() ? l.c : l.c.to(l.PL.scalar_type()));
+    at::Tensor M = (W.to(delta.scalar_type()) - delta).to(W.scalar_type());
+    M.narrow(1, 0, l.cols.size(1)).copy_(l.cols);
+    M.index_copy_(0, l.pivots, l.rows);
+    out[l.key] = as_layout(M, w, l.kind);
+    owned.insert(l.key);
+  }
+  for (const auto& s : rec.saved) {
+    out[s.key] = s.original;
+    owned.insert(s.key);
+  }
+  return out;
+}
+
+// Writes the staged values into `weights`: in place into existing tensors, inserting new keys,
+// erasing keys staged undefined. Every value was checked before; nothing here can fail but memory.
+void commit(WeightMap& weights, const std::map<std::string, at::Tensor>& writes) {
+  c10::NoGradGuard no_grad;
+  for (const auto& kv : writes) {
+    auto it = weights.find(kv.first);
+    if (!kv.second.defined()) {
+      if (it != weights.end()) weights.erase(it);
+    } else if (it != weights.end() && it->second.sizes() == kv.second.sizes() &&
+               it->second.scalar_type() == kv.second.scalar_type()) {
+      if (!it->second.is_same(kv.second)) it->second.copy_(kv.second);
+    } else {
+      weights[kv.first] = kv.second.clone();
+    }
+  }
+}
+
+}  // namespace
+
+WeightMap load_weights(const std::string& path, std::map<std::string, std::string>* metadata) {
+  const std::vector<uint8_t> raw = read_file_bytes(path);
+  const SafetensorsFile f = parse_safetensors(raw.data(), raw.size(), path);
+  WeightMap out;
+  for (const auto& kv : f.tensors)
+    out[kv.first] = from_bytes(kv.second.dtype, kv.second.shape, kv.second.data, kv.second.nbytes,
+                               path + ": tensor '" + kv.first + "'");
+  if (metadata) *metadata = f.metadata;
+  return out;
+}
+
+void save_weights(const std::string& path, const WeightMap& weights, const std::map<std::string, std::string>& metadata) {
+  std::map<std::string, at::Tensor> cpu;
+  std::map<std::string, SafetensorsTensor> tensors;
+  for (const auto& kv : weights) {
+    const DtypeName* d = by_type(kv.second.scalar_type());
+    if (!d) throw ShapeError("loldu::save_weights: tensor '" + kv.first + "' has dtype " + short_dtype(kv.second.scalar_type()) + ", which safetensors lacks");
+    at::Tensor t = kv.second.detach().cpu().contiguous();
+    cpu[kv.first] = t;
+    tensors[kv.first] = {d->safetensors, t.sizes().vec(), static_cast<const uint8_t*>(t.const_data_ptr()), size_t(t.nbytes())};
+  }
+  write_file_atomic(path, serialize_safetensors(tensors, metadata));
+}
+
+at::Tensor weight_matrix(const at::Tensor& weight, const std::string& kind) {
+  if (kind == "conv2d") {
+    if (weight.dim() != 4) throw ShapeError("loldu::weight_matrix: a conv2d weight is 4-D, got " + shape_str(weight.sizes()));
+    return weight.reshape({weight.size(0), -1});
+  }
+  if (weight.dim() != 2)
+    throw ShapeError("loldu::weight_matrix: a " + kind + " weight is 2-D, got " + shape_str(weight.sizes()));
+  return kind == "conv1d" ? weight.t() : weight;
+}
+
+std::array<uint8_t, 32> fingerprint(const at::Tensor& W, const at::Tensor& pivots) {
+  const DtypeName* d = by_type(W.scalar_type());
+  if (W.dim() != 2 || !d) throw ShapeError("loldu::fingerprint: W must be a 2-D tensor of a safetensors dtype");
+  Sha256 h;
+  h.update("loldu-fp1|" + shape_str(W.sizes()) + "|" + d->torch + "|");
+  const int64_t r = pivots.numel();
+  for (const at::Tensor& part : {W.narrow(1, 0, r), W.index_select(0, pivots.to(W.device()))}) {
+    at::Tensor c = part.detach().contiguous().cpu();
+    h.update(c.const_data_ptr(), size_t(c.nbytes()));
+  }
+  return h.digest();
+}
+
+void check_adapter(const WeightMap& weights, const AdapterFile& adapter) {
+  check_layers(BaseView{weights, {}, {}}, adapter);
+}
+
+MergeRecord merge_adapter(WeightMap& weights, const AdapterFile& adapter, const MergeOptions& options) {
+  Plan plan = plan_merge(BaseView{weights, {}, {}}, adapter, options.keep_base);
+  commit(weights, plan.writes);
+  return std::move(plan.record);
+}
+
+void unmerge_adapter(WeightMap& weights, MergeRecord& record) {
+  std::set<std::string> owned;
+  const auto writes = plan_unmerge(weights, record, owned);
+  commit(weights, writes);
+  record.active = false;
+  record.layers.clear();
+  record.saved.clear();
+}
+
+MergeRecord swap_adapter(WeightMap& weights, MergeRecord& current, const AdapterFile& next) {
+  BaseView view{weights, {}, {}};
+  view.staged = plan_unmerge(weights, current, view.owned);
+  Plan plan = plan_merge(view, next, current.keep_base);
+  std::map<std::string, at::Tensor> writes = view.staged;  // back to the base, then next's values
+  for (auto& kv : plan.writes) writes[kv.first] = kv.second;
+  commit(weights, writes);
+  current.active = false;
+  current.layers.clear();
+  current.saved.clear();
+  return std::move(plan.record);
+}
+
+AdapterFile make_adapter(const WeightMap& weights, const std::vector<std::pair<std::string, std::string>>& targets,
+                         const AdapterConfig& config, const std::string& adapter_name) {
+  AdapterFile a;
+  a.adapter_name = adapter_name;
+  a.config = config;
+  const int64_t r = config.rank;
+  const float s0 = config.initial_scale();
+  for (const auto& t : targets) {
+    const std::string key = t.first + ".weight";
+    auto it = weights.find(key);
+    if (it == weights.end()) throw AdapterError("loldu::make_adapter: the weights have no '" + key + "'");
+    at::Tensor W;
+    try {
+      W = weight_matrix(it->second, t.second);
+    } catch (const ShapeError& e) {
+      throw AdapterError("loldu::make_adapter: layer '" + t.first + "': " + e.what());
+    }
+    LduResult f;
+    try {
+      f = ldu(W, r, config.pivoting);
+    } catch (const c10::Error& e) {
+      throw AdapterError("loldu::make_adapter: layer '" + t.first + "' " + shape_str(W.sizes()) +
+                         " cannot be factorized at rank " + std::to_string(r) + " (" + e.what_without_backtrace() + ")");
+    }
+    a.layers.push_back({t.first, t.second, W.size(0), W.size(1), short_dtype(W.scalar_type())});
+    at::Tensor D = f.D.to(at::kFloat).contiguous();
+    if (config.parametrization == "relative") a.z.insert(a.z.end(), size_t(r), 0.0f);
+    else a.z.insert(a.z.end(), D.const_data_ptr<float>(), D.const_data_ptr<float>() + r);
+    a.sigma.push_back(s0);
+    at::Tensor p = f.pivots.to(at::kInt).contiguous();
+    a.pivots.insert(a.pivots.end(), p.const_data_ptr<int32_t>(), p.const_data_ptr<int32_t>() + r);
+    a.fingerprints.push_back(fingerprint(W, f.pivots));
+  }
+  return a;
+}
+
+}  // namespace loldu

@@ -1,0 +1,267 @@
+"""The C++ embedding (docs/cpp.md) against the Python package: adapters saved by Python and merged
+by the C++ app `apply_adapter` equal Python's merge; adapters written by C++ load in Python; an
+adapter for another base is refused; swaps do not drift; and the reader's regression inputs
+(tests/data/adapter_fuzz/) get the same verdict from both readers.
+
+The app is built with CMake in the build directory `make ctest` uses (build/cmake, or
+$LOLDU_CMAKE_BUILD), configured as `make ctest` configures it, so the two share one build.
+"""
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import loldu
+from loldu import LoLDUConfig
+from loldu.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from loldu.errors import AdapterError
+from loldu.layer import LoLDULayer
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = Path(os.environ.get("LOLDU_CMAKE_BUILD", ROOT / "build" / "cmake"))
+FUZZ_CASES = ROOT / "tests" / "data" / "adapter_fuzz"
+
+
+@pytest.fixture(scope="session")
+def app() -> Path:
+    """The apply_adapter executable, configured and built like `make ctest` does (locked: one build at a time)."""
+    if shutil.which("cmake") is None or shutil.which("ninja") is None:
+        pytest.fail("the C++ embedding tests need cmake and ninja on PATH")
+    BUILD.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    with open(BUILD / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (BUILD / "CMakeCache.txt").exists():
+            cmd = ["cmake", "-S", str(ROOT), "-B", str(BUILD), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                   f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+            subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+        res = subprocess.run(["cmake", "--build", str(BUILD), "--target", "apply_adapter", "-j2"], env=env,
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return BUILD / "apply_adapter"
+
+
+def run(app, *args, ok=True):
+    res = subprocess.run([str(app), *map(str, args)], capture_output=True, text=True, timeout=600)
+    if ok:
+        assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+class Net(nn.Module):
+    """A little of every kind LoLDU adapts: linear, embedding, conv2d and transformers' Conv1D."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.emb = nn.Embedding(20, 12)
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 10)
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.proj = Conv1D(9, 10)  # weight stored (in=10, out=9)
+
+
+TARGETS = ["emb", "fc1", "fc2", "conv", "proj"]
+
+
+def randomize(model, scale=0.3):
+    """Trained-looking z and sigma: fresh random values, away from the c = 0 of initialisation."""
+    with torch.no_grad():
+        for _, m in model.named_modules():
+            if isinstance(m, LoLDULayer):
+                for name in m.loldu_z:
+                    z = m.loldu_z[name]
+                    z.add_(scale * torch.randn_like(z) * (z.abs() + 0.1))
+                    m.loldu_sigma[name].mul_(1 + 0.2 * torch.randn(()).item())
+
+
+def merged_weights(model):
+    """{'<layer>.weight': merged weight} of every LoLDU layer, after loldu.merge."""
+    return {f"{n}.weight": m.base_layer.weight.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, LoLDULayer)}
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def _with_weights(base):
+    """A fresh Net holding base's weights (in base's dtype)."""
+    net = Net().to(next(base.parameters()).dtype)
+    net.load_state_dict(base.state_dict())
+    return net
+
+
+def save_base(model, path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+@pytest.mark.parametrize("dtype,options", [
+    (torch.float32, {}),
+    (torch.float32, {"parametrization": "relative"}),
+    (torch.float32, {"factor_storage": "cur", "alpha": 4.0}),
+    (torch.float64, {"sigma0": 0.7}),
+])
+def test_python_adapter_merged_by_cpp_equals_python_merge(app, tmp_path, dtype, options):
+    base = Net().to(dtype)
+    save_base(base, tmp_path / "base.safetensors")
+    model = loldu.inject(_with_weights(base), LoLDUConfig(rank=3, target_modules=TARGETS, train_scale=True, **options))
+    randomize(model)
+    loldu.save_adapter(model, tmp_path / "adapter")
+    # Python's merge of the adapter as saved (z and sigma are fp32 in the file, also for fp64 weights).
+    model = loldu.merge(loldu.load_adapter(_with_weights(base), tmp_path / "adapter"))
+    want = merged_weights(model)
+
+    run(app, tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "out.safetensors")
+    got = load_file(tmp_path / "out.safetensors")
+    original = load_file(tmp_path / "base.safetensors")
+    assert set(got) == set(original)
+    # Same formula and kernels on both sides, but separate runs of the factorization and GEMMs:
+    # bounded, not bit-compared. fp32: 1e-6 of the weight's largest entry; fp64: 1e-13.
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    for key, w in want.items():
+        assert got[key].dtype == dtype
+        assert max_rel(got[key], w) <= tol, key
+        assert not torch.equal(got[key], original[key])  # the adapter did change it
+    for key in set(original) - set(want):  # biases: not adapted, copied byte for byte
+        assert torch.equal(got[key], original[key]), key
+
+
+def test_minilm_adapter_merged_by_cpp_equals_python_merge(app, tmp_path, minilm_path):
+    from transformers import AutoModel
+
+    from loldu.presets import BERT_LINEARS
+
+    model = AutoModel.from_pretrained(minilm_path)
+    model = loldu.inject(model, LoLDUConfig(rank=8, target_modules=BERT_LINEARS, train_scale=True), progress=False)
+    randomize(model, scale=0.5)
+    loldu.save_adapter(model, tmp_path / "adapter")
+    model = loldu.merge(loldu.load_adapter(AutoModel.from_pretrained(minilm_path), tmp_path / "adapter", progress=False))
+    want = merged_weights(model)
+    assert len(want) == 36
+
+    run(app, minilm_path / "model.safetensors", tmp_path / "adapter", tmp_path / "out.safetensors")
+    got = load_file(tmp_path / "out.safetensors")
+    for key, w in want.items():
+        assert max_rel(got[key], w) <= 1e-6, key
+
+
+def test_cpp_written_adapter_loads_in_python(app, tmp_path):
+    base = Net()
+    save_base(base, tmp_path / "base.safetensors")
+    seed = torch.randint(0, 2**31, ()).item()
+    out = run(app, "--create", tmp_path / "base.safetensors", tmp_path / "adapter", "--rank", 4, "--alpha", 2.0,
+              "--seed", seed, "--name", "native", "fc1:linear", "emb:embedding", "conv:conv2d", "proj:conv1d")
+    assert "wrote adapter 'native' (4 layers, rank 4)" in out.stdout
+    files = sorted(os.listdir(tmp_path / "adapter"))
+    assert files == sorted([CONFIG_NAME, WEIGHTS_NAME])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the readable copy must match the stored config exactly
+        header, config, tensors = read_adapter(tmp_path / "adapter")
+    assert header["format_version"] == 3 and header["adapter_name"] == "native"
+    assert config.rank == 4 and config.alpha == 2.0 and [e["name"] for e in header["layers"]] == [
+        "fc1", "emb", "conv", "proj"]
+    with pytest.raises(AdapterError, match="fingerprint"):  # another base (fresh random weights)
+        loldu.load_adapter(Net(), tmp_path / "adapter")
+    model = loldu.load_adapter(_with_weights(base), tmp_path / "adapter")  # the base it was written for
+    for i, name in enumerate(["fc1", "emb", "conv", "proj"]):
+        layer = model.get_submodule(name)
+        assert torch.equal(layer.loldu_z["native"], tensors["z"][i])
+        assert torch.equal(layer.loldu_sigma["native"], tensors["sigma"][i])
+        # The pivots C++ chose are the ones the Python factorization chooses on this base.
+        assert torch.equal(layer.loldu_pivots, loldu.ops.ldu(layer.base_matrix(), 4).pivots)
+    loldu.merge(model)
+    want = merged_weights(model)
+    run(app, tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "out.safetensors")
+    got = load_file(tmp_path / "out.safetensors")
+    for key, w in want.items():
+        assert max_rel(got[key], w) <= 1e-6, key
+
+
+def test_adapter_for_another_base_is_refused_before_anything_is_written(app, tmp_path):
+    base = Net()
+    save_base(base, tmp_path / "base.safetensors")
+    model = loldu.inject(_with_weights(base), LoLDUConfig(rank=2, target_modules=TARGETS))
+    randomize(model)
+    loldu.save_adapter(model, tmp_path / "adapter")
+    # Another checkpoint: one entry of a pivot row of the last layer differs.
+    other = load_file(tmp_path / "base.safetensors")
+    pivot = int(model.get_submodule("proj").loldu_pivots[0])
+    other["proj.weight"][-1, pivot] += 1e-3  # proj's (d, k) matrix is weight^T: row `pivot` is column `pivot`
+    save_file(other, str(tmp_path / "other.safetensors"))
+    res = run(app, tmp_path / "other.safetensors", tmp_path / "adapter", tmp_path / "out.safetensors", ok=False)
+    assert res.returncode == 1
+    assert "layer 'proj'" in res.stderr and "fingerprint" in res.stderr and "adapter_model.safetensors" in res.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+    # Python refuses the same pair.
+    with pytest.raises(AdapterError, match="fingerprint"):
+        net = Net()
+        net.load_state_dict(other)
+        loldu.load_adapter(net, tmp_path / "adapter")
+
+
+def test_swaps_between_two_adapters_do_not_drift(app, tmp_path):
+    base = Net()
+    save_base(base, tmp_path / "base.safetensors")
+    for name, rank in (("a", 2), ("b", 5)):
+        model = loldu.inject(_with_weights(base), LoLDUConfig(rank=rank, target_modules=TARGETS, train_scale=True),
+                             adapter_name=name)
+        randomize(model)
+        loldu.save_adapter(model, tmp_path / name)
+    res = run(app, "--swap", tmp_path / "base.safetensors", tmp_path / "a", tmp_path / "b", "--swaps", 1000)
+    assert re.search(r"time per swap: mean [0-9.]+ ms", res.stdout), res.stdout
+    drift = float(re.search(r"max drift after 1000 swaps and unmerge: (\S+)", res.stdout).group(1))
+    assert drift == 0.0, res.stdout
+
+
+def _cases():
+    return sorted(FUZZ_CASES.glob("*.safetensors"))
+
+
+def test_fuzz_regression_cases_get_the_same_verdict_from_both_readers(app, tmp_path):
+    cases = _cases()
+    assert len(cases) >= 20 and any(c.name.startswith("accept-") for c in cases)
+    dirs = []
+    for case in cases:
+        d = tmp_path / case.stem
+        d.mkdir()
+        shutil.copy(case, d / WEIGHTS_NAME)
+        dirs.append(d)
+    res = run(app, "--check", *dirs, ok=False)
+    cpp = {}
+    for line in res.stdout.splitlines():
+        m = re.match(r"(\S+): (ok|refused): (.*)", line)
+        if m:
+            cpp[Path(m.group(1)).name] = (m.group(2), m.group(3))
+    assert len(cpp) == len(cases), res.stdout[-2000:] + res.stderr[-2000:]
+    for case, d in zip(cases, dirs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no readable copy beside the file: warned, not needed
+            try:
+                read_adapter(d)
+                python = "ok"
+            except AdapterError:
+                python = "refused"
+        want = "ok" if case.name.startswith("accept-") else "refused"
+        assert python == want, f"{case.name}: Python {python}"
+        assert cpp[d.name][0] == want, f"{case.name}: C++ {cpp[d.name]}"
+
+
+def test_cpp_reader_knows_every_config_key():
+    """The C++ reader refuses unknown config keys as LoLDUConfig.from_dict does: it must know them all."""
+    source = (ROOT / "cpp" / "adapter_file.cpp").read_text()
+    known = re.search(r"known = \{(.*?)\};", source, re.S).group(1)
+    fields = {f for f in LoLDUConfig.__dataclass_fields__ if not f.startswith("_")} - {"r"}
+    missing = sorted(f for f in fields if f'"{f}"' not in known)
+    assert not missing, f"cpp/adapter_file.cpp does not know the config keys {missing}"
