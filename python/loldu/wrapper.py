@@ -13,7 +13,8 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch.nn as nn
 
-from . import adapter_io, model as _model
+from . import adapter_io
+from . import model as _model
 from .config import LoLDUConfig
 from .errors import AdapterError
 
