@@ -1,5 +1,7 @@
 """The `loldu` command line (also `python -m loldu`).
 
+    loldu demo [--epochs N] [--steps N] [--no-export] ...   (the main job: examples/demo.py)
+    loldu inspect <adapter dir> [--json]
     loldu export --base <model dir | package.module:factory> [--adapter <adapter dir>] --out model.onnx
                  [--fp16] [--adapter-inputs] [--opset N] [--no-check]
 
@@ -11,11 +13,16 @@ A module spec names a factory returning an nn.Module; its example inputs come fr
 `example_inputs()` in the same module (or a method of the model), returning a tensor, a tuple of
 tensors or a dict of them; it is called twice, for tracing and for the parity check.
 
-Errors print one line, `loldu export: error: ...`, and exit with status 1; no .onnx file is left behind.
-Warnings print one line each, `loldu export: warning: ...`.
+`loldu inspect` reads an adapter directory (loldu.adapter_io.read_adapter, which checks every hash
+and shape; no model is loaded) and prints its config, its layers (name, kind, shape, dtype, rank,
+sigma, base fingerprint), the modules saved whole with it and the sizes of its files.
+
+Errors print one line, `loldu <command>: error: ...`, and exit with status 1; no .onnx file is left behind.
+Warnings print one line each, `loldu <command>: warning: ...`.
 """
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import warnings
@@ -156,9 +163,124 @@ def cmd_export(args) -> int:
     return 0
 
 
+def demo_script() -> Path:
+    """examples/demo.py of the source tree this loldu runs from (a checkout, or an editable install)."""
+    import loldu
+
+    return Path(loldu.__file__).resolve().parents[2] / "examples" / "demo.py"
+
+
+def cmd_demo(args) -> int:
+    script = demo_script()
+    if not script.is_file():
+        raise CliError(f"the demo ships with the source repository (examples/demo.py), not found at {script}; "
+                       "run it from a checkout (make demo)")
+    spec = importlib.util.spec_from_file_location("loldu_demo", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.demo_args)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n:,} bytes" if n < 10_000 else f"{n:,} bytes ({n / 2 ** 10:.1f} KiB)"
+
+
+def inspect_adapter(directory) -> dict:
+    """What `loldu inspect` prints, as a dict (read with loldu.adapter_io.read_adapter)."""
+    import hashlib
+
+    from loldu.adapter_io import read_adapter
+
+    header, config, tensors = read_adapter(directory)
+    d = Path(directory)
+    files = {f.name: f.stat().st_size for f in sorted(d.iterdir()) if f.is_file()}
+    fps = tensors["fingerprint"]
+    layers = []
+    for i, e in enumerate(header["layers"]):
+        layers.append({"name": e["name"], "kind": e["kind"], "shape": e["shape"], "dtype": e["dtype"],
+                       "rank": config.rank, "sigma": float(tensors["sigma"][i]),
+                       "fingerprint": bytes(fps[i].tolist()).hex()})
+    saved = []
+    for entry in header.get("saved_modules", []):
+        ts = {t: tensors[f"saved.{entry['name']}.{t}"] for t in entry["tensors"]}
+        saved.append({"name": entry["name"], "numel": sum(t.numel() for t in ts.values()),
+                      "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                                  for k, t in ts.items()}})
+    n_adapter = tensors["z"].numel() + (tensors["sigma"].numel() if config.train_scale else 0)
+    return {
+        "directory": str(d), "format": f"{header.get('format')}/{header.get('format_version')}",
+        "adapter_name": header.get("adapter_name"), "model_class": header.get("model_class"),
+        "config": config.to_dict(), "sigma0": config.initial_scale, "files": files, "bytes": sum(files.values()),
+        "adapter_dtype": str(tensors["z"].dtype).replace("torch.", ""),
+        "trainable": {"adapter": n_adapter, "saved_modules": sum(s["numel"] for s in saved)},
+        # One hash of every layer's fingerprint (of its base weight and pivots): equal for adapters
+        # trained on the same base weights and pivots.
+        "base_fingerprint": hashlib.sha256(bytes(fps.flatten().tolist())).hexdigest(),
+        "layers": layers, "saved_modules": saved,
+    }
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    if not Path(args.adapter).is_dir():
+        raise CliError(f"{args.adapter}: no such adapter directory")
+    info = inspect_adapter(args.adapter)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    c = info["config"]
+    print(f"adapter {info['directory']} ({info['format']}, adapter name {info['adapter_name']!r}, "
+          f"trained on {info['model_class'] or 'an unrecorded model class'})")
+    print(f"  config: rank {c['rank']}, parametrization {c.get('parametrization', 'paper')}, sigma0 {info['sigma0']:.6g}, "
+          f"sigma {'trained' if c['train_scale'] else 'frozen'}, pivoting {c['pivoting']}, form {c.get('form', 'auto')}, "
+          f"factor storage {c.get('factor_storage', 'full')}, factor dtype {c['factor_dtype'] or 'base'}"
+          + (f", task type {c['task_type']}" if c.get("task_type") else ""))
+    print(f"  target_modules: {c['target_modules']!r}")
+    t = info["trainable"]
+    print(f"  numbers: {t['adapter']:,} adapter ({len(info['layers'])} layers x rank {c['rank']}"
+          f"{' + one sigma each' if c['train_scale'] else ''}, {info['adapter_dtype']}) + {t['saved_modules']:,} "
+          f"in saved modules")
+    print("  files: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in info["files"].items())
+          + f"; total {_fmt_bytes(info['bytes'])}")
+    print(f"  base fingerprint: {info['base_fingerprint'][:32]} (sha256 of the per-layer fingerprints)")
+    width = max(len(e["name"]) for e in info["layers"])
+    print(f"  layers ({len(info['layers'])}):")
+    print(f"    {'name':<{width}}  {'kind':<6}  {'shape':>11}  {'dtype':<8}  {'rank':>4}  {'sigma':>10}  fingerprint")
+    for e in info["layers"]:
+        shape = "x".join(str(s) for s in e["shape"])
+        print(f"    {e['name']:<{width}}  {e['kind']:<6}  {shape:>11}  {e['dtype']:<8}  {e['rank']:>4}  "
+              f"{e['sigma']:>10.4g}  {e['fingerprint'][:16]}")
+    if info["saved_modules"]:
+        print("  saved modules (trained fully, stored whole):")
+        for s in info["saved_modules"]:
+            ts = ", ".join(f"{k} {'x'.join(map(str, v['shape']))} {v['dtype']}" for k, v in s["tensors"].items())
+            print(f"    {s['name']}: {ts} ({s['numel']:,} numbers)")
+    else:
+        print("  saved modules: none")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loldu", description="LoLDU parameter-efficient fine-tuning tools")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="loldu", description="LoLDU parameter-efficient fine-tuning tools: run the demo, inspect a saved "
+        "adapter, export a model with its adapter merged to ONNX.",
+        epilog="`loldu <command> --help` describes each command.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,inspect,export}")
+    demo = sub.add_parser("demo", add_help=False, help="fine-tune the offline MiniLM with LoLDU on a real labelled "
+                          "task (AFINN-165 word sentiment) against a head-only baseline, then merge and export to ONNX",
+                          description="Runs examples/demo.py; its options: loldu demo --help.")
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    demo.set_defaults(func=cmd_demo)
+    ins = sub.add_parser("inspect", help="print a saved adapter's layers, ranks, sizes, dtype, saved modules and "
+                         "base fingerprint",
+                         description="Read an adapter directory written by loldu.save_adapter (every hash and shape "
+                                     "checked, no model loaded) and print its config, its layers (name, kind, shape, "
+                                     "dtype, rank, sigma, fingerprint of the base weight), the modules saved whole "
+                                     "with it and the sizes of its files.")
+    ins.add_argument("adapter", help="adapter directory (holding adapter_model.safetensors)")
+    ins.add_argument("--json", action="store_true", help="print everything as one JSON object")
+    ins.set_defaults(func=cmd_inspect)
     ex = sub.add_parser("export", help="merge an adapter into its base and export to ONNX",
                         description="Merge a LoLDU adapter into its base model and export it to ONNX, "
                                     "checked with onnx.checker and against PyTorch in ONNX Runtime.")
@@ -177,7 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # everything after `demo` is the demo's own (argparse's REMAINDER drops a leading option)
+        args = argparse.Namespace(command="demo", func=cmd_demo, demo_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     from loldu.errors import LolduError
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
