@@ -401,6 +401,9 @@ def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: 
     elif adapter_inputs:
         raise ExportError("loldu.export: adapter_inputs=True needs a model with LoLDU layers (loldu.inject or "
                           "loldu.load_adapter first)")
+    for _, layer in layers:  # the copy's "cur" layers keep PL and U: ONNX has no triangular solve
+        if layer.storage != "full":
+            layer._use_storage("full")
     # Recorded before any fp16 cast: D and the fingerprints are those of the trained-on base.
     meta = metadata_json(layers) if adapter_inputs else None
     # So is c = sigma0 (z - D) + (sigma - sigma0) z: in fp16, z - D loses most of its digits for a

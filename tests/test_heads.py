@@ -271,3 +271,25 @@ def test_export_uses_the_exported_adapters_head(tmp_path):
     with pytest.raises(loldu.ExportError, match="task head"):
         lx.to_onnx(model, {"input_ids": ids}, tmp_path / "c.onnx", merge=False, adapter_inputs=True)
     assert not (tmp_path / "c.onnx").exists()
+
+
+def test_cur_storage_exports_unmerged(tmp_path):
+    """factor_storage='cur' layers export with merge=False too (the exporter's copy keeps PL and U;
+    ONNX has no triangular solve), within the fp32 parity bound; the model keeps its storage."""
+    pytest.importorskip("onnxruntime")
+    import loldu.export as lx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 4)).eval()
+    model = loldu.inject(net, LoLDUConfig(rank=4, target_modules=["0", "2"], factor_storage="cur"))
+    with torch.no_grad():
+        for _, layer in loldu.adapted_layers(model):
+            layer.loldu_z["default"].add_(torch.randn(4) * 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = lx.to_onnx(model, torch.randn(2, 16), tmp_path / "m.onnx", merge=False,
+                            check_inputs=torch.randn(5, 16))
+    assert "parity" in str(report)
+    assert all(layer.storage == "cur" for _, layer in loldu.adapted_layers(model))
+    with pytest.raises(AdapterError, match="factor_storage"):
+        loldu.add_adapter(model, "b", LoLDUConfig(rank=4, target_modules=["0", "2"]))

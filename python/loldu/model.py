@@ -262,7 +262,8 @@ def build_layers(targets, factors: Dict[str, LDUResult], config: LoLDUConfig) ->
     """Wrappers around the target modules (the model is not touched yet)."""
     layers = {}
     for name, module, kind in targets:
-        layers[name] = KINDS[kind].wrapper(module, factors[name], config.torch_factor_dtype(module.weight.dtype), name)
+        layers[name] = KINDS[kind].wrapper(module, factors[name], config.torch_factor_dtype(module.weight.dtype), name,
+                                           storage=config.factor_storage)
     return layers
 
 

@@ -119,7 +119,7 @@ class AdapterState:
     def require_fits(self, config: LoLDUConfig, what: str) -> None:
         """The adapter described by `config` must fit the factors the layers already share."""
         ref = self.config(self.names[0])
-        for field in ("rank", "pivoting", "factor_dtype"):
+        for field in ("rank", "pivoting", "factor_dtype", "factor_storage"):
             if getattr(config, field) != getattr(ref, field):
                 raise AdapterError(f"{what}: {field}={getattr(config, field)!r} differs from the injected "
                                    f"layers' {getattr(ref, field)!r}; adapters of one model share its frozen factors")
