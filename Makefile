@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EXT    := $(VENV)/.ext-built
 CPP    := $(shell find cpp -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: demo test pytest ctest bench venv clean
+.PHONY: demo eval test pytest ctest bench venv clean
 
 venv: $(EXT)
 
@@ -23,8 +23,15 @@ $(EXT): $(DEPS) $(CPP) setup.py pyproject.toml
 	MAX_JOBS=2 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# The main job: LoLDU against a head-only baseline on AFINN-165 word sentiment, then save, merge, ONNX.
 demo: $(EXT)
 	$(BIN)/python examples/demo.py
+
+# LoLDU against PEFT LoRA, IA3, VeRA, RoAd, full fine-tuning and head-only on the demo's task
+# (docs/evaluation.md); PEFT and matplotlib are evaluation-only dependencies.
+eval: $(EXT)
+	$(BIN)/python -m pip install -q peft==0.21.2 matplotlib==3.11.2
+	$(BIN)/python benchmarks/eval_peft.py --workers 3
 
 # Both suites run even when the first fails; the target fails if either did.
 test: $(EXT)
