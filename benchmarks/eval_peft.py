@@ -204,6 +204,53 @@ def load_data():
     return (*enc(train), *enc(test))
 
 
+def time_steps(names, data, rounds, log):
+    """Median seconds per training step of each method, measured side by side in this one process: every
+    round runs one step of each method (in a rotated order, on the same batch), so a neighbour's load on a
+    shared machine falls on all of them alike. The learning rate does not change a step's cost."""
+    import torch
+    import torch.nn.functional as F
+
+    specs = methods()
+    ids, mask, labels = data[:3]
+    models = {}
+    for n in names:
+        model, named, _ = _build(specs[n], 0)
+        models[n] = (model.train(), torch.optim.Adam([p for _, p in named], lr=1e-12))
+    g = torch.Generator().manual_seed(0)
+    times = {n: [] for n in names}
+    for i in range(rounds + 2):
+        b = torch.randperm(len(labels), generator=g)[:BATCH]
+        m = mask[b]
+        L = int(m.sum(1).max())
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            model, opt = models[n]
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(input_ids=ids[b, :L], attention_mask=m[:, :L]), labels[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= 2:  # two warm-up rounds
+                times[n].append(time.perf_counter() - t0)
+        log(f"timing round {i + 1}/{rounds + 2}")
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def timing_worker(args):
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("LOLDU_PROGRESS", "off")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    res = time_steps(args.timing, load_data(), args.rounds, lambda m: print(m, file=sys.stderr, flush=True))
+    Path(args.json).write_text(json.dumps(res))
+
+
 def worker(args):
     """Runs (lr, seed) pairs of one method in this process; with --pick, the grid at seed 0 first, then
     the other seeds at its best learning rate. Writes one JSON object to --json."""
@@ -317,10 +364,14 @@ def main(argv=None):
                     "(same epochs), e.g. after an interrupted run")
     ap.add_argument("--only", nargs="*", help="run only these methods (names as in the table)")
     ap.add_argument("--out", default=str(RESULTS / "eval_peft.json"))
+    ap.add_argument("--rounds", type=int, default=10, help="side-by-side timing rounds (default 10; 0: none)")
+    ap.add_argument("--timing", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     EPOCHS, MAX_STEPS = args.epochs, args.steps
     if args.worker:
         return worker(args)
+    if args.timing and args.json:
+        return timing_worker(args)
 
     RESULTS.mkdir(exist_ok=True)
     raw_path = RESULTS / "eval_runs.json"
@@ -358,6 +409,19 @@ def main(argv=None):
             if grp in ("relative", "paper"):
                 pending.append((grp, submit_default(pool, grp, records, args, log)))
     table = summarize(records)
+    if args.rounds:
+        # Time per step, side by side in one process (the per-run medians above ran beside other work).
+        with tempfile.NamedTemporaryFile(prefix="eval-timing-", suffix=".json", delete=False) as f:
+            tpath = f.name
+        log(f"side-by-side timing: {args.rounds} rounds of one step of each of {len(table)} methods")
+        cmd = [sys.executable, __file__, "--json", tpath, "--threads", str(args.threads), "--rounds", str(args.rounds),
+               "--timing", *table]
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"timing failed:\n{proc.stderr[-3000:]}")
+        for n, t in json.loads(Path(tpath).read_text()).items():
+            table[n]["step_s_side_by_side"] = t
+        os.unlink(tpath)
     for param, d in defaults.items():
         for n, p in d["per_config"].items():
             p["tuned_mean"], p["tuned_seeds"] = table[n]["acc_mean"], table[n]["acc_seeds"]
@@ -371,7 +435,9 @@ def main(argv=None):
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
             "cpu": cpu_model(), "python": platform.python_version(), "epochs": EPOCHS, "batch": BATCH,
             "max_len": MAX_LEN, "head_lr": HEAD_LR, "seeds": list(SEEDS), "default_tol_points": DEFAULT_TOL,
-            "threads_per_method": args.threads, "methods_at_once": args.workers,
+            "threads_per_method": args.threads, "methods_at_once": args.workers, "timing_rounds": args.rounds,
+            "step_time": "step_s: median over the method's own runs (beside other work); step_s_side_by_side: "
+                         "median of --rounds steps run in turn with every other method in one process",
             "peak_memory": "resource.getrusage(RUSAGE_SELF).ru_maxrss of the method's own process",
             "wall_s": round(time.perf_counter() - t_start)}
     try:
@@ -441,13 +507,14 @@ def label(name, spec):
 
 def markdown(out):
     t = out["methods"]
-    head_step = t["head"]["step_s"] if "head" in t else None
+    key = "step_s_side_by_side" if all("step_s_side_by_side" in r for r in t.values()) else "step_s"
+    head_step = t["head"][key] if "head" in t else None
     lines = ["| method | trainable params | adapter bytes | best lr | test acc % (3 seeds) | step ms | step / head-only "
              "| peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in sorted(t.items(), key=lambda kv: -kv[1]["acc_mean"]):
-        ratio = f"{r['step_s'] / head_step:.1f}x" if head_step else "-"
+        ratio = f"{r[key] / head_step:.1f}x" if head_step else "-"
         lines.append(f"| {label(name, r['spec'])} | {r['trainable']:,} | {r['adapter_bytes']:,} | {r['best_lr']:g} | "
-                     f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {r['step_s'] * 1e3:.0f} | {ratio} | "
+                     f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {r[key] * 1e3:.0f} | {ratio} | "
                      f"{r['peak_rss_bytes'] / 2 ** 20:.0f} |")
     for param, d in out["defaults"].items():
         lines += ["", f"Default learning rate, {param} parametrization: {d['lr']:g} "
