@@ -3,6 +3,7 @@ else the pure-PyTorch reference path (with one warning). build_info() reports wh
 
 Environment: LOLDU_BACKEND=pytorch forces the reference path, LOLDU_BACKEND=jit skips the installed
 extension (the JIT build is then tried), LOLDU_NO_JIT=1 skips the JIT build."""
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -47,7 +48,10 @@ def _load():
             return "compiled-" + _C.build_flavor(), _C, None
         except ImportError as e:
             reason = f"no compiled loldu._C ({e})"
-            if "undefined symbol" in str(e):
+            if importlib.util.find_spec(f"{__package__}._C") is None:
+                # Python's message for a missing submodule of a package being imported blames a circular import.
+                reason = f"no compiled loldu._C in {Path(__file__).parent} (installed without it, or its build failed)"
+            elif "undefined symbol" in str(e):
                 # The extension was compiled against another torch than this one (docs/install.md).
                 reason += (f"; it was built against another torch than {torch.__version__}: reinstall loldu with "
                            "`pip install --no-build-isolation .` in this environment")
