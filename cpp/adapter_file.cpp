@@ -228,6 +228,8 @@ AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& 
   if (header.contains("adapter_name") && header["adapter_name"].is_string() &&
       !header["adapter_name"].get<std::string>().empty())
     out.adapter_name = header["adapter_name"].get<std::string>();
+  if (header.contains("model_class") && header["model_class"].is_string())
+    out.model_class = header["model_class"].get<std::string>();
 
   const json layers = header.contains("layers") ? header["layers"] : json();
   bool ok = layers.is_array() && !layers.empty();
@@ -443,11 +445,12 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
     layers.push_back({{"name", l.name}, {"kind", l.kind}, {"shape", {l.d, l.k}}, {"dtype", l.dtype}});
   ordered_json header = {{"format", kFormat},
                          {"format_version", kAdapterFormatVersion},
-                         {"adapter_name", a.adapter_name},
-                         {"config", config},
-                         {"data_sha256", data_hash(tensors)},
-                         {"layers", layers},
-                         {"saved_modules", saved}};
+                         {"adapter_name", a.adapter_name}};
+  if (!a.model_class.empty()) header["model_class"] = a.model_class;
+  header["config"] = config;
+  header["data_sha256"] = data_hash(tensors);
+  header["layers"] = layers;
+  header["saved_modules"] = saved;
   SerializedAdapter out;
   out.config_text = header.dump(1, ' ', /*ensure_ascii=*/true) + "\n";
   const std::map<std::string, std::string> meta = {

@@ -6,6 +6,7 @@ adapter for another base is refused; swaps do not drift; and the reader's regres
 The app is built with CMake in the build directory `make ctest` uses (build/cmake, or
 $LOLDU_CMAKE_BUILD), configured as `make ctest` configures it, so the two share one build.
 """
+import copy
 import fcntl
 import os
 import re
@@ -135,6 +136,33 @@ def test_python_adapter_merged_by_cpp_equals_python_merge(app, tmp_path, dtype, 
         assert not torch.equal(got[key], original[key])  # the adapter did change it
     for key in set(original) - set(want):  # biases: not adapted, copied byte for byte
         assert torch.equal(got[key], original[key]), key
+
+
+def test_saved_head_and_merge_equal_python_merge_and_unload(app, tmp_path):
+    """Format 3: a head trained fully (modules_to_save) replaces the base's entries, as in
+    loldu.merge_and_unload's plain model."""
+    base = nn.ModuleDict({"net": Net(), "head": nn.Linear(10, 3)})
+    save_base(base, tmp_path / "base.safetensors")
+    model = loldu.inject(copy.deepcopy(base), LoLDUConfig(rank=2, target_modules=[f"net.{t}" for t in TARGETS],
+                                                          modules_to_save=["head"], train_scale=True))
+    randomize(model)
+    with torch.no_grad():  # the head's trained copy
+        for p in model.get_submodule("head").modules_to_save["default"].parameters():
+            p.add_(torch.randn_like(p))
+    loldu.save_adapter(model, tmp_path / "adapter")
+    want = loldu.merge_and_unload(loldu.load_adapter(copy.deepcopy(base), tmp_path / "adapter")).state_dict()
+
+    check = run(app, "--check", tmp_path / "adapter")
+    assert "5 layers, 2 saved tensors" in check.stdout
+    run(app, tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "out.safetensors")
+    got = load_file(tmp_path / "out.safetensors")
+    assert set(got) == set(want)
+    for key, w in want.items():
+        if key.endswith(".weight") and key.removesuffix(".weight")[4:] in TARGETS:
+            assert max_rel(got[key], w) <= 1e-6, key  # merged: bounded, as above
+        else:
+            assert torch.equal(got[key], w), key  # the head's saved values and untouched entries: copied
+    assert not torch.equal(got["head.weight"], base.state_dict()["head.weight"])
 
 
 def test_minilm_adapter_merged_by_cpp_equals_python_merge(app, tmp_path, minilm_path):

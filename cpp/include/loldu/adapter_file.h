@@ -7,7 +7,7 @@
 // tensors are z (L, r) F32, sigma (L,) F32, pivots (L, r) I32, fingerprint (L, 32) U8 and, from
 // version 3, "saved.<module>.<tensor>" for each tensor of each saved module (modules_to_save), in
 // its own dtype. The config text is {"format": "loldu-adapter", "format_version", "adapter_name",
-// "config": {LoLDUConfig}, "data_sha256", "layers": [{name, kind, shape [d, k], dtype}, ...],
+// "model_class" (optional), "config": {LoLDUConfig}, "data_sha256", "layers": [{name, kind, shape [d, k], dtype}, ...],
 // "saved_modules": [{name, tensors}, ...] (version 3)}. Versions 2 and 3 are read; 3 is written.
 //
 // The reader accepts what the Python reader accepts and refuses what it refuses, with an
@@ -81,6 +81,7 @@ struct AdapterConfig {
 struct AdapterFile {
   int format_version = kAdapterFormatVersion;
   std::string adapter_name = "default";
+  std::string model_class;  // the Python model's class name, when recorded ("" otherwise)
   AdapterConfig config;
   std::vector<AdapterLayer> layers;  // L layers, in file order
   std::vector<float> z;              // (L, r) row-major
