@@ -200,7 +200,7 @@ def choose_arch_list(nvcc: str) -> None:
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(listed)
     notice(f"no GPU visible and TORCH_CUDA_ARCH_LIST={given or 'unset'}: building for {source}: "
            f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (set TORCH_CUDA_ARCH_LIST, e.g. to 9.0, "
-           "to build for fewer and faster)")
+           "to build for those GPUs only)")
 
 
 def plan_cuda() -> tuple[str, tuple[int, int]] | None:
