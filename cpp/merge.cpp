@@ -9,6 +9,8 @@
 
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -127,8 +129,38 @@ struct LayerCheck {
   at::Tensor weight, W, pivots;
 };
 
+// An AdapterFile may be built or edited in C++: its arrays must fit its layers and rank before any
+// of them is read (the reader checks files the same way).
+void check_contents(const AdapterFile& a, const std::string& where) {
+  const int64_t L = int64_t(a.layers.size()), r = a.rank();
+  if (L == 0 || r < 1) throw AdapterError(where + ": the adapter has no layers or a rank below 1");
+  if (int64_t(a.z.size()) != L * r || int64_t(a.sigma.size()) != L || int64_t(a.pivots.size()) != L * r ||
+      int64_t(a.fingerprints.size()) != L)
+    throw AdapterError(where + ": z, sigma, pivots and fingerprints do not hold one entry per layer (" +
+                       std::to_string(L) + " layers, rank " + std::to_string(r) + ")");
+  for (float v : a.z)
+    if (!std::isfinite(v)) throw AdapterError(where + ": z or sigma holds NaN/Inf");
+  for (float v : a.sigma)
+    if (!std::isfinite(v)) throw AdapterError(where + ": z or sigma holds NaN/Inf");
+  for (int64_t i = 0; i < L; ++i) {
+    std::vector<int32_t> p(a.pivots.begin() + i * r, a.pivots.begin() + (i + 1) * r);
+    std::sort(p.begin(), p.end());
+    if (p.front() < 0 || int64_t(p.back()) >= a.layers[size_t(i)].d || std::adjacent_find(p.begin(), p.end()) != p.end())
+      throw AdapterError(where + ": layer '" + a.layers[size_t(i)].name + "': pivots must be " + std::to_string(r) +
+                         " distinct rows in [0, " + std::to_string(a.layers[size_t(i)].d) + ")");
+  }
+  for (const auto& kv : a.saved_tensors) {
+    const size_t esize = safetensors_dtype_size(kv.second.dtype);
+    int64_t n = 1;
+    for (int64_t d : kv.second.shape) n = d < 0 ? -1 : n * d;
+    if (kv.first.rfind("saved.", 0) != 0 || esize == 0 || n < 0 || size_t(n) * esize != kv.second.bytes.size())
+      throw AdapterError(where + ": saved tensor '" + kv.first + "': its name, dtype, shape and bytes do not agree");
+  }
+}
+
 std::vector<LayerCheck> check_layers(const BaseView& view, const AdapterFile& a) {
   const std::string where = where_of(a);
+  check_contents(a, where);
   const int64_t r = a.rank();
   std::vector<LayerCheck> out;
   std::set<std::string> keys;

@@ -222,6 +222,17 @@ void test_refusals_change_nothing() {
   loldu::unmerge_adapter(m, rec);
   LOLDU_CHECK(same(m, w));
   LOLDU_CHECK(!loldu_test::error_of([&] { loldu::unmerge_adapter(m, rec); }).empty());
+
+  // An AdapterFile edited in C++ into an inconsistent state is refused, not read out of bounds.
+  loldu::AdapterFile short_z = a;
+  short_z.z.pop_back();
+  LOLDU_CHECK(loldu_test::error_of([&] { loldu::merge_adapter(m, short_z); }).find("one entry per layer") !=
+              std::string::npos);
+  loldu::AdapterFile far_pivot = a;
+  far_pivot.pivots[0] = 1000;
+  LOLDU_CHECK(loldu_test::error_of([&] { loldu::merge_adapter(m, far_pivot); }).find("layer 'fc': pivots") !=
+              std::string::npos);
+  LOLDU_CHECK(same(m, w));
 }
 
 void test_saved_modules() {
