@@ -35,10 +35,11 @@ FUZZ_CASES = ROOT / "tests" / "data" / "adapter_fuzz"
 @pytest.fixture(scope="session")
 def app() -> Path:
     """The apply_adapter executable, configured and built like `make ctest` does (locked: one build at a time)."""
-    if shutil.which("cmake") is None or shutil.which("ninja") is None:
+    # The venv's bin first, as `make ctest` runs CMake: its ninja, and the python3 whose nlohmann-json CMake finds.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if shutil.which("cmake", path=env["PATH"]) is None or shutil.which("ninja", path=env["PATH"]) is None:
         pytest.fail("the C++ embedding tests need cmake and ninja on PATH")
     BUILD.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     with open(BUILD / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (BUILD / "CMakeCache.txt").exists():
