@@ -287,6 +287,23 @@ def test_fuzz_regression_cases_get_the_same_verdict_from_both_readers(app, tmp_p
         assert cpp[d.name][0] == want, f"{case.name}: C++ {cpp[d.name]}"
 
 
+def test_docs_cpp_example_session_runs_as_written(app, tmp_path):
+    """docs/cpp.md's example session (Python, then the app) prints what the page shows."""
+    text = (ROOT / "docs" / "cpp.md").read_text()
+    blocks = re.findall(r"```(\w*)\n(.*?)```", text, re.S)
+    i = next(i for i, (lang, body) in enumerate(blocks) if lang == "sh" and "python - <<'EOF'" in body)
+    script, shown = blocks[i][1], blocks[i + 1][1]
+    script = script.replace("build/cpp/apply_adapter", str(app))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    res = subprocess.run(["bash", "-euc", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    timing = re.compile(r"time per swap: mean [0-9.]+ ms, median [0-9.]+ ms, max [0-9.]+ ms")
+    got, want = res.stdout.splitlines(), shown.strip().splitlines()
+    assert len(got) == len(want), res.stdout
+    for g, w in zip(got, want):
+        assert (timing.fullmatch(g) and timing.fullmatch(w)) or g == w, (g, w)
+
+
 def test_cpp_reader_knows_every_config_key():
     """The C++ reader refuses unknown config keys as LoLDUConfig.from_dict does: it must know them all."""
     source = (ROOT / "cpp" / "adapter_file.cpp").read_text()
