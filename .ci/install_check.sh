@@ -25,7 +25,7 @@ PY="$VENV/bin/python"
 # Nothing cached outside $WORK: pip, torch extensions, Hugging Face, hypothesis, pytest.
 export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export TORCH_EXTENSIONS_DIR="$WORK/torch_extensions" HF_HOME="$WORK/hf" XDG_CACHE_HOME="$WORK/cache"
-unset TORCH_CUDA_ARCH_LIST CUDA_HOME CUDA_PATH LOLDU_FORCE_CPU LOLDU_BACKEND LOLDU_NO_JIT
+unset TORCH_CUDA_ARCH_LIST CUDA_HOME CUDA_PATH LOLDU_FORCE_CPU LOLDU_FORCE_CUDA LOLDU_NO_EXTENSION LOLDU_BACKEND LOLDU_NO_JIT
 
 cleanup() {
   if [ "${LOLDU_KEEP_INSTALL_CHECK:-0}" = 1 ]; then echo "install check: kept $WORK"; else rm -rf "$WORK"; fi
