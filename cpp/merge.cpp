@@ -112,10 +112,13 @@ at::Tensor as_layout(const at::Tensor& M, const at::Tensor& weight, const std::s
 }
 
 // Where a plan reads the base weights: the map itself, or staged values overriding it.
+using FingerprintCache = std::vector<std::pair<std::vector<int32_t>, std::array<uint8_t, 32>>>;
+
 struct BaseView {
   const WeightMap& weights;
   std::map<std::string, at::Tensor> staged;  // key -> value (undefined: the key is absent)
   std::set<std::string> owned;               // staged values no map tensor aliases (pristine copies)
+  std::map<std::string, FingerprintCache> checked;  // fingerprints already computed of owned values
   const at::Tensor* find(const std::string& key) const {
     auto s = staged.find(key);
     if (s != staged.end()) return s->second.defined() ? &s->second : nullptr;
@@ -127,6 +130,8 @@ struct BaseView {
 struct LayerCheck {
   std::string key, kind;
   at::Tensor weight, W, pivots;
+  std::vector<int32_t> pivot_list;
+  std::array<uint8_t, 32> fp;
 };
 
 // An AdapterFile may be built or edited in C++: its arrays must fit its layers and rank before any
@@ -187,11 +192,19 @@ std::vector<LayerCheck> check_layers(const BaseView& view, const AdapterFile& a)
       throw AdapterError(layer + " has weight dtype torch." + short_dtype(st) + " in the weights but " + l.dtype +
                          " in the file");
     at::Tensor piv = at::from_blob(const_cast<int32_t*>(a.pivots.data()) + int64_t(i) * r, {r}, at::kInt).to(at::kLong);
-    if (fingerprint(W, piv) != a.fingerprints[i])
+    std::vector<int32_t> pivot_list(a.pivots.begin() + int64_t(i) * r, a.pivots.begin() + int64_t(i + 1) * r);
+    // A pristine copy kept by a merge record is never written: its fingerprints are remembered.
+    const std::array<uint8_t, 32>* known = nullptr;
+    auto cache = view.checked.find(key);
+    if (cache != view.checked.end())
+      for (const auto& e : cache->second)
+        if (e.first == pivot_list) known = &e.second;
+    const std::array<uint8_t, 32> fp = known ? *known : fingerprint(W, piv);
+    if (fp != a.fingerprints[i])
       throw AdapterError(layer + ": the base weight's fingerprint differs from the one the adapter was trained on "
                          "(a different base model or checkpoint)");
     keys.insert(key);
-    out.push_back({key, l.kind, *t, W, piv});
+    out.push_back({key, l.kind, *t, W, piv, std::move(pivot_list), fp});
   }
   for (const auto& kv : a.saved_tensors) {
     const std::string target = kv.first.substr(6);  // "saved.<module>.<tensor>" -> "<module>.<tensor>"
@@ -252,11 +265,20 @@ Plan plan_merge(const BaseView& view, const AdapterFile& a, bool keep_base) {
     // c = (sigma / sigma0) D z. Both exactly 0 at initialisation (python/loldu/layer.py coefficients_from).
     at::Tensor c = a.config.parametrization == "relative" ? (sigma / s0) * (D * z) : s0 * (z - D) + (sigma - s0) * z;
     at::Tensor delta = delta_weight(PL, U, a.config.factor_storage == "full" ? c : c.to(PL.scalar_type()));
-    at::Tensor merged = (l.W.to(delta.scalar_type()) + delta).to(l.W.scalar_type());
+    // W + delta in delta's dtype (Python: W.to(delta.dtype) + delta), summed into delta's own buffer.
+    at::Tensor merged = delta.add_(l.W.to(delta.scalar_type())).to(l.W.scalar_type());
     plan.writes[l.key] = as_layout(merged, l.weight, l.kind);
     MergeRecord::Layer rec{l.key, l.kind, l.pivots, PL, U, c,
                            l.W.narrow(1, 0, r).clone(), l.W.index_select(0, l.pivots), at::Tensor()};
-    if (keep_base) rec.base = view.owned.count(l.key) ? l.weight : l.weight.clone();
+    if (keep_base) {
+      const bool owned = view.owned.count(l.key) > 0;
+      rec.base = owned ? l.weight : l.weight.clone();
+      auto cache = view.checked.find(l.key);
+      if (owned && cache != view.checked.end()) rec.checked = cache->second;
+      bool present = false;
+      for (const auto& e : rec.checked) present |= e.first == l.pivot_list;
+      if (!present) rec.checked.emplace_back(l.pivot_list, l.fp);
+    }
     plan.record.layers.push_back(std::move(rec));
   }
   for (const auto& kv : a.saved_tensors) {
@@ -272,7 +294,8 @@ Plan plan_merge(const BaseView& view, const AdapterFile& a, bool keep_base) {
 }
 
 // The values that unmerging `rec` gives back (undefined: the key was absent before the merge).
-std::map<std::string, at::Tensor> plan_unmerge(const WeightMap& weights, const MergeRecord& rec, std::set<std::string>& owned) {
+std::map<std::string, at::Tensor> plan_unmerge(const WeightMap& weights, const MergeRecord& rec, std::set<std::string>& owned,
+                                              std::map<std::string, FingerprintCache>* checked = nullptr) {
   const std::string where = rec.source.empty() ? "adapter '" + rec.adapter_name + "'" : rec.source;
   if (!rec.active) throw AdapterError(where + ": this merge record was already unmerged or swapped");
   std::map<std::string, at::Tensor> out;
@@ -286,6 +309,7 @@ std::map<std::string, at::Tensor> plan_unmerge(const WeightMap& weights, const M
     if (base) {
       out[l.key] = *base;
       owned.insert(l.key);
+      if (checked) (*checked)[l.key] = l.checked;
       continue;
     }
     const at::Tensor& w = it->second;
@@ -391,7 +415,7 @@ void unmerge_adapter(WeightMap& weights, MergeRecord& record) {
 
 MergeRecord swap_adapter(WeightMap& weights, MergeRecord& current, const AdapterFile& next) {
   BaseView view{weights, {}, {}};
-  view.staged = plan_unmerge(weights, current, view.owned);
+  view.staged = plan_unmerge(weights, current, view.owned, &view.checked);
   Plan plan = plan_merge(view, next, current.keep_base);
   std::map<std::string, at::Tensor> writes = view.staged;  // back to the base, then next's values
   for (auto& kv : plan.writes) writes[kv.first] = kv.second;

@@ -68,7 +68,10 @@ struct MergeRecord {
     at::Tensor pivots;       // (r,) int64
     at::Tensor PL, U, c;     // the factors and coefficients the merge used
     at::Tensor cols, rows;   // W0[:, :r] and W0[pivots, :], restored exactly by unmerge
-    at::Tensor base;         // the whole pristine weight (keep_base), else undefined
+    at::Tensor base;         // the whole pristine weight (keep_base), else undefined; never written
+    // Fingerprints of `base` already computed, by pivots: a swap to an adapter with these pivots
+    // compares against them instead of hashing the base again.
+    std::vector<std::pair<std::vector<int32_t>, std::array<uint8_t, 32>>> checked;
   };
   struct Saved {
     std::string key;         // "<module>.<tensor>"
