@@ -293,3 +293,77 @@ def test_cur_storage_exports_unmerged(tmp_path):
     assert all(layer.storage == "cur" for _, layer in loldu.adapted_layers(model))
     with pytest.raises(AdapterError, match="factor_storage"):
         loldu.add_adapter(model, "b", LoLDUConfig(rank=4, target_modules=["0", "2"]))
+
+
+class _Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+        self.aux = self.head
+
+    def forward(self, x):
+        return self.aux(self.enc(x))
+
+
+class _Indexed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(16, 16)
+        self.heads = nn.ModuleList([nn.Linear(16, 4), nn.Linear(16, 2)])
+
+    def forward(self, x):
+        return self.heads[1](self.enc(x))
+
+
+@pytest.mark.parametrize("make, saved, words", [
+    (_Aliased, ["aux"], "also registered as 'head'"),
+    (_Aliased, ["head"], "also registered as 'aux'"),
+    (_Indexed, ["heads"], "container"),
+])
+def test_saved_modules_that_would_be_silently_wrong_are_refused(make, saved, words):
+    torch.manual_seed(0)
+    net = make()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(AdapterError, match=words):
+        loldu.inject(net, LoLDUConfig(rank=2, target_modules=["enc"], modules_to_save=saved))
+    assert not loldu.adapted_layers(net) and all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    if make is _Indexed:  # naming the module inside the container works
+        model = loldu.inject(net, LoLDUConfig(rank=2, target_modules=["enc"], modules_to_save=["heads.1"]))
+        assert isinstance(model.heads[1], SavedModule) and model(torch.randn(3, 16)).shape == (3, 2)
+
+
+def test_heads_must_be_the_same_for_every_adapter(tmp_path):
+    model = loldu.inject(bert_cls(0), LoLDUConfig(rank=2, target_modules=["query"]))
+    with pytest.raises(AdapterError, match="select 'classifier'.*do not save"):
+        loldu.add_adapter(model, "b", LoLDUConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    assert loldu.adapter_names(model) == ["default"]
+
+
+def test_saved_tensor_of_another_dtype_is_refused(tmp_path):
+    model = loldu.inject(bert_cls(0), LoLDUConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    loldu.save_adapter(train(model), tmp_path)
+    other = other_head(1)
+    other.classifier.double()
+    with pytest.raises(AdapterError, match=r"'weight' is torch.float32 \(3, 32\) in the file but torch.float64"):
+        loldu.load_adapter(other, tmp_path)
+    assert not loldu.adapted_layers(other)
+
+
+def test_trainable_parameters_outside_the_adapter_warn_at_save(tmp_path):
+    model = loldu.inject(bert_cls(0), LoLDUConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loldu.save_adapter(model, tmp_path / "a")  # only the adapter and its head train: no warning
+    model.bert.embeddings.LayerNorm.weight.requires_grad_(True)
+    with pytest.warns(LolduWarning, match="bert.embeddings.LayerNorm.weight"):
+        loldu.save_adapter(model, tmp_path / "b")
+
+
+def test_merge_and_unload_restores_the_heads_flags():
+    base = bert_cls(0)
+    base.classifier.weight.requires_grad_(False)
+    model = loldu.inject(base, LoLDUConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    assert model.classifier.modules_to_save["default"].weight.requires_grad
+    plain = loldu.merge_and_unload(model)
+    assert not plain.classifier.weight.requires_grad and plain.classifier.bias.requires_grad

@@ -366,6 +366,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
                                "nothing was written (load_adapter would refuse such a file)")
         piv.append(layer.loldu_pivots.cpu())
         fps.append(torch.frombuffer(bytearray(fingerprint(W, layer.loldu_pivots)), dtype=torch.uint8))
+    _warn_unsaved_trainables(state, what)
     tensors = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv).to(torch.int32),
                "fingerprint": torch.stack(fps)}
     saved_entries = []
@@ -407,6 +408,18 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
                       f"but its readable copy {path.name} could not be replaced ({_os_reason(e)}); it is stale until "
                       "the next save", AdapterWarning, stacklevel=2)
     return written
+
+
+def _warn_unsaved_trainables(state: AdapterState, what: str) -> None:
+    """A LolduWarning when parameters outside the adapter (its z, sigma and saved modules) require grad:
+    they may have been trained, and the adapter file does not hold them."""
+    ours = {id(p) for _, layer in state.layers for p in list(layer.loldu_z.values()) + list(layer.loldu_sigma.values())}
+    ours |= {id(p) for _, m in state.saved for p in m.modules_to_save.parameters()}
+    others = [n for n, p in state.root.named_parameters() if p.requires_grad and id(p) not in ours]
+    if others:
+        warnings.warn(f"{what}: {len(others)} parameter(s) outside the adapter require grad ({others[0]!r}, ...): if "
+                      "they were trained, the adapter file does not hold them; put their module in modules_to_save "
+                      "to train and save it with the adapter", LolduWarning, stacklevel=3)
 
 
 def _remove_legacy_copy(d: Path) -> None:
@@ -594,7 +607,8 @@ def load_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     activated (loldu.set_adapter). Frozen factors come from the base weights and the stored pivots;
     saved modules (task heads) get the stored tensors.
     is_trainable: as PEFT's: False (default) loads the adapter for inference, its z, sigma and saved
-    modules frozen; True makes them require grad (to go on training it).
+    modules frozen; True makes them require grad (to go on training it). An adapter added to an
+    already injected model is not active and trains once loldu.set_adapter makes it active.
     Everything is checked first; on any AdapterError (naming the file and layer) the model is unchanged.
     check_calls: as for loldu.inject (the run-time check that every layer is called by its parent;
     only armed when the model is injected here).

@@ -42,10 +42,11 @@ class SavedModule(nn.Module):
                 raise AdapterError(f"{where}module '{self.layer_name}' ({type(module).__name__}): the saved tensors "
                                    f"do not fit it (missing {missing}, unexpected {extra})")
             for key, t in values.items():
-                if tuple(t.shape) != tuple(expected[key].shape):
-                    raise AdapterError(f"{where}module '{self.layer_name}': tensor '{key}' is {tuple(t.shape)} in the "
-                                       f"file but {tuple(expected[key].shape)} in the model")
-            module.load_state_dict({k: v.to(expected[k].dtype) for k, v in values.items()})
+                if tuple(t.shape) != tuple(expected[key].shape) or t.dtype != expected[key].dtype:
+                    raise AdapterError(f"{where}module '{self.layer_name}': tensor '{key}' is {t.dtype} "
+                                       f"{tuple(t.shape)} in the file but {expected[key].dtype} "
+                                       f"{tuple(expected[key].shape)} in the model")
+            module.load_state_dict(values)
         for p in module.parameters():
             p.requires_grad_(False)
         return module

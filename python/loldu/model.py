@@ -152,18 +152,44 @@ def find_saved(model: nn.Module, config: LoLDUConfig, targets: Targets) -> List[
     """(name, module) of every module config.saved_modules selects (modules_to_save and the task's heads).
 
     An explicit modules_to_save entry that matches nothing gets a LolduWarning; the heads a task_type
-    implies are optional. Raises AdapterError when a saved module is, contains, or lies inside an
-    adapted layer, or is already a LoLDU module.
+    implies are optional; a saved module whose parameters are tied to another module's gets a
+    LolduWarning (its trained copy is no longer tied). Raises AdapterError when a saved module is,
+    contains, or lies inside an adapted layer, is already a LoLDU module, is registered under two
+    names (the copy would run under one of them only), has no forward of its own (a container such as
+    nn.ModuleList, which its parent indexes), or keeps non-tensor state (get_extra_state).
     """
     root = unwrap(model)
     if not config.saved_modules:
         return []
+    all_names: Dict[int, List[str]] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        if name:
+            all_names.setdefault(id(module), []).append(name)
     found: List[Tuple[str, nn.Module]] = []
-    for name, module in root.named_modules():
-        if name and config.matches_saved(name) and not any(name.startswith(f + ".") for f, _ in found):
-            if isinstance(module, (LoLDULayer, SavedModule)):
-                raise AdapterError(f"modules_to_save: module '{name}' is already a LoLDU module")
-            found.append((name, module))
+    seen = set()
+    for name, module in root.named_modules(remove_duplicate=False):
+        if not name or not config.matches_saved(name) or any(name.startswith(f + ".") for f, _ in found):
+            continue
+        names = all_names[id(module)]
+        if len(names) > 1:
+            raise AdapterError(f"modules_to_save: module '{name}' is also registered as "
+                               f"{', '.join(repr(n) for n in names if n != name)} (one module object under two names): "
+                               "its trained copy would replace it under one name only, and calls through the other "
+                               "would run the untrained original. Give each name its own module, or save neither")
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, (LoLDULayer, SavedModule)):
+            raise AdapterError(f"modules_to_save: module '{name}' is already a LoLDU module")
+        if not _runs(module):
+            raise AdapterError(f"modules_to_save: module '{name}' is a {type(module).__name__}, a container without a "
+                               "forward of its own (its parent indexes it): name the modules inside it instead "
+                               f"(e.g. '{name}.0')")
+        odd = [k for k, v in module.state_dict().items() if not isinstance(v, torch.Tensor)]
+        if odd:
+            raise AdapterError(f"modules_to_save: module '{name}' keeps non-tensor state ({odd[0]!r}, from "
+                               "get_extra_state), which an adapter file cannot hold")
+        found.append((name, module))
     if config.modules_to_save:
         _warn_unmatched(root, config.modules_to_save, "modules_to_save")
     for s, _ in found:
@@ -171,7 +197,20 @@ def find_saved(model: nn.Module, config: LoLDUConfig, targets: Targets) -> List[
             if t == s or t.startswith(s + ".") or s.startswith(t + "."):
                 raise AdapterError(f"modules_to_save: module '{s}' overlaps the adapted layer '{t}' (a module is either "
                                    "adapted or trained fully and saved, not both); narrow target_modules or modules_to_save")
+    _warn_tied(root, found)
     return found
+
+
+def _warn_tied(root: nn.Module, found: List[Tuple[str, nn.Module]]) -> None:
+    """A LolduWarning for each saved module sharing a parameter with a module outside it (tied weights)."""
+    for name, module in found:
+        own = {id(p) for p in module.parameters()}
+        others = [pn for pn, p in root.named_parameters(remove_duplicate=False)
+                  if id(p) in own and not (pn.startswith(name + "."))]
+        if others:
+            warnings.warn(f"loldu: modules_to_save: module '{name}' shares its parameters with {others[0]!r} (tied "
+                          "weights); its trained copy is not tied, so that module keeps the original values",
+                          LolduWarning, stacklevel=5)
 
 
 def _check_registered_once(root: nn.Module, config: LoLDUConfig) -> None:
@@ -712,6 +751,10 @@ def _strip(model: nn.Module, keep_heads: bool = False) -> nn.Module:
         setattr(root.get_submodule(parent), attr, m.current if keep_heads else m.original_module)
     for p, flag in root.__dict__.pop(_SAVED_FLAGS, []):
         p.requires_grad_(flag)
+    if keep_heads:  # the kept copies get the flags their originals had before inject
+        for _, m in state.saved:
+            for kept, orig in zip(m.current.parameters(), m.original_module.parameters()):
+                kept.requires_grad_(orig.requires_grad)
     check = root.__dict__.pop(_CALL_CHECK, None)
     if check is not None:
         check.remove()

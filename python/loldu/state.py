@@ -133,11 +133,16 @@ class AdapterState:
                 if config.target_modules != "all-linear":  # that one selects by kind; see loldu.model.find_targets
                     raise AdapterError(f"{what}: target_modules selects '{name}', which has no LoLDU factors")
         have = [n for n, _ in self.saved]
-        wanted = [n for n in have if config.matches_saved(n)]
-        if wanted != have:
-            missing = [n for n in have if n not in wanted]
+        missing = [n for n in have if not config.matches_saved(n)]
+        if missing:
             raise AdapterError(f"{what}: modules_to_save/task_type do not select the saved module '{missing[0]}' that "
                                "the model's adapters train; every adapter must save the same modules")
+        inside = [n for n, _ in self.layers] + have
+        for name, _ in self.root.named_modules():
+            if name and name not in have and config.matches_saved(name) and \
+                    not any(name.startswith(a + ".") for a in inside):
+                raise AdapterError(f"{what}: modules_to_save/task_type select '{name}', which the model's adapters do "
+                                   "not save; every adapter must save the same modules")
 
     # -- changes, on every layer ------------------------------------------------------------------
     def add(self, name: str, config: LoLDUConfig, values: Optional[dict] = None,
