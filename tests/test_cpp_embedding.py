@@ -311,3 +311,15 @@ def test_cpp_reader_knows_every_config_key():
     fields = {f for f in LoLDUConfig.__dataclass_fields__ if not f.startswith("_")} - {"r"}
     missing = sorted(f for f in fields if f'"{f}"' not in known)
     assert not missing, f"cpp/adapter_file.cpp does not know the config keys {missing}"
+
+
+def test_readme_cpp_section_is_the_tested_session():
+    """The README's C++ section shows docs/cpp.md's build commands and example session verbatim (the
+    session is run by test_docs_cpp_example_session_runs_as_written, the build by `make ctest`)."""
+    blocks = lambda text: [b for _, b in re.findall(r"```(\w*)\n(.*?)```", text, re.S)]  # noqa: E731
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## C++\n"):readme.index("## What loldu guarantees")]
+    doc = blocks((ROOT / "docs" / "cpp.md").read_text())
+    for b in blocks(section):
+        assert b in doc, b
+    assert len(blocks(section)) == 3
