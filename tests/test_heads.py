@@ -367,3 +367,24 @@ def test_merge_and_unload_restores_the_heads_flags():
     assert model.classifier.modules_to_save["default"].weight.requires_grad
     plain = loldu.merge_and_unload(model)
     assert not plain.classifier.weight.requires_grad and plain.classifier.bias.requires_grad
+
+
+def test_all_linear_never_adapts_a_task_head():
+    """A fresh classifier has nothing to factorize: 'all-linear' leaves it out, and warns when nothing
+    trains it (no task_type / modules_to_save)."""
+    with pytest.warns(LolduWarning, match=r"leaves the task head 'classifier' out.*task_type='SEQ_CLS'"):
+        model = loldu.inject(bert_cls(0), LoLDUConfig(rank=2, target_modules="all-linear"))
+    assert not any(n.startswith("classifier") for n, _ in loldu.adapted_layers(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loldu.inject(bert_cls(0), LoLDUConfig(rank=2, target_modules="all-linear", task_type="seq_cls"))
+
+
+def test_config_mistakes_are_explained():
+    with pytest.raises(AdapterError, match=r"'qeury' matches no module.*did you mean 'query'"):
+        loldu.inject(bert_cls(0), LoLDUConfig(rank=2, target_modules=["qeury"]))
+    with pytest.raises(AdapterError, match="all-linear"):
+        LoLDUConfig(rank=2)
+    with pytest.raises(AdapterError, match="task_type.*SEQ_CLS"):
+        LoLDUConfig(rank=2, target_modules=["q"], task_type="BOGUS")
+    assert LoLDUConfig(rank=2, target_modules=["q"], task_type="seq_cls").task_type == "SEQ_CLS"

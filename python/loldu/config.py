@@ -34,6 +34,8 @@ ALL_LINEAR = "all-linear"
 # Heads a task_type implies, trained fully and saved with the adapter (PEFT's defaults).
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
               "QUESTION_ANS": ("qa_outputs",)}
+# PEFT's task types (peft.TaskType); those without a head of their own save nothing beside the adapter.
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
 @dataclass
@@ -108,6 +110,10 @@ class LoLDUConfig:
         elif isinstance(tm, list):
             if not tm or not all(isinstance(t, str) and t for t in tm):
                 raise AdapterError(f"LoLDUConfig: target_modules must be a non-empty list of non-empty names, got {tm!r}")
+        elif tm is None:
+            raise AdapterError("LoLDUConfig: target_modules is required: a list of module names or suffixes (e.g. "
+                               "['query', 'value']), a regular expression, or 'all-linear' (every linear layer but "
+                               "the output head)")
         else:
             raise AdapterError(
                 f"LoLDUConfig: target_modules must be a regex str or a list of module names/suffixes, got {tm!r}")
@@ -140,8 +146,11 @@ class LoLDUConfig:
         if self.parametrization not in PARAMETRIZATIONS:
             raise AdapterError(f"LoLDUConfig: parametrization must be one of {list(PARAMETRIZATIONS)}, "
                                f"got {self.parametrization!r}")
-        if self.task_type is not None and not isinstance(self.task_type, str):
-            raise AdapterError(f"LoLDUConfig: task_type must be None or a str such as 'SEQ_CLS', got {self.task_type!r}")
+        if self.task_type is not None:
+            if not isinstance(self.task_type, str) or self.task_type.upper() not in TASK_TYPES:
+                raise AdapterError(f"LoLDUConfig: task_type must be None or one of PEFT's {list(TASK_TYPES)}, "
+                                   f"got {self.task_type!r}")
+            self.task_type = self.task_type.upper()
         mts = self.modules_to_save
         if isinstance(mts, str):
             mts = [mts]

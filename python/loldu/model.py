@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn as nn
 
-from .config import ALL_LINEAR, LoLDUConfig
+from .config import ALL_LINEAR, TASK_HEADS, LoLDUConfig
 from .errors import AdapterError, FactorizationError, LolduWarning
 from .heads import SavedModule
 from .layer import KINDS, LoLDULayer, check_supported, kind_of, weight_matrix, weight_refusal
@@ -110,16 +110,20 @@ def find_targets(model: nn.Module, config: LoLDUConfig) -> List[Tuple[str, nn.Mo
             inside.append(name)  # (a named target inside a saved module is refused by find_saved)
             continue
         if all_linear:
-            if kind_of(module) in ("linear", "conv1d") and module is not head \
+            if kind_of(module) in ("linear", "conv1d") and module is not head and name.rpartition(".")[2] not in HEADS \
                     and _bypass_reason(root.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) is None:
                 found.append((name, module, check_supported(name, module)))
         elif config.matches(name):
             found.append((name, module, check_supported(name, module)))
-    if isinstance(config.target_modules, list):
-        _warn_unmatched(root, config.target_modules, "target_modules")
     _check_registered_once(root, config)
     if not found:
-        raise AdapterError(f"target_modules={config.target_modules!r} matches no module of {type(root).__name__}")
+        hints = _unmatched(root, config.target_modules) if isinstance(config.target_modules, list) else []
+        raise AdapterError(f"target_modules={config.target_modules!r} matches no module of {type(root).__name__}"
+                           + (f" ({'; '.join(hints)})" if hints else ""))
+    if isinstance(config.target_modules, list):
+        _warn_unmatched(root, config.target_modules, "target_modules")
+    if all_linear:
+        _warn_unsaved_heads(root, config, found)
     for name, _, _ in found:
         _check_not_bypassed(root, name, config, len(found))
     return found
@@ -135,17 +139,38 @@ def _output_head(root: nn.Module) -> Optional[nn.Module]:
     return head if isinstance(head, nn.Module) else None
 
 
-def _warn_unmatched(root: nn.Module, entries: Sequence[str], what: str) -> None:
-    """One LolduWarning per entry of a name list that matches no module (a typo is otherwise silent)."""
+def _unmatched(root: nn.Module, entries: Sequence[str]) -> List[str]:
+    """'entry ... matches no module[; did you mean ...?]' for each entry of a name list matching nothing."""
     names = [n for n, _ in root.named_modules(remove_duplicate=False) if n]
     leaves = sorted({n.rpartition(".")[2] for n in names})
+    out = []
     for entry in entries:
         if any(n == entry or n.endswith("." + entry) for n in names):
             continue
         close = difflib.get_close_matches(entry.rpartition(".")[2], leaves, n=3)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        warnings.warn(f"loldu: {what} entry {entry!r} matches no module of {type(root).__name__}{hint}",
-                      LolduWarning, stacklevel=4)
+        out.append(f"entry {entry!r} matches no module of {type(root).__name__}{hint}")
+    return out
+
+
+def _warn_unmatched(root: nn.Module, entries: Sequence[str], what: str) -> None:
+    """One LolduWarning per entry of a name list that matches no module (a typo is otherwise silent)."""
+    for text in _unmatched(root, entries):
+        warnings.warn(f"loldu: {what} {text}", LolduWarning, stacklevel=4)
+
+
+# Names of task heads: target_modules='all-linear' never adapts them (a fresh head has nothing to factorize).
+HEADS = sorted({n for names in TASK_HEADS.values() for n in names})
+
+
+def _warn_unsaved_heads(root: nn.Module, config: LoLDUConfig, found) -> None:
+    """With 'all-linear', a task head left out of the adapter that nothing trains gets a LolduWarning."""
+    for name, module in root.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in HEADS and kind_of(module) in ("linear", "conv1d") and not config.matches_saved(name):
+            warnings.warn(f"loldu: target_modules='all-linear' leaves the task head '{name}' out, and nothing trains "
+                          "it: pass task_type='SEQ_CLS' (or 'TOKEN_CLS', 'QUESTION_ANS'), or modules_to_save="
+                          f"['{leaf}'], to train it and save it with the adapter", LolduWarning, stacklevel=5)
 
 
 def find_saved(model: nn.Module, config: LoLDUConfig, targets: Targets) -> List[Tuple[str, nn.Module]]:
