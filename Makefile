@@ -20,6 +20,7 @@ $(DEPS): requirements.txt
 
 # The extension compiles against the installed torch, hence --no-build-isolation.
 $(EXT): $(DEPS) $(CPP) setup.py pyproject.toml
+	@echo "building the loldu extension (C++, against the installed torch): a few minutes on 2 cores, quietly"
 	MAX_JOBS=2 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
