@@ -133,13 +133,13 @@ def main(argv=None):
     groups = [{"params": [p for n, p in named if "classifier" not in n], "lr": args.lr},
               {"params": [p for n, p in named if "classifier" in n], "lr": HEAD_LR}]
     n_train = sum(p.numel() for _, p in named)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_total = sum(p.numel() for p in base.parameters())  # the same encoder and head, no adapter
     l0, l1, step_loldu = train(model, groups, train_data, args.epochs, args.seed,
                                f"[2] LoLDU r={args.rank}, {len(loldu.adapted_layers(model))} layers", args.steps)
     logits = predict(model, test_data)
     acc_loldu = accuracy(logits, test_data)
     print(f"[2] LoLDU: loss {l0:.3f} -> {l1:.3f}; test accuracy {acc_loldu:.2f}%")
-    print(f"\n    {'':<26}{'trainable params':>17}{'test accuracy':>15}{'ms / step':>11}")
+    print(f"\n    {'':<26}{'trainable params':>17}{'test accuracy':>15}{'ms / step':>11}  (time: this run, indicative)")
     print(f"    {'head only':<26}{head_params:>17,}{acc_head:>14.2f}%{step_head * 1e3:>11.0f}")
     print(f"    {f'LoLDU r={args.rank} + head':<26}{n_train:>17,}{acc_loldu:>14.2f}%{step_loldu * 1e3:>11.0f}")
     print(f"    LoLDU trains {n_train - head_params:,} adapter numbers ({100 * (n_train - head_params) / n_total:.3f}% "
