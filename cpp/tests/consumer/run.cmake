@@ -25,3 +25,5 @@ run(${CMAKE_COMMAND} -E env CMAKE_PREFIX_PATH=${prefix}:${torch_prefix}
     ${CMAKE_COMMAND} -S ${CONSUMER_DIR} -B ${WORK_DIR}/build -G ${GENERATOR} -DCMAKE_BUILD_TYPE=${BUILD_TYPE})
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
 run(${WORK_DIR}/build/consumer ${WORK_DIR}/adapter)
+# The installed example app runs from the prefix (its RUNPATH finds libloldu and libtorch).
+run(${prefix}/bin/apply_adapter --check ${WORK_DIR}/adapter)
