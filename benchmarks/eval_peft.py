@@ -22,10 +22,10 @@ of that configuration's accuracy at its tuned rate with the same seed.
 
 Measured: trainable parameters (the head included), adapter bytes (what each library saves:
 loldu.save_adapter, PEFT's save_pretrained, a safetensors file of the whole model or the head),
-test accuracy, median time per training step and peak memory: each method runs in its own
-subprocess and reports resource.getrusage(RUSAGE_SELF).ru_maxrss (the process's peak resident set,
-model and data included) at its end. Time per step is noisy on a shared machine: compare the
-ratios to head-only within one run, not the absolute numbers.
+test accuracy, time per training step (the median of each run, and a side-by-side measurement:
+one process runs one step of each method in turn, so outside load falls on all alike; compare the
+ratios to head-only, not the absolute numbers) and peak memory (a fresh process per method, 8
+training steps and a test batch: its resource.getrusage(RUSAGE_SELF).ru_maxrss).
 
     python benchmarks/eval_peft.py [--epochs N] [--workers N] [--resume] [--only NAME ...]
 """
@@ -554,16 +554,19 @@ def markdown(out):
     t = out["methods"]
     key = "step_s_side_by_side" if all("step_s_side_by_side" in r for r in t.values()) else "step_s"
     head_step = t["head"][key] if "head" in t else None
-    lines = ["| method | trainable params | adapter bytes | best lr | test acc % (3 seeds) | step ms | step / head-only "
-             "| peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head_params = t["head"]["trainable"] if "head" in t else 0
+    lines = ["| method | trainable params (head excluded) | adapter bytes | best lr | test acc % (3 seeds) | step ms "
+             "| step / head-only | peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in sorted(t.items(), key=lambda kv: -kv[1]["acc_mean"]):
         ratio = f"{r[key] / head_step:.1f}x" if head_step else "-"
-        lines.append(f"| {label(name, r['spec'])} | {r['trainable']:,} | {r['adapter_bytes']:,} | {r['best_lr']:g} | "
+        own = r["trainable"] - head_params if r["spec"]["kind"] not in ("head", "full") else r["trainable"]
+        lines.append(f"| {label(name, r['spec'])} | {own:,} | {r['adapter_bytes']:,} | {r['best_lr']:g} | "
                      f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {r[key] * 1e3:.0f} | {ratio} | "
                      f"{r['peak_rss_bytes'] / 2 ** 20:.0f} |")
     for param, d in out["defaults"].items():
         lines += ["", f"Default learning rate, {param} parametrization: {d['lr']:g} "
-                      f"(holds within {out['meta']['default_tol_points']:g} points on every seed: {d['holds']})", "",
+                      f"(holds within {out['meta']['default_tol_points']:g} point on every seed and configuration: "
+                      f"{'yes' if d['holds'] else 'no'})", "",
                   "| configuration | acc % at the default (3 seeds) | tuned acc % | holds |", "|---|---:|---:|---|"]
         for n, p in d["per_config"].items():
             lines.append(f"| {label(n, t[n]['spec'])} | {p['acc_mean']:.2f} ± {p['acc_std']:.2f} | "
@@ -618,7 +621,12 @@ def plots(out):
             if not keep(r["spec"]):
                 continue
             lrs = sorted(float(k) for k in r["grid_acc"])
-            ax.plot(lrs, [r["grid_acc"][str(lr)] for lr in lrs], marker="o", label=label(name, r["spec"]))
+            sp = r["spec"]
+            style = {}
+            if sp["kind"] == "loldu":  # colour: targets and rank; dashed: sigma trained
+                combo = ("qv", "all").index(sp["target"]) * 3 + (8, 64, 384).index(sp["rank"])
+                style = {"color": plt.cm.tab10(combo), "ls": "--" if sp["train_scale"] else "-"}
+            ax.plot(lrs, [r["grid_acc"][str(lr)] for lr in lrs], marker="o", label=label(name, sp), **style)
         ax.set_xscale("log")
         ax.set_title(title + " (seed 0)")
         ax.set_xlabel("learning rate")
