@@ -148,7 +148,9 @@ def cmd_export(args) -> int:
     if args.adapter:
         from loldu.adapter_io import read_adapter
 
-        header, _, tensors = read_adapter(args.adapter)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # load_adapter below reads the directory again and warns once
+            header, _, tensors = read_adapter(args.adapter)
         adapter = (header, tensors)
     model, trace_inputs, check_inputs = load_base(args.base, adapter)
     model.eval()
