@@ -1,4 +1,4 @@
-# The two set-up commands: `make demo` runs the main job, `make test` runs the tests.
+# The two set-up commands: `make demo` runs the demo, `make test` runs the tests.
 # Each creates .venv if missing and installs the pinned dependencies itself.
 PYTHON ?= python3
 VENV   := .venv
@@ -24,7 +24,7 @@ $(EXT): $(DEPS) $(CPP) setup.py pyproject.toml
 	MAX_JOBS=2 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-# The main job: LoLDU against a head-only baseline on AFINN-165 word sentiment, then save, merge, ONNX.
+# The demo: LoLDU against a head-only baseline on AFINN-165 word sentiment, then save, merge, ONNX.
 demo: $(EXT)
 	$(BIN)/python examples/demo.py
 

@@ -1,4 +1,4 @@
-"""The main job, end to end on a real labelled task (run by `make demo` or `loldu demo`).
+"""The demo, end to end on a real labelled task (run by `make demo` or `loldu demo`).
 
 Task: tell positive from negative English words and phrases of the AFINN-165 lexicon (shipped in
 the PyPI package afinn; each entry rated -5..+5 by a person; loldu.datasets.afinn_split: a balanced

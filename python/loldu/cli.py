@@ -1,6 +1,6 @@
 """The `loldu` command line (also `python -m loldu`).
 
-    loldu demo [--epochs N] [--steps N] [--no-export] ...   (the main job: examples/demo.py)
+    loldu demo [--epochs N] [--steps N] [--no-export] ...   (the demo: examples/demo.py)
     loldu inspect <adapter dir> [--json]
     loldu export --base <model dir | package.module:factory> [--adapter <adapter dir>] --out model.onnx
                  [--fp16] [--adapter-inputs] [--opset N] [--no-check]
