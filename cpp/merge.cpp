@@ -174,7 +174,17 @@ std::vector<LayerCheck> check_layers(const BaseView& view, const AdapterFile& a)
     const std::string layer = where + ": layer '" + l.name + "'";
     const std::string key = l.name + ".weight";
     const at::Tensor* t = view.find(key);
-    if (!t) throw AdapterError(layer + " is in the adapter but the weights have no '" + key + "'");
+    if (!t) {
+      // The adapter's names under a prefix the weights lack (a task model's 'bert.' over its bare encoder's
+      // file), or the other way round: say so, as Python's loader does.
+      std::string hint;
+      const size_t dot = l.name.find('.');
+      if (dot != std::string::npos && view.find(l.name.substr(dot + 1) + ".weight"))
+        hint = "; the weights name it '" + l.name.substr(dot + 1) + ".weight': the adapter was trained on a model whose "
+               "module names carry the prefix '" + l.name.substr(0, dot + 1) + "' (a task model over this base), so "
+               "merge it into that model's weights";
+      throw AdapterError(layer + " is in the adapter but the weights have no '" + key + "'" + hint);
+    }
     if (l.kind != "linear" && l.kind != "embedding" && l.kind != "conv2d" && l.kind != "conv1d")
       throw AdapterError(layer + ": unknown kind '" + l.kind + "' (linear, conv2d, embedding, conv1d)");
     const int64_t want_dim = l.kind == "conv2d" ? 4 : 2;

@@ -323,3 +323,19 @@ def test_readme_cpp_section_is_the_tested_session():
     for b in blocks(section):
         assert b in doc, b
     assert len(blocks(section)) == 3
+
+
+def test_task_model_adapter_into_bare_weights_names_the_prefix(app, tmp_path):
+    """An adapter trained on a task model ('body.'-prefixed names) merged into its bare body's weights is
+    refused, nothing written, and the message says which prefix the weights lack (as Python's loader does)."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 6))
+    save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(tmp_path / "bare.safetensors"))
+    task = nn.Module()
+    task.body = body
+    model = loldu.inject(task, LoLDUConfig(rank=2, target_modules=["0", "2"]))
+    randomize(model)
+    loldu.save_adapter(model, tmp_path / "adapter")
+    res = run(app, tmp_path / "bare.safetensors", tmp_path / "adapter", tmp_path / "out.safetensors", ok=False)
+    assert res.returncode == 1 and "prefix 'body.'" in res.stderr, res.stderr
+    assert not (tmp_path / "out.safetensors").exists()
