@@ -192,10 +192,10 @@ def run_one(spec, lr, seed, data):
 def load_data():
     import torch
 
-    from loldu.datasets import afinn_split, load_minilm_classifier
+    from loldu.datasets import afinn_split, load_minilm_tokenizer
 
     train, test = afinn_split(0)
-    _, tok = load_minilm_classifier()
+    tok = load_minilm_tokenizer()
 
     def enc(split):
         e = tok(split.texts, padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="pt")

@@ -7,6 +7,8 @@
 #include <loldu/safetensors.h>
 #include <loldu/sha256.h>
 
+#include "ldu_common.h"  // working_dtype
+
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
@@ -81,8 +83,6 @@ at::Tensor from_bytes(const std::string& dtype, const std::vector<int64_t>& shap
   if (nbytes) std::memcpy(t.data_ptr(), data, nbytes);
   return t;
 }
-
-at::ScalarType working_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Python's loldu.layer.holds: factors whose largest magnitude is `peak` may be stored in `t`.
 bool holds(at::ScalarType t, double peak) {

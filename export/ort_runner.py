@@ -74,8 +74,7 @@ class OrtRunner:
                 self.notice = f"loldu.export.OrtRunner: running {Path(self.path).name} on CPUExecutionProvider: {reason}"
                 if not quiet and reason not in _NOTICES_SHOWN:
                     _NOTICES_SHOWN.add(reason)
-                    warnings.warn(f"loldu.export.OrtRunner: running on CPUExecutionProvider: {reason} (shown once)",
-                                  OrtNotice, stacklevel=2)
+                    warnings.warn(f"{self.notice} (shown once)", OrtNotice, stacklevel=2)
         if self.session is None:
             self.session = self._create(ort, opts, ["CPUExecutionProvider"], quiet=False)
         self.provider = self.session.get_providers()[0]

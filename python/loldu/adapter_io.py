@@ -58,11 +58,11 @@ import torch.nn as nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import LoLDUConfig
+from .config import TASK_HEADS, LoLDUConfig
 from .errors import AdapterError, LolduWarning
 from .layer import weight_matrix
 from .model import add_with, inject_with
-from .state import AdapterState
+from .state import AdapterState, unwrap
 
 CONFIG_NAME = "loldu_config.json"
 LEGACY_CONFIG_NAME = "adapter_config.json"  # formats 1 and 2 (PEFT's file name)
@@ -377,7 +377,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise AdapterError(f"{what}: saved module '{n}': adapter {name!r} holds NaN/Inf in '{key}' (training "
                                    "diverged); nothing was written")
-            tensors[f"{SAVED_PREFIX}{n}.{key}"] = t.clone()
+            tensors[f"{SAVED_PREFIX}{n}.{key}"] = t
         saved_entries.append({"name": n, "tensors": list(sd)})
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter_name": name,
               "model_class": type(state.root).__name__, "config": config.to_dict(),
@@ -660,7 +660,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
 def _head_hint(model: nn.Module, name: str) -> str:
     """A hint when the model seems to be the bare encoder of a task model (no head to load into)."""
     leaf = name.rpartition(".")[2]
-    if leaf in ("classifier", "score", "qa_outputs"):
+    if leaf in {n for heads in TASK_HEADS.values() for n in heads}:
         return (f" (a task head: load the model class the adapter was trained with, e.g. "
                 f"AutoModelForSequenceClassification, not the bare {type(model).__name__})")
     return ""
@@ -683,7 +683,7 @@ def _class_hint(missing: List[str], model: Optional[nn.Module], header: Optional
     trained on another model class of the same base (a task model vs its bare encoder): say which."""
     if model is None:
         return ""
-    names = {n for n, _ in AdapterState.of(model).root.named_modules() if n}
+    names = {n for n, _ in unwrap(model).named_modules() if n}
     saved_class = (header or {}).get("model_class")
     trained_on = f" ({saved_class})" if isinstance(saved_class, str) else ""
     head, _, rest = missing[0].partition(".")

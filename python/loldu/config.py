@@ -7,6 +7,7 @@ from typing import List, Optional, Union
 import torch
 
 from .errors import AdapterError
+from .reference import FORMS
 
 _FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64,
                   "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -26,7 +27,6 @@ def _short(v) -> str:
     return r if len(r) <= 40 else f"{r[:20]}...({len(r)} characters)"
 
 
-FORMS = ("auto", "delta", "dense")
 STORAGES = ("full", "cur")
 PARAMETRIZATIONS = ("paper", "relative")
 # target_modules="all-linear" (PEFT's spelling): every nn.Linear / transformers Conv1D but the output head.

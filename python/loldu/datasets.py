@@ -103,18 +103,27 @@ class MeanPoolClassifier(torch.nn.Module):
         return self.classifier((h * m).sum(1) / m.sum(1).clamp_min(1.0))
 
 
-def load_minilm_classifier(num_labels: int = 2, seed: int = 0):
-    """(MeanPoolClassifier over the offline MiniLM without its pooler, tokenizer), loaded with
-    local_files_only=True and dropout off (so a step depends only on the data order and the seed)."""
+def load_minilm_tokenizer():
+    """The offline MiniLM's tokenizer (local_files_only=True)."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .presets import minilm_path
 
+    return AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+
+
+def load_minilm_classifier(num_labels: int = 2, seed: int = 0):
+    """(MeanPoolClassifier over the offline MiniLM without its pooler, tokenizer), loaded with
+    local_files_only=True and dropout off (so a step depends only on the data order and the seed)."""
+    from transformers import AutoModel
+
+    from .presets import minilm_path
+
+    tok = load_minilm_tokenizer()
     path = minilm_path()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     bert = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0)
     return MeanPoolClassifier(bert, bert.config.hidden_size, num_labels, seed), tok

@@ -211,7 +211,6 @@ class LoLDULayer(nn.Module):
         self.layer_name = name  # the wrapped module's name in the model, for errors and warnings
         self._factor_peak = 0.0  # largest magnitude of the stored factor buffers (FACTOR_KEYS)
         self._factor_dtype_asked = factor_dtype  # the config's factor dtype (stored in fp32 if it cannot hold them)
-        self.storage = "full"
         self._check_storage(storage)
         self.storage = storage
         self._set_factors(factors, factor_dtype, factors.D.dtype, stacklevel=5)

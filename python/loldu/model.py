@@ -663,10 +663,14 @@ def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def parameter_counts(model: nn.Module) -> Tuple[int, int]:
+    """(trainable, all) numbers of parameters of the model."""
+    return sum(p.numel() for p in trainable_parameters(model)), sum(p.numel() for p in model.parameters())
+
+
 def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     """Prints PEFT's line 'trainable params: T || all params: A || trainable%: P'; returns (T, A)."""
-    trainable = sum(p.numel() for p in trainable_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = parameter_counts(model)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
     return trainable, total
 

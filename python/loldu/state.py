@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch.nn as nn
 
-from .config import LoLDUConfig
+from .config import ALL_LINEAR, LoLDUConfig
 from .errors import AdapterError
 from .heads import SavedModule, saved_modules
 from .layer import LoLDULayer
@@ -128,10 +128,10 @@ class AdapterState:
             if not config.matches(name):
                 raise AdapterError(f"{what}: target_modules does not select LoLDU layer '{name}'; every adapter must "
                                    "cover the same layers")
-        for name, _ in self.root.named_modules():
+        # ('all-linear' selects by module kind, not by name: loldu.model.find_targets)
+        for name, _ in self.root.named_modules() if config.target_modules != ALL_LINEAR else ():
             if name and config.matches(name) and name not in adapted and not any(name.startswith(a + ".") for a in adapted):
-                if config.target_modules != "all-linear":  # that one selects by kind; see loldu.model.find_targets
-                    raise AdapterError(f"{what}: target_modules selects '{name}', which has no LoLDU factors")
+                raise AdapterError(f"{what}: target_modules selects '{name}', which has no LoLDU factors")
         have = [n for n, _ in self.saved]
         missing = [n for n in have if not config.matches_saved(n)]
         if missing:

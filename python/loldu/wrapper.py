@@ -104,8 +104,7 @@ class LoLDUModel(nn.Module):
 
     def get_nb_trainable_parameters(self) -> Tuple[int, int]:
         """(trainable, all) parameter counts, as PEFT's method of that name."""
-        params = list(self.base_model.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        return _model.parameter_counts(self.base_model)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[nn.Module]:
