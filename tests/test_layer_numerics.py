@@ -178,7 +178,10 @@ def test_factor_dtype_that_cannot_hold_the_factors_stores_fp32_with_a_warning():
     layer = model[0]
     assert layer.loldu_U.dtype == torch.float32 and torch.isfinite(layer.loldu_U).all()
     x = torch.randn(6, 64)
-    assert torch.equal(model(x), layer.base_layer(x))
+    # the fused op at c == 0 (an fp32 weight: no fp32 side branch) against nn.Linear: two GEMM routes,
+    # so within a few fp32 ulps of the output's scale rather than bit for bit
+    y, base = model(x), layer.base_layer(x)
+    torch.testing.assert_close(y, base, rtol=0, atol=8 * torch.finfo(torch.float32).eps * float(base.abs().max()))
 
 
 # -- merge -> unmerge --------------------------------------------------------------------------------

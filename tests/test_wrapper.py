@@ -36,7 +36,8 @@ def test_peft_surface(tmp_path, capsys):
     with torch.no_grad():
         after = model(input_ids=ids).logits
         with model.disable_adapter():
-            assert torch.equal(model(input_ids=ids).logits, before)
+            # the base modules' own forward vs the fused op at c == 0: two GEMM routes, bounded
+            torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(after, before)
     model.save_pretrained(tmp_path)
     with pytest.raises(AdapterError, match="safe_serialization"):
