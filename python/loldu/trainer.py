@@ -8,10 +8,10 @@ comes from `LoLDUTrainerMixin`, which replaces the three places where Trainer wr
 weights:
 
 - `_save` (every `checkpoint-N/`, `save_model()`, the final `output_dir`): `loldu.save_adapter`
-  writes the active adapter (`adapter_model.safetensors` + `adapter_config.json`: z, sigma, the
-  pivots, the base weights' fingerprints, and the modules_to_save / task heads whole), next to the
-  processing class and `training_args.bin`. Trainer adds its own state files to checkpoints
-  (optimizer, scheduler, rng, `trainer_state.json`). No base weight is written.
+  writes the active adapter (`adapter_model.safetensors`: z, sigma, the pivots, the base weights'
+  fingerprints, and the modules_to_save / task heads whole; `loldu_config.json`, a readable copy of
+  its config), next to the processing class and `training_args.bin`. Trainer adds its own state
+  files to checkpoints (optimizer, scheduler, rng, `trainer_state.json`). No base weight is written.
 - `_load_from_checkpoint` (`train(resume_from_checkpoint=...)`) and `_load_best_model`
   (`load_best_model_at_end=True`): `restore_adapter` copies the saved values into the model's
   active adapter in place, after checking the checkpoint against the model (same layers, base
@@ -77,7 +77,8 @@ def restore_adapter(model: nn.Module, directory, adapter_name: Optional[str] = N
         raise AdapterError(f"{where}: the model has no active adapter; pass adapter_name")
     state.require_exists(name, where)
     state.require_unmerged(where, fix="call loldu.unmerge before restoring into it")
-    mine, theirs = state.config(name), read_adapter(directory)[1]
+    stored = read_adapter(directory)  # read and hashed once: load_adapter below takes it as read
+    mine, theirs = state.config(name), stored.config
     differ = [f.name for f in dataclasses.fields(mine) if not f.name.startswith("_") and f.name not in _COMPUTE_ONLY
               and getattr(mine, f.name) != getattr(theirs, f.name)]
     if differ:
@@ -92,7 +93,7 @@ def restore_adapter(model: nn.Module, directory, adapter_name: Optional[str] = N
     # Loaded as an extra, inactive adapter: every check of load_adapter runs (layers, base weights by
     # fingerprint, saved modules), and a refusal leaves the model unchanged. Its values are then copied
     # over and it is deleted again.
-    load_adapter(model, directory, adapter_name=scratch)
+    load_adapter(model, stored, adapter_name=scratch)
     try:
         state = AdapterState.of(model)
         with torch.no_grad():
