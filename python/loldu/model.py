@@ -1,41 +1,37 @@
-"""How a model is walked and wrapped: inject, named adapters, merge/unload, disabled, mixed batches.
+"""How a model is wrapped and edited: inject, named adapters, merge/unload, disabled, mixed batches.
 
 Every function takes a model (a DDP or torch.compile wrapper is looked through) and edits it in
 place. Editing is transactional: all checks and all factorizations happen before the first module
-is swapped, so a failure leaves the model exactly as it was.
+is swapped, so a failure leaves the model exactly as it was. Finding the modules to adapt and to
+save is loldu.targets, factorizing them loldu.factorize, the run-time call check loldu.callcheck;
+their public names are importable from here too.
 """
 import contextlib
-import difflib
-import functools
 import re
-import sys
-import threading
-import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .config import ALL_LINEAR, TASK_HEADS, LoLDUConfig
-from .errors import AdapterError, FactorizationError, LolduWarning
+from .callcheck import CALL_CHECK_FORWARDS, CallCheck
+from .config import LoLDUConfig
+from .errors import AdapterError
+from .factorize import build_layers, factorize
 from .heads import SavedModule
-from .layer import KINDS, LoLDULayer, check_supported, kind_of, weight_matrix, weight_refusal
-from .ldu import LDUResult, ldu, ldu_from_pivots
-from .progress import Progress
+from .layer import LoLDULayer, weight_refusal
 from .state import AdapterState, adapted_layers, unwrap
+from .targets import HEADS, Targets, find_saved, find_targets
 
-_PROGRESS_MIN_LAYERS = 32  # show a progress bar from this many layers on
-_STACK_BYTES = 256 << 20  # most bytes of weights stacked into one batched factorization call
+__all__ = [  # the verbs, and the names loldu.model has always offered (state, targets, factorize, callcheck)
+    "CALL_CHECK_FORWARDS", "HEADS", "Targets", "AdapterState", "adapted_layers", "unwrap", "find_targets",
+    "find_saved", "factorize", "build_layers", "commit", "inject", "inject_with", "adapter_names", "active_adapter",
+    "add_adapter", "add_with", "set_adapter", "delete_adapter", "trainable_parameters", "parameter_counts",
+    "print_trainable_parameters", "merge", "unmerge", "unload", "merge_and_unload", "disabled", "adapter_ids",
+]
+
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _SAVED_FLAGS = "_loldu_requires_grad"
 _CALL_CHECK = "_loldu_call_check"
-# The call check (_CallCheck) refuses a layer once its parent has run in this many forwards of the
-# model without calling it (a parent may call a layer only in some forwards: a mixture of experts).
-CALL_CHECK_FORWARDS = 8
-
-
-# (name, module, kind) of the modules an adapter goes onto; what inject_with/add_with give `check`.
-Targets = List[Tuple[str, nn.Module, str]]
 
 
 def _state(model) -> AdapterState:
@@ -48,429 +44,13 @@ def _check_name(adapter_name) -> None:
         raise AdapterError(f"adapter name must be an identifier-like str (letters, digits, _ or -), got {adapter_name!r}")
 
 
-# torch.nn modules that read a child Linear's weight instead of calling the child, so a LoLDU layer
-# there would be silently ignored: (parent class, child attribute, why, refuse even if a subclass
-# overrides forward). A subclass with its own forward is otherwise left to the run-time check
-# (_CallCheck), which sees a bypass in every forward but not one that depends on the mode (an
-# inference fast path), so those are refused for every subclass. (nn.MultiheadAttention's packed
-# in_proj_weight and its q/k/v_proj_weight are Parameters, not modules: target_modules never sees them.)
-_IGNORED = "its adapter would get no gradient and be ignored, yet merge would change the outputs"
-_BYPASSED_CHILDREN = [
-    (nn.MultiheadAttention, "out_proj", "nn.MultiheadAttention passes out_proj.weight and out_proj.bias to "
-     f"F.multi_head_attention_forward instead of calling out_proj: {_IGNORED}", False),
-    *((nn.TransformerEncoderLayer, lin, f"nn.TransformerEncoderLayer's inference fast path (eval mode without grad) "
-       f"passes {lin}.weight to torch._transformer_encoder_layer_fwd instead of calling {lin}: its adapter would "
-       "be ignored at inference unless merged", True) for lin in ("linear1", "linear2")),
-]
-if hasattr(nn, "LinearCrossEntropyLoss"):  # torch >= 2.13
-    _BYPASSED_CHILDREN.append((nn.LinearCrossEntropyLoss, "linear", "nn.LinearCrossEntropyLoss reshapes "
-                               f"linear.weight for F.linear_cross_entropy instead of calling linear: {_IGNORED}", False))
-
-
-def _bypass_reason(parent: nn.Module, attr: str) -> Optional[str]:
-    """Why `parent` never calls its child `attr` (it reads the child's weight instead), or None."""
-    for cls, child, why, any_subclass in _BYPASSED_CHILDREN:
-        if attr == child and isinstance(parent, cls) and (any_subclass or type(parent).forward is cls.forward):
-            return why
-    return None
-
-
-def _check_not_bypassed(root: nn.Module, name: str, config: LoLDUConfig, n_found: int) -> None:
-    parent, _, attr = name.rpartition(".")
-    why = _bypass_reason(root.get_submodule(parent), attr)
-    if why is None:
-        return
-    tm = config.target_modules
-    if isinstance(tm, str):
-        how = (f"target_modules={tm!r} matches it" + (f" together with {n_found - 1} other module(s)" if n_found > 1 else "")
-               + f"; change the regex so that it does not match '{name}'")
-    else:
-        entry = next(t for t in tm if name == t or name.endswith("." + t))
-        how = f"remove it from target_modules (the entry {entry!r} selects it) or list the wanted layers by full name"
-    raise AdapterError(f"layer '{name}' cannot be adapted: {why}. Exclude it: {how}")
-
-
-def find_targets(model: nn.Module, config: LoLDUConfig) -> List[Tuple[str, nn.Module, str]]:
-    """(name, module, kind) of every module `config` targets, outside existing LoLDU layers and saved modules.
-
-    target_modules="all-linear" selects every nn.Linear and transformers Conv1D but the output head
-    (`get_output_embeddings()` of a transformers model), the saved modules (modules_to_save) and
-    linears their parent never calls (nn.MultiheadAttention.out_proj, ...), which are skipped.
-    A list entry that matches no module gets a LolduWarning (with the closest module names).
-    Raises AdapterError for a module its parent does not call (e.g. nn.MultiheadAttention.out_proj).
-    """
-    root = unwrap(model)
-    all_linear = config.target_modules == ALL_LINEAR
-    head = _output_head(root) if all_linear else None
-    found, inside = [], []
-    for name, module in root.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        if isinstance(module, (LoLDULayer, SavedModule)) or (all_linear and config.matches_saved(name)):
-            inside.append(name)  # (a named target inside a saved module is refused by find_saved)
-            continue
-        if all_linear:
-            if kind_of(module) in ("linear", "conv1d") and module is not head and name.rpartition(".")[2] not in HEADS \
-                    and _bypass_reason(root.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) is None:
-                found.append((name, module, check_supported(name, module)))
-        elif config.matches(name):
-            found.append((name, module, check_supported(name, module)))
-    _check_registered_once(root, config)
-    if not found:
-        hints = _unmatched(root, config.target_modules) if isinstance(config.target_modules, list) else []
-        raise AdapterError(f"target_modules={config.target_modules!r} matches no module of {type(root).__name__}"
-                           + (f" ({'; '.join(hints)})" if hints else ""))
-    if isinstance(config.target_modules, list):
-        _warn_unmatched(root, config.target_modules, "target_modules")
-    if all_linear:
-        _warn_unsaved_heads(root, config, found)
-    for name, _, _ in found:
-        _check_not_bypassed(root, name, config, len(found))
-    return found
-
-
-def _output_head(root: nn.Module) -> Optional[nn.Module]:
-    """A transformers model's output layer (the LM head), which target_modules='all-linear' leaves out."""
-    get = getattr(root, "get_output_embeddings", None)
-    try:
-        head = get() if callable(get) else None
-    except (AttributeError, NotImplementedError, TypeError):
-        head = None
-    return head if isinstance(head, nn.Module) else None
-
-
-def _unmatched(root: nn.Module, entries: Sequence[str]) -> List[str]:
-    """'entry ... matches no module[; did you mean ...?]' for each entry of a name list matching nothing."""
-    names = [n for n, _ in root.named_modules(remove_duplicate=False) if n]
-    leaves = sorted({n.rpartition(".")[2] for n in names})
-    out = []
-    for entry in entries:
-        if any(n == entry or n.endswith("." + entry) for n in names):
-            continue
-        close = difflib.get_close_matches(entry.rpartition(".")[2], leaves, n=3)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        out.append(f"entry {entry!r} matches no module of {type(root).__name__}{hint}")
-    return out
-
-
-def _warn_unmatched(root: nn.Module, entries: Sequence[str], what: str) -> None:
-    """One LolduWarning per entry of a name list that matches no module (a typo is otherwise silent)."""
-    for text in _unmatched(root, entries):
-        warnings.warn(f"loldu: {what} {text}", LolduWarning, stacklevel=4)
-
-
-# Names of task heads: target_modules='all-linear' never adapts them (a fresh head has nothing to factorize).
-HEADS = sorted({n for names in TASK_HEADS.values() for n in names})
-
-
-def _warn_unsaved_heads(root: nn.Module, config: LoLDUConfig, found) -> None:
-    """With 'all-linear', a task head left out of the adapter that nothing trains gets a LolduWarning."""
-    for name, module in root.named_modules():
-        leaf = name.rpartition(".")[2]
-        if leaf in HEADS and kind_of(module) in ("linear", "conv1d") and not config.matches_saved(name):
-            warnings.warn(f"loldu: target_modules='all-linear' leaves the task head '{name}' out, and nothing trains "
-                          "it: pass task_type='SEQ_CLS' (or 'TOKEN_CLS', 'QUESTION_ANS'), or modules_to_save="
-                          f"['{leaf}'], to train it and save it with the adapter", LolduWarning, stacklevel=5)
-
-
-def find_saved(model: nn.Module, config: LoLDUConfig, targets: Targets) -> List[Tuple[str, nn.Module]]:
-    """(name, module) of every module config.saved_modules selects (modules_to_save and the task's heads).
-
-    An explicit modules_to_save entry that matches nothing gets a LolduWarning; the heads a task_type
-    implies are optional; a saved module whose parameters are tied to another module's gets a
-    LolduWarning (its trained copy is no longer tied). Raises AdapterError when a saved module is,
-    contains, or lies inside an adapted layer, is already a LoLDU module, is registered under two
-    names (the copy would run under one of them only), has no forward of its own (a container such as
-    nn.ModuleList, which its parent indexes), or keeps non-tensor state (get_extra_state).
-    """
-    root = unwrap(model)
-    if not config.saved_modules:
-        return []
-    all_names: Dict[int, List[str]] = {}
-    for name, module in root.named_modules(remove_duplicate=False):
-        if name:
-            all_names.setdefault(id(module), []).append(name)
-    found: List[Tuple[str, nn.Module]] = []
-    seen = set()
-    for name, module in root.named_modules(remove_duplicate=False):
-        if not name or not config.matches_saved(name) or any(name.startswith(f + ".") for f, _ in found):
-            continue
-        names = all_names[id(module)]
-        if len(names) > 1:
-            raise AdapterError(f"modules_to_save: module '{name}' is also registered as "
-                               f"{', '.join(repr(n) for n in names if n != name)} (one module object under two names): "
-                               "its trained copy would replace it under one name only, and calls through the other "
-                               "would run the untrained original. Give each name its own module, or save neither")
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        if isinstance(module, (LoLDULayer, SavedModule)):
-            raise AdapterError(f"modules_to_save: module '{name}' is already a LoLDU module")
-        if not _runs(module):
-            raise AdapterError(f"modules_to_save: module '{name}' is a {type(module).__name__}, a container without a "
-                               "forward of its own (its parent indexes it): name the modules inside it instead "
-                               f"(e.g. '{name}.0')")
-        odd = [k for k, v in module.state_dict().items() if not isinstance(v, torch.Tensor)]
-        if odd:
-            raise AdapterError(f"modules_to_save: module '{name}' keeps non-tensor state ({odd[0]!r}, from "
-                               "get_extra_state), which an adapter file cannot hold")
-        found.append((name, module))
-    if config.modules_to_save:
-        _warn_unmatched(root, config.modules_to_save, "modules_to_save")
-    for s, _ in found:
-        for t, _, _ in targets:
-            if t == s or t.startswith(s + ".") or s.startswith(t + "."):
-                raise AdapterError(f"modules_to_save: module '{s}' overlaps the adapted layer '{t}' (a module is either "
-                                   "adapted or trained fully and saved, not both); narrow target_modules or modules_to_save")
-    _warn_tied(root, found)
-    return found
-
-
-def _warn_tied(root: nn.Module, found: List[Tuple[str, nn.Module]]) -> None:
-    """A LolduWarning for each saved module sharing a parameter with a module outside it (tied weights)."""
-    for name, module in found:
-        own = {id(p) for p in module.parameters()}
-        others = [pn for pn, p in root.named_parameters(remove_duplicate=False)
-                  if id(p) in own and not (pn.startswith(name + "."))]
-        if others:
-            warnings.warn(f"loldu: modules_to_save: module '{name}' shares its parameters with {others[0]!r} (tied "
-                          "weights); its trained copy is not tied, so that module keeps the original values",
-                          LolduWarning, stacklevel=5)
-
-
-def _check_registered_once(root: nn.Module, config: LoLDUConfig) -> None:
-    """A target registered in two places (`model.dec = model.enc`) would be swapped for its LoLDU layer
-    in one of them only, so calls through the other would silently run without the adapter: refused
-    when any of its names is targeted. (A shared parent is fine: the layer replaces the child in the
-    one parent object all its names reach.)"""
-    names: Dict[int, List[str]] = {}
-    for name, module in root.named_modules(remove_duplicate=False):
-        if name and not isinstance(module, LoLDULayer):
-            names.setdefault(id(module), []).append(name)
-    for all_names in names.values():
-        if len(all_names) < 2 or not any(config.matches(n) for n in all_names):
-            continue
-        slots: Dict[Tuple[int, str], str] = {}
-        for n in all_names:
-            parent, _, attr = n.rpartition(".")
-            slots.setdefault((id(root.get_submodule(parent)), attr), n)
-        name, *others = slots.values()
-        if others:
-            raise AdapterError(
-                f"layer '{name}' is also registered as {', '.join(repr(n) for n in others)} (one module object under "
-                f"two names): LoLDU would replace it under '{name}' only, so calls through "
-                f"{', '.join(repr(n) for n in others)} would run without the adapter. Give each name its own module "
-                "(e.g. copy.deepcopy) or leave it out of target_modules")
-
-
-def factorize(targets: Sequence[Tuple[str, nn.Module, str]], config: LoLDUConfig,
-              pivots: Optional[Dict[str, torch.Tensor]] = None, progress: Optional[bool] = None) -> Dict[str, LDUResult]:
-    """Frozen factors of every target, batched over same-shape weights.
-
-    With `pivots` (name -> (r,) int64), re-derives them from stored pivots (loldu.ldu_from_pivots)
-    instead of choosing pivots. Raises AdapterError naming the layer that cannot be factorized.
-    """
-    r = config.rank
-    groups: Dict[tuple, list] = {}
-    for name, module, kind in targets:
-        W = weight_matrix(module)
-        if r > min(W.shape):
-            raise AdapterError(f"layer '{name}': rank {r} exceeds min(d, k) = {min(W.shape)} of its "
-                               f"{kind} weight viewed as {tuple(W.shape)}")
-        groups.setdefault((tuple(W.shape), W.dtype, W.device), []).append((name, W.detach()))
-    show = progress if progress is not None else len(targets) >= _PROGRESS_MIN_LAYERS
-    out: Dict[str, LDUResult] = {}
-
-    def run(Ws, names):
-        if pivots is None:
-            return ldu(Ws, r, pivoting=config.pivoting)
-        return ldu_from_pivots(Ws, torch.stack([pivots[n] for n in names]).to(Ws.device))
-
-    with Progress(len(targets), "loldu: factorizing", "layers", enabled=show) as bar:
-        for (shape, dtype, _), items in groups.items():
-            per = max(1, _STACK_BYTES // max(1, shape[0] * shape[1] * torch.finfo(dtype).bits // 8))
-            for i in range(0, len(items), per):
-                chunk = items[i : i + per]
-                names = [n for n, _ in chunk]
-                Ws = torch.stack([W for _, W in chunk])
-                _check_finite(Ws, names)
-                try:
-                    res = run(Ws, names)
-                except FactorizationError:
-                    res = None
-                if res is None:  # find the culprit, one layer at a time
-                    for n, W in chunk:
-                        try:
-                            run(W.unsqueeze(0), [n])
-                        except FactorizationError as e:
-                            raise AdapterError(f"layer '{n}' (weight {tuple(W.shape)}): {e}") from None
-                    raise AdapterError(f"layers {names}: batched factorization failed")  # pragma: no cover
-                for j, n in enumerate(names):
-                    out[n] = LDUResult(*(t[j] for t in res))
-                bar.update(len(chunk))
-    return out
-
-
-def _check_finite(Ws: torch.Tensor, names: Sequence[str]) -> None:
-    """Every weight of the stack (n, d, k) must be finite: the factorization reads only some of its
-    entries, and a NaN elsewhere would make every output NaN. One pass over the stack."""
-    ok = torch.isfinite(Ws).flatten(1).all(1).tolist()
-    bad = [n for n, good in zip(names, ok) if not good]
-    if bad:
-        more = f" (so do {', '.join(repr(n) for n in bad[1:])})" if len(bad) > 1 else ""
-        raise AdapterError(f"layer '{bad[0]}' (weight {tuple(Ws.shape[1:])}): the base weight holds NaN or Inf{more}; "
-                           "the adapted layer's outputs would be NaN")
-
-
-def build_layers(targets, factors: Dict[str, LDUResult], config: LoLDUConfig) -> Dict[str, LoLDULayer]:
-    """Wrappers around the target modules (the model is not touched yet)."""
-    layers = {}
-    for name, module, kind in targets:
-        layers[name] = KINDS[kind].wrapper(module, factors[name], config.torch_factor_dtype(module.weight.dtype), name,
-                                           storage=config.factor_storage)
-    return layers
-
-
-def _runs(module: nn.Module) -> bool:
-    """Whether the module has a forward of its own (nn.ModuleList / nn.ModuleDict are never called)."""
-    return type(module).forward is not nn.Module.forward
-
-
-class _CallCheck:
-    """Checks, once per layer, that every adapted layer is called when its parent module runs.
-
-    A parent that reads a child's weight instead of calling it (as nn.MultiheadAttention does with
-    out_proj) silently ignores the adapter. For each layer, its parent is the nearest ancestor with a
-    forward of its own (containers such as nn.ModuleList are skipped). Hooks on the layers and their
-    ancestors record, per thread, the outermost forward of the model (or of a submodule called on
-    its own): which parents ran and which layers were called. When it ends, each pending layer whose
-    parent it covers is judged: a layer called somewhere in that forward (also by the grandparent
-    after the parent returned) is settled; a layer whose parent did not run is dropped unchecked.
-    A parent may call a layer in some forwards only (a top-1 mixture of experts whose parent calls
-    experts[k], an early exit), so a layer its parent ran without is only counted: the forward in
-    which its parent has run CALL_CHECK_FORWARDS times without ever calling it raises AdapterError
-    (and so does every later one where this happens, until the layer is called). Settled hooks remove
-    themselves, so once every layer is settled no hook is left (no steady-state cost). A forward
-    that raises is not checked. A layer called outside any forward of the model (e.g. directly by
-    the user) cannot be checked and is dropped. loldu.inject / loldu.load_adapter(check_calls=False)
-    skip the check.
-
-    Under torch.compile / torch.export the hooks do nothing (dynamo traces them as no-ops, so
-    fullgraph=True holds); the check then runs at the first eager forward, if any. A parent whose
-    forward itself is compiled (its hooks run eagerly, its calls do not) is not checked.
-    """
-
-    def __init__(self, root: nn.Module, names: Sequence[str]):
-        self.parent: Dict[str, str] = {}  # layer name -> name of the parent that must call it
-        for name in names:
-            p = name
-            while p:
-                p = p.rpartition(".")[0]
-                if _runs(root.get_submodule(p)):
-                    self.parent[name] = p
-                    break
-        self.misses: Dict[str, int] = {}  # layer name -> forwards in which its parent ran without calling it
-        self.frames: Dict[int, dict] = {}  # thread id -> the outermost forward in progress
-        self.handles: Dict[str, list] = {}  # module name -> hook handles
-        self.classes = {p: type(root.get_submodule(p)).__name__ for p in self.parent.values()}
-        for name in self.parent:
-            self.handles[name] = [root.get_submodule(name).register_forward_pre_hook(functools.partial(self._called, name))]
-        for a in self._ancestors():
-            m = root.get_submodule(a)
-            self.handles[a] = [m.register_forward_pre_hook(functools.partial(self._enter, a)),
-                               m.register_forward_hook(functools.partial(self._exit, a), always_call=True)]
-
-    def _ancestors(self) -> set:
-        out = set()
-        for name in self.parent:
-            p = name
-            while p:
-                p = p.rpartition(".")[0]
-                out.add(p)
-        return out
-
-    def remove(self) -> None:
-        for hs in self.handles.values():
-            for h in hs:
-                h.remove()
-        self.handles.clear()
-        self.parent.clear()
-        self.misses.clear()
-
-    def _called(self, name, module, args):
-        if torch.compiler.is_compiling():
-            return
-        frame = self.frames.get(threading.get_ident())
-        if frame is not None:
-            frame["called"].add(name)
-        elif name in self.parent:  # used outside the model's forward: cannot be checked
-            del self.parent[name]
-            self._prune()
-
-    def _enter(self, name, module, args):
-        if torch.compiler.is_compiling():
-            return
-        frame = self.frames.setdefault(threading.get_ident(), {"depth": 0, "top": name, "ran": set(), "called": set(),
-                                                               "compiled": set(), "failed": False})
-        frame["depth"] += 1
-        frame["ran"].add(name)
-        if getattr(module.forward, "_torchdynamo_orig_callable", None) is not None:
-            frame["compiled"].add(name)  # a torch.compile'd forward: its calls are not seen
-
-    def _exit(self, name, module, args, output):
-        if torch.compiler.is_compiling():
-            return
-        tid = threading.get_ident()
-        frame = self.frames.get(tid)
-        if frame is None:
-            return
-        if sys.exc_info()[0] is not None:  # always_call: the forward raised (or runs inside an except block)
-            frame["failed"] = True
-        frame["depth"] -= 1
-        if frame["depth"] > 0:
-            return
-        del self.frames[tid]
-        if not frame["failed"]:
-            self._settle(frame)
-
-    def _settle(self, frame) -> None:
-        top, ran, called = frame["top"], frame["ran"], frame["called"]
-        missed = []
-        for name, p in list(self.parent.items()):
-            if top and p != top and not p.startswith(top + "."):
-                continue  # not covered by this forward
-            if p in ran and p not in frame["compiled"] and name not in called:
-                self.misses[name] = self.misses.get(name, 0) + 1
-                if self.misses[name] >= CALL_CHECK_FORWARDS:
-                    missed.append((name, p))
-            else:  # called (settled), or its parent did not run or is compiled (cannot be checked)
-                del self.parent[name]
-                self.misses.pop(name, None)
-        self._prune()
-        if missed:
-            name, p = missed[0]
-            more = f" ({len(missed)} such layers: {', '.join(repr(n) for n, _ in missed)})" if len(missed) > 1 else ""
-            raise AdapterError(
-                f"LoLDU layer '{name}' was never called in the {self.misses[name]} forwards where its parent '{p}' "
-                f"({self.classes[p]}) ran{more}: the parent does not call it (it reads the layer's weight, or skips the "
-                "layer), so the adapter is silently ignored (no gradient to z) while merge would still change the "
-                "outputs. Exclude it from target_modules (loldu.unload restores the model); if the parent does call it "
-                "in rare forwards only, inject or load with check_calls=False to skip this check")
-
-    def _prune(self) -> None:
-        """Removes the hooks no pending layer needs."""
-        keep = set(self.parent) | self._ancestors()
-        for name in [n for n in self.handles if n not in keep]:
-            for h in self.handles.pop(name):
-                h.remove()
-
-
 def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str, check_calls: bool = True,
            saved: Optional[Dict[str, SavedModule]] = None, trainable: bool = True) -> None:
     """Freezes every parameter, swaps the wrappers (LoLDU layers and saved modules) in and activates
     `adapter_name` (trainable unless `trainable` is False).
 
-    With `check_calls`, also arms the one-time check that every layer is called by its parent (_CallCheck).
+    With `check_calls`, also arms the one-time check that every layer is called by its parent
+    (loldu.callcheck.CallCheck).
     """
     root = unwrap(model)
     saved = saved or {}
@@ -493,7 +73,7 @@ def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str, c
     # Plain attributes (not Modules/Parameters), so they stay out of state_dict.
     object.__setattr__(root, _SAVED_FLAGS, params)
     if check_calls:
-        object.__setattr__(root, _CALL_CHECK, _CallCheck(root, list(layers)))
+        object.__setattr__(root, _CALL_CHECK, CallCheck(root, list(layers)))
 
 
 @contextlib.contextmanager
@@ -557,9 +137,10 @@ def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
     _check_name(adapter_name)
     if adapted_layers(model):
         raise AdapterError("loldu.inject: the model already has LoLDU layers; use loldu.add_adapter for another adapter")
+    root = unwrap(model)
     with _named(where):
-        targets = find_targets(model, config)
-        found_saved = find_saved(model, config, targets)
+        targets = find_targets(root, config)
+        found_saved = find_saved(root, config, targets)
     if check is not None:
         check(targets)
     if check_saved is not None:

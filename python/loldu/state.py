@@ -13,10 +13,11 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch.nn as nn
 
-from .config import ALL_LINEAR, LoLDUConfig
+from .config import LoLDUConfig
 from .errors import AdapterError
 from .heads import SavedModule, saved_modules
 from .layer import LoLDULayer
+from .targets import selector, walk
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -123,24 +124,22 @@ class AdapterState:
             if getattr(config, field) != getattr(ref, field):
                 raise AdapterError(f"{what}: {field}={getattr(config, field)!r} differs from the injected "
                                    f"layers' {getattr(ref, field)!r}; adapters of one model share its frozen factors")
-        adapted = {n for n, _ in self.layers}
+        selected = selector(self.root, config)
         for name, _ in self.layers:
-            if not config.matches(name):
+            if not selected(name):
                 raise AdapterError(f"{what}: target_modules does not select LoLDU layer '{name}'; every adapter must "
                                    "cover the same layers")
-        # ('all-linear' selects by module kind, not by name: loldu.model.find_targets)
-        for name, _ in self.root.named_modules() if config.target_modules != ALL_LINEAR else ():
-            if name and config.matches(name) and name not in adapted and not any(name.startswith(a + ".") for a in adapted):
+        adapted = {n for n, _ in self.layers}
+        for name, _ in walk(self.root, lambda n, m: isinstance(m, LoLDULayer)):
+            if selected(name) and name not in adapted:
                 raise AdapterError(f"{what}: target_modules selects '{name}', which has no LoLDU factors")
         have = [n for n, _ in self.saved]
         missing = [n for n in have if not config.matches_saved(n)]
         if missing:
             raise AdapterError(f"{what}: modules_to_save/task_type do not select the saved module '{missing[0]}' that "
                                "the model's adapters train; every adapter must save the same modules")
-        inside = [n for n, _ in self.layers] + have
-        for name, _ in self.root.named_modules():
-            if name and name not in have and config.matches_saved(name) and \
-                    not any(name.startswith(a + ".") for a in inside):
+        for name, _ in walk(self.root, lambda n, m: isinstance(m, (LoLDULayer, SavedModule))):
+            if name not in have and config.matches_saved(name):
                 raise AdapterError(f"{what}: modules_to_save/task_type select '{name}', which the model's adapters do "
                                    "not save; every adapter must save the same modules")
 
@@ -168,11 +167,6 @@ class AdapterState:
             m.active_adapter = name
             if trainable:
                 m.set_trainable(name)
-
-    def freeze(self) -> None:
-        """No adapter trains (load_adapter for inference)."""
-        for m in self.switches:
-            m.set_trainable(None)
 
     @contextlib.contextmanager
     def using(self, name: Optional[str]) -> Iterator[None]:
