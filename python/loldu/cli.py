@@ -42,6 +42,9 @@ def _model_class(transformers, adapter: Optional[tuple]):
     """(class, keyword arguments) to rebuild the model an adapter was trained on: the class recorded in
     the adapter file when transformers has it, with the label count of its saved head; else AutoModel.
     `adapter`: (header, tensors) of read_adapter, or None."""
+    from loldu.adapter_io import SAVED_PREFIX
+    from loldu.config import TASK_HEADS
+
     header, tensors = adapter if adapter is not None else ({}, {})
     name = header.get("model_class")
     cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
@@ -49,8 +52,8 @@ def _model_class(transformers, adapter: Optional[tuple]):
         return transformers.AutoModel, {}
     kwargs = {}
     for entry in header.get("saved_modules", []):
-        w = tensors.get(f"saved.{entry['name']}.weight")
-        if entry["name"].rpartition(".")[2] in ("classifier", "score") and w is not None and w.dim() == 2:
+        w = tensors.get(f"{SAVED_PREFIX}{entry['name']}.weight")
+        if entry["name"].rpartition(".")[2] in TASK_HEADS["SEQ_CLS"] and w is not None and w.dim() == 2:
             kwargs["num_labels"] = int(w.shape[0])  # the head's output size decides the model's label count
     return cls, kwargs
 
@@ -191,7 +194,7 @@ def inspect_adapter(directory) -> dict:
     """What `loldu inspect` prints, as a dict (read with loldu.adapter_io.read_adapter)."""
     import hashlib
 
-    from loldu.adapter_io import read_adapter
+    from loldu.adapter_io import SAVED_PREFIX, read_adapter
 
     header, config, tensors = read_adapter(directory)
     d = Path(directory)
@@ -204,7 +207,7 @@ def inspect_adapter(directory) -> dict:
                        "fingerprint": bytes(fps[i].tolist()).hex()})
     saved = []
     for entry in header.get("saved_modules", []):
-        ts = {t: tensors[f"saved.{entry['name']}.{t}"] for t in entry["tensors"]}
+        ts = {t: tensors[f"{SAVED_PREFIX}{entry['name']}.{t}"] for t in entry["tensors"]}
         saved.append({"name": entry["name"], "numel": sum(t.numel() for t in ts.values()),
                       "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                                   for k, t in ts.items()}})

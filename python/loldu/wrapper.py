@@ -17,6 +17,7 @@ from . import adapter_io
 from . import model as _model
 from .config import LoLDUConfig
 from .errors import AdapterError
+from .state import AdapterState
 
 
 class LoLDUModel(nn.Module):
@@ -71,7 +72,7 @@ class LoLDUModel(nn.Module):
     @property
     def peft_config(self) -> Dict[str, LoLDUConfig]:
         """adapter name -> its LoLDUConfig (PEFT's attribute name)."""
-        state = _model.AdapterState.of(self.base_model).require_layers()
+        state = AdapterState.of(self.base_model).require_layers()
         return {n: state.config(n) for n in state.names}
 
     def add_adapter(self, adapter_name: str, config: Optional[LoLDUConfig] = None) -> None:
