@@ -42,6 +42,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from loldu import demo_task
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DOC_IMG = HERE.parent / "docs" / "img"
@@ -49,9 +51,7 @@ CACHE = RESULTS / "eval_cache"  # one JSON line per finished run (--resume reuse
 
 EPOCHS = 1
 MAX_STEPS = None  # --steps: a smoke run of the whole pipeline (its numbers mean nothing)
-BATCH = 32
-MAX_LEN = 16
-HEAD_LR = 1e-2
+BATCH, MAX_LEN, HEAD_LR = demo_task.BATCH, demo_task.MAX_LEN, demo_task.HEAD_LR  # the demo's budget
 SEEDS = (0, 1, 2)
 DEFAULT_TOL = 1.0  # accuracy points
 QV = ["query", "value"]
@@ -141,8 +141,7 @@ def _build(spec, seed):
 
 def run_one(spec, lr, seed, data):
     """Train one method at one learning rate and seed; returns the run's record."""
-    import torch
-    import torch.nn.functional as F
+    from loldu.demo_task import accuracy, predict, train
 
     model, named, save = _build(spec, seed)
     head = [p for n, p in named if "classifier" in n]
@@ -151,57 +150,26 @@ def run_one(spec, lr, seed, data):
         groups = [{"params": head, "lr": lr}]
     else:
         groups = [{"params": body, "lr": lr}, {"params": head, "lr": HEAD_LR}]
-    opt = torch.optim.Adam(groups, weight_decay=0.0)
-    ids, mask, labels, test_ids, test_mask, test_labels = data
-    g = torch.Generator().manual_seed(seed)
-    times, losses = [], []
-    model.train()
-    for _ in range(EPOCHS):
-        order = torch.randperm(len(labels), generator=g)
-        for i in range(0, len(order), BATCH):
-            if MAX_STEPS is not None and len(times) >= MAX_STEPS:
-                break
-            b = order[i:i + BATCH]
-            m = mask[b]
-            L = int(m.sum(1).max())
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(input_ids=ids[b, :L], attention_mask=m[:, :L]), labels[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
-    model.eval()
+    train_data, test_data = data
+    log = train(model, groups, train_data, EPOCHS, seed, MAX_STEPS)
     if MAX_STEPS is not None:  # a smoke run: a slice of the test set
-        test_ids, test_mask, test_labels = test_ids[:128], test_mask[:128], test_labels[:128]
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(test_labels), 128):
-            m = test_mask[i:i + 128]
-            L = int(m.sum(1).max())
-            pred = model(input_ids=test_ids[i:i + 128, :L], attention_mask=m[:, :L]).argmax(-1)
-            correct += int((pred == test_labels[i:i + 128]).sum())
+        test_data = tuple(t[:128] for t in test_data)
+    acc = accuracy(predict(model, test_data), test_data[2])
     with tempfile.TemporaryDirectory(prefix="eval-adapter-") as d:
         nbytes = save(d)
-    acc = 100.0 * correct / len(test_labels)
+    losses = log.losses
     return {"lr": lr, "seed": seed, "acc": acc, "finite": all(x == x for x in losses), "loss_first": losses[0],
-            "loss_last": statistics.fmean(losses[-10:]), "step_s": statistics.median(times), "steps": len(times),
+            "loss_last": log.mean_loss(False), "step_s": log.step_s, "steps": len(losses),
             "trainable": sum(p.numel() for _, p in named), "adapter_bytes": nbytes}
 
 
 def load_data():
-    import torch
-
+    """(train, test) of the seed-0 split, tokenized (loldu.demo_task.encode)."""
     from loldu.datasets import afinn_split, load_minilm_tokenizer
+    from loldu.demo_task import encode
 
-    train, test = afinn_split(0)
     tok = load_minilm_tokenizer()
-
-    def enc(split):
-        e = tok(split.texts, padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="pt")
-        return e["input_ids"], e["attention_mask"], torch.tensor(split.labels)
-
-    return (*enc(train), *enc(test))
+    return tuple(encode(tok, split, MAX_LEN) for split in afinn_split(0))
 
 
 def time_steps(names, data, rounds, log):
@@ -209,10 +177,11 @@ def time_steps(names, data, rounds, log):
     round runs one step of each method (in a rotated order, on the same batch), so a neighbour's load on a
     shared machine falls on all of them alike. The learning rate does not change a step's cost."""
     import torch
-    import torch.nn.functional as F
+
+    from loldu.demo_task import batches, train_step
 
     specs = methods()
-    ids, mask, labels = data[:3]
+    train_data = data[0]
     models = {}
     for n in names:
         model, named, _ = _build(specs[n], 0)
@@ -220,17 +189,11 @@ def time_steps(names, data, rounds, log):
     g = torch.Generator().manual_seed(0)
     times = {n: [] for n in names}
     for i in range(rounds + 2):
-        b = torch.randperm(len(labels), generator=g)[:BATCH]
-        m = mask[b]
-        L = int(m.sum(1).max())
+        feeds, y = next(batches(train_data, BATCH, torch.randperm(len(train_data[2]), generator=g)[:BATCH]))
         k = i % len(names)
         for n in names[k:] + names[:k]:
-            model, opt = models[n]
             t0 = time.perf_counter()
-            loss = F.cross_entropy(model(input_ids=ids[b, :L], attention_mask=m[:, :L]), labels[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(*models[n], feeds, y)
             if i >= 2:  # two warm-up rounds
                 times[n].append(time.perf_counter() - t0)
         log(f"timing round {i + 1}/{rounds + 2}")
