@@ -196,9 +196,11 @@ class LoLDUConfig:
         return weight_dtype if self.factor_dtype is None else _FACTOR_DTYPES[self.factor_dtype]
 
     def matches(self, module_name: str) -> bool:
-        """Whether the module called `module_name` is targeted."""
+        """Whether a list or regex target_modules selects the module called `module_name`. 'all-linear'
+        selects by module kind, not by name: loldu.targets.selector expands it for a model first."""
         if self.target_modules == ALL_LINEAR:
-            return True  # narrowed by module kind in loldu.model.find_targets
+            raise AdapterError("LoLDUConfig.matches: target_modules='all-linear' selects by module kind, not by name; "
+                               "expand it for a model with loldu.targets.selector")
         if self._regex is not None:
             return self._regex.fullmatch(module_name) is not None
         return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
