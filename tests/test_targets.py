@@ -119,3 +119,9 @@ def test_the_adapter_file_still_says_all_linear(tmp_path):
     assert [n for n, _ in loldu.adapted_layers(loaded)] == ["q", "k", "v"]
     loldu.load_adapter(model, tmp_path, "again")  # into the adapted model: the same layers
     assert loldu.adapter_names(model) == ["default", "again"]
+
+
+def test_matches_answers_for_names_only():
+    assert LoLDUConfig(rank=2, target_modules=["q"]).matches("x.q") and LoLDUConfig(rank=2, target_modules="q").matches("q")
+    with pytest.raises(AdapterError, match="'all-linear' selects by module kind.*loldu.targets.selector"):
+        LoLDUConfig(rank=2, target_modules="all-linear").matches("q")
