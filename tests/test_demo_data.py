@@ -80,3 +80,49 @@ def test_mean_pool_classifier_against_a_float64_oracle():
     c = MeanPoolClassifier(_tiny_bert(1), 16, seed=4).classifier.weight
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.abs().max() <= 16 ** -0.5
+
+
+def test_batches_trim_the_padding_every_row_has():
+    from loldu.demo_task import batches
+
+    ids = torch.arange(4 * 6).view(4, 6)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    data = (ids, mask, torch.tensor([0, 1, 0, 1]))
+    got = list(batches(data, 2))
+    assert [f["input_ids"].shape for f, _ in got] == [(2, 3), (2, 5)]
+    assert torch.equal(got[0][0]["input_ids"], ids[:2, :3]) and torch.equal(got[1][1], torch.tensor([0, 1]))
+    (feeds, labels), = batches(data, 4, torch.tensor([2, 0]))  # an order: those rows only, in that order
+    assert torch.equal(feeds["attention_mask"], mask[[2, 0], :2]) and torch.equal(labels, torch.tensor([0, 0]))
+
+
+def test_accuracy_counts_exactly():
+    from loldu.demo_task import accuracy
+
+    logits = torch.tensor([[0.0, 1.0], [2.0, 1.0], [0.0, 3.0]])
+    assert accuracy(logits, torch.tensor([1, 0, 0])) == 100.0 * 2 / 3
+
+
+def test_train_is_fixed_by_the_seed_and_learns():
+    """The loop the demo and the evaluation share: the same seed gives the same steps (dropout off, the
+    order from a seeded generator), the loss falls on a separable toy task, and predict keeps the order."""
+    from loldu.demo_task import BATCH, predict, train
+
+    def run(seed):
+        model = MeanPoolClassifier(_tiny_bert(0), 16, seed=3)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(1, 50, (3 * BATCH, 5), generator=g)
+        labels = (ids[:, 0] < 25).long()
+        data = (ids, torch.ones_like(ids), labels)
+        log = train(model, [{"params": list(model.parameters()), "lr": 1e-2}], data, epochs=4, seed=seed)
+        return log, predict(model, data), labels
+
+    a, logits, labels = run(0)
+    b, again, _ = run(0)
+    assert a.losses == b.losses and torch.equal(logits, again) and len(a.losses) == 12
+    assert a.mean_loss(False, 3) < a.mean_loss(True, 3)
+    assert run(1)[0].losses != a.losses  # another seed, another order
+    model = MeanPoolClassifier(_tiny_bert(0), 16)
+    ids = labels[:, None] + 1
+    short = train(model, [{"params": list(model.classifier.parameters()), "lr": 1e-2}],
+                  (ids, torch.ones_like(ids), labels), epochs=1, seed=0, max_steps=2)
+    assert len(short.times) == len(short.losses) == 2 and not model.training
