@@ -60,6 +60,7 @@ from .spec import (
     META_V1_CONFIG_SHA256,
     READABLE_VERSIONS,
     SAVED_PREFIX,
+    TENSOR_DTYPES,
     TENSOR_NAMES,
     VERSION_MAX_DIGITS,
     WEIGHTS_NAME,
@@ -158,20 +159,8 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     state.require_exists(name, what)
     state.require_unmerged(what, "is merged, so its base weight cannot be fingerprinted")
     config = state.config(name)
-    entries, z, sigma, piv, fps = [], [], [], [], []
-    for n, layer in state.layers:
-        W = layer.base_matrix()
-        entries.append({"name": n, "kind": layer.kind, "shape": list(W.shape), "dtype": str(W.dtype).replace("torch.", "")})
-        z.append(layer.loldu_z[name].detach().float().cpu())
-        sigma.append(layer.loldu_sigma[name].detach().float().cpu().reshape(()))
-        if not (torch.isfinite(z[-1]).all() and torch.isfinite(sigma[-1])):
-            raise AdapterError(f"{what}: layer '{n}': adapter {name!r} holds NaN/Inf in z or sigma (training diverged); "
-                               "nothing was written (load_adapter would refuse such a file)")
-        piv.append(layer.loldu_pivots.cpu())
-        fps.append(torch.frombuffer(bytearray(fingerprint(W, layer.loldu_pivots)), dtype=torch.uint8))
+    entries, tensors = _layer_table(state, name, what)
     _warn_unsaved_trainables(state, what)
-    tensors = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv).to(torch.int32),
-               "fingerprint": torch.stack(fps)}
     saved_entries = []
     for n, m in state.saved:
         sd = m.modules_to_save[name].state_dict()
@@ -213,6 +202,25 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
                       f"but its readable copy {path.name} could not be replaced ({_os_reason(e)}); it is stale until "
                       "the next save", AdapterWarning, stacklevel=2)
     return written
+
+
+def _layer_table(state: AdapterState, name: str, what: str) -> Tuple[List[dict], Dict[str, torch.Tensor]]:
+    """The `layers` entries and the adapter's own tensors (spec.tensor_table) of adapter `name`;
+    AdapterError naming the layer when its z or sigma holds NaN/Inf."""
+    entries, z, sigma, piv, fps = [], [], [], [], []
+    for n, layer in state.layers:
+        W = layer.base_matrix()
+        entries.append({"name": n, "kind": layer.kind, "shape": list(W.shape), "dtype": str(W.dtype).replace("torch.", "")})
+        z.append(layer.loldu_z[name].detach().float().cpu())
+        sigma.append(layer.loldu_sigma[name].detach().float().cpu().reshape(()))
+        if not (torch.isfinite(z[-1]).all() and torch.isfinite(sigma[-1])):
+            raise AdapterError(f"{what}: layer '{n}': adapter {name!r} holds NaN/Inf in z or sigma (training diverged); "
+                               "nothing was written (load_adapter would refuse such a file)")
+        piv.append(layer.loldu_pivots.cpu())
+        fps.append(torch.frombuffer(bytearray(fingerprint(W, layer.loldu_pivots)), dtype=torch.uint8))
+    stacked = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv),
+               "fingerprint": torch.stack(fps)}
+    return entries, {key: stacked[key].to(TENSOR_DTYPES[key]) for key in TENSOR_NAMES}
 
 
 def _warn_unsaved_trainables(state: AdapterState, what: str) -> None:
