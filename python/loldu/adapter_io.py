@@ -4,8 +4,8 @@ An adapter file holds, per layer, z (r,), sigma, the r pivot indices and a finge
 weight; nothing of size d or k (docs/method.md §2). The frozen factors are re-derived on load from
 the base weights and the stored pivots, after checking the fingerprint.
 
-Format 2: adapter_model.safetensors alone is the whole adapter. Its tensors, one row per layer in
-the order of the config's `layers`:
+Format 2: adapter_model.safetensors alone is the whole adapter. Its tensors (the tensor table of
+loldu/adapter_spec.json, which the checks read), one row per layer in the order of the config's `layers`:
     z (L, r) fp32 | sigma (L,) fp32 | pivots (L, r) int32 | fingerprint (L, 32) uint8 (sha256)
 Its metadata: `loldu_format` ("loldu-adapter/2"), `loldu_config` (the config JSON text: adapter
 name, LoLDUConfig, per layer name/kind/shape/dtype, and the sha256 of the tensor data) and
