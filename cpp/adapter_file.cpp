@@ -1,5 +1,6 @@
 // Adapter files (see loldu/adapter_file.h), torch-free. The checks follow the Python reader,
-// python/loldu/adapter_io.py `_read`, and LoLDUConfig's validation (python/loldu/config.py).
+// python/loldu/adapter_io.py `_read`, and LoLDUConfig's validation (python/loldu/config.py), both
+// driven by the format's description (python/loldu/adapter_spec.json, here as loldu/spec.h).
 #include <loldu/adapter_file.h>
 
 #include <sys/stat.h>
@@ -9,8 +10,10 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <iterator>
 #include <limits>
 #include <set>
+#include <stdexcept>
 
 #include <loldu/sha256.h>
 
@@ -22,47 +25,11 @@ namespace {
 using nlohmann::json;
 using nlohmann::ordered_json;
 
-constexpr const char* kFormat = "loldu-adapter";
-const int kReadable[] = {2, 3};
+using spec::kFormat;
 
-const std::map<std::string, std::string>& torch_dtype_names() {
-  static const std::map<std::string, std::string> names = {
-      {"F64", "torch.float64"},     {"F32", "torch.float32"},
-      {"F16", "torch.float16"},     {"BF16", "torch.bfloat16"},
-      {"I64", "torch.int64"},       {"I32", "torch.int32"},
-      {"I16", "torch.int16"},       {"I8", "torch.int8"},
-      {"U8", "torch.uint8"},        {"BOOL", "torch.bool"},
-      {"F8_E4M3", "torch.float8_e4m3fn"}, {"F8_E4M3FNUZ", "torch.float8_e4m3fnuz"},
-      {"F8_E5M2", "torch.float8_e5m2"},   {"F8_E5M2FNUZ", "torch.float8_e5m2fnuz"},
-      {"C64", "torch.complex64"},   {"U64", "torch.uint64"},
-      {"U32", "torch.uint32"},      {"U16", "torch.uint16"}};
-  return names;
-}
-
-// Python's repr of a shape tuple: "()", "(4,)", "(4, 8)".
-std::string tuple_repr(const std::vector<int64_t>& shape) {
-  std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + (shape.size() == 1 ? ",)" : ")");
-}
-
-// sha256 over the tensors sorted by key of "key|torch dtype|shape repr|" and their raw bytes
-// (adapter_io.py `_data_hash`).
-std::string data_hash(const std::map<std::string, SafetensorsTensor>& tensors) {
-  Sha256 h;
-  for (const auto& kv : tensors) {  // std::map: sorted by UTF-8 bytes, i.e. by code point, as Python's sorted()
-    const auto& t = kv.second;
-    h.update(kv.first + "|" + torch_dtype_names().at(t.dtype) + "|" + tuple_repr(t.shape) + "|");
-    if (t.nbytes) h.update(t.data, t.nbytes);
-  }
-  return to_hex(h.digest());
-}
-
-// Python's `isinstance(v, int)` (a bool is an int there) and `isinstance(v, (int, float))` without bool.
+// Python's `isinstance(v, int)` (a bool is an int there).
 bool is_py_int(const json& v) { return v.is_number_integer() || v.is_boolean(); }
 int64_t py_int(const json& v) { return v.is_boolean() ? int64_t(v.get<bool>()) : v.get<int64_t>(); }
-bool is_number(const json& v) { return v.is_number(); }
-double number(const json& v) { return v.get<double>(); }
 
 bool number_equals(const json& v, int want) {
   if (v.is_boolean()) return int(v.get<bool>()) == want;
@@ -81,102 +48,135 @@ bool nonempty_strings(const json& v) {
   return true;
 }
 
+std::string join(const char* const* values, size_t n) {
+  std::string out;
+  for (size_t i = 0; i < n; ++i) out += std::string(i ? ", " : "") + values[i];
+  return out;
+}
+
+// Python's str.upper() as far as it can give an ASCII word (task types are ASCII): ASCII letters, and
+// the code points outside ASCII that it maps into ASCII (spec::kUpperNonAscii, e.g. U+017F -> "S").
+// Any other code point can match no task type and becomes "\x01". `s` is valid UTF-8 (nlohmann
+// refuses anything else).
+std::string py_upper(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size();) {
+    const auto b = static_cast<unsigned char>(s[i]);
+    if (b < 0x80) {
+      out += b >= 'a' && b <= 'z' ? char(b - 'a' + 'A') : char(b);
+      ++i;
+      continue;
+    }
+    const size_t len = b >= 0xF0 ? 4 : b >= 0xE0 ? 3 : 2;
+    uint32_t cp = b & (0x7Fu >> len);
+    for (size_t k = 1; k < len && i + k < s.size(); ++k) cp = cp << 6 | (static_cast<unsigned char>(s[i + k]) & 0x3Fu);
+    i += len;
+    const char* up = "\x01";
+    for (const spec::UpperCase& u : spec::kUpperNonAscii)
+      if (u.code_point == cp) up = u.upper;
+    out += up;
+  }
+  return out;
+}
+
+const spec::ConfigKey* config_key(const std::string& name) {
+  for (const spec::ConfigKey& k : spec::kConfigKeys)
+    if (name == k.name) return &k;
+  return nullptr;
+}
+
+// Throws unless `v`, the value of config key `k` (not a null that `k` permits), is of its type
+// (LoLDUConfig's checks, python/loldu/config.py).
+void check_config_value(const spec::ConfigKey& k, const json& v, const std::string& bad) {
+  const std::string key = k.name;
+  const std::string got = ", got " + short_repr(v);
+  switch (k.type) {
+    case spec::ConfigType::Int:
+      if (!v.is_number_integer() || v.get<int64_t>() < 1) throw AdapterError(bad + key + " must be a positive int" + got);
+      return;
+    case spec::ConfigType::Number:
+      if (!v.is_number() || !std::isfinite(v.get<double>()))
+        throw AdapterError(bad + key + " must be a finite number" + got);
+      return;
+    case spec::ConfigType::Bool:
+      if (!v.is_boolean()) throw AdapterError(bad + key + " must be a bool" + got);
+      return;
+    case spec::ConfigType::Targets:
+      if (!(v.is_string() && !v.get<std::string>().empty()) && !nonempty_strings(v))
+        throw AdapterError(bad + key + " must be a regex str or a non-empty list of module names" + got);
+      return;
+    case spec::ConfigType::Names:
+      if (v.is_string() ? v.get<std::string>().empty() : !(v.is_array() && (v.empty() || nonempty_strings(v))))
+        throw AdapterError(bad + key + " must be None or a list of module names" + got);
+      return;
+    case spec::ConfigType::Enum:
+    case spec::ConfigType::EnumAnyCase:
+      if (v.is_string()) {
+        const std::string s = k.type == spec::ConfigType::Enum ? v.get<std::string>() : py_upper(v.get<std::string>());
+        for (size_t i = 0; i < k.num_values; ++i)
+          if (s == k.values[i]) return;
+      }
+      throw AdapterError(bad + key + " must be " + (k.nullable ? "null or " : "") + "one of " +
+                         join(k.values, k.num_values) + got);
+  }
+}
+
 // LoLDUConfig.from_dict's checks, and the fields a merge needs.
 AdapterConfig parse_config(const json& c, const std::string& where) {
   const std::string bad = where + ": invalid config: ";
   if (!c.is_object()) throw AdapterError(bad + "LoLDUConfig.from_dict: expected a dict, got " + detail::json_kind(c));
-  static const std::set<std::string> known = {"rank",    "target_modules", "alpha",          "sigma0",
-                                              "train_scale", "pivoting",   "factor_dtype",   "form",
-                                              "factor_storage", "modules_to_save", "task_type",
-                                              "parametrization"};
-  std::vector<std::string> unknown;
   for (auto it = c.begin(); it != c.end(); ++it)
-    if (!known.count(it.key())) unknown.push_back(it.key());
-  if (!unknown.empty()) throw AdapterError(bad + "unknown key '" + unknown.front() + "' (a file from a newer loldu?)");
+    if (!config_key(it.key())) throw AdapterError(bad + "unknown key '" + it.key() + "' (a file from a newer loldu?)");
+  for (const spec::ConfigKey& k : spec::kConfigKeys) {
+    const bool given = c.contains(k.name) && !(k.nullable && c[k.name].is_null());
+    if (given || k.required) check_config_value(k, given ? c[k.name] : json(), bad);
+  }
+  // Every value present is now of its key's type.
+  auto value = [&](const char* key) { return c.contains(key) && !c[key].is_null() ? &c[key] : nullptr; };
   AdapterConfig out;
   out.json = c.dump();
-  if (c.contains("rank")) {
-    const json& r = c["rank"];
-    if (!r.is_number_integer() || r.get<int64_t>() < 1)
-      throw AdapterError(bad + "rank must be a positive int, got " + short_repr(r));
-    out.rank = r.get<int64_t>();
-  }
-  const json tm = c.contains("target_modules") ? c["target_modules"] : json();
-  const bool tm_ok = (tm.is_string() && !tm.get<std::string>().empty()) || nonempty_strings(tm);
-  if (!tm_ok)
-    throw AdapterError(bad + "target_modules must be a regex str or a non-empty list of module names, got " +
-                       short_repr(tm));
-  if (c.contains("alpha")) {
-    const json& a = c["alpha"];
-    if (!is_number(a) || !std::isfinite(number(a)))
-      throw AdapterError(bad + "alpha must be a finite number, got " + short_repr(a));
-    out.alpha = number(a);
-  }
-  if (c.contains("sigma0") && !c["sigma0"].is_null()) {
-    const json& s = c["sigma0"];
-    if (!is_number(s) || !std::isfinite(number(s)))
-      throw AdapterError(bad + "sigma0 must be a finite number, got " + short_repr(s));
-    out.sigma0 = number(s);
-  }
+  if (auto v = value("rank")) out.rank = v->get<int64_t>();
+  if (auto v = value("alpha")) out.alpha = v->get<double>();
+  if (auto v = value("sigma0")) out.sigma0 = v->get<double>();
+  if (auto v = value("train_scale")) out.train_scale = v->get<bool>();
+  if (auto v = value("pivoting")) out.pivoting = v->get<std::string>();
+  if (auto v = value("factor_dtype")) out.factor_dtype = v->get<std::string>();
+  if (auto v = value("factor_storage")) out.factor_storage = v->get<std::string>();
+  if (auto v = value("parametrization")) out.parametrization = v->get<std::string>();
   if (!out.sigma0 && out.alpha == 0)
     throw AdapterError(bad + "alpha = 0 gives sigma0 = 0, which freezes the adapter at zero");
   const float s0 = out.initial_scale();
   if (!std::isfinite(s0)) throw AdapterError(bad + "sigma0 overflows float32");
   if (std::abs(s0) < std::numeric_limits<float>::min())
     throw AdapterError(bad + "sigma0 is zero or subnormal in float32");
-  if (c.contains("train_scale")) {
-    if (!c["train_scale"].is_boolean()) throw AdapterError(bad + "train_scale must be a bool");
-    out.train_scale = c["train_scale"].get<bool>();
-  }
-  auto one_of = [&](const char* key, std::initializer_list<const char*> allowed, bool nullable,
-                    const char* dflt) -> std::optional<std::string> {
-    if (!c.contains(key) || (nullable && c[key].is_null())) return dflt ? std::optional<std::string>(dflt) : std::nullopt;
-    const json& v = c[key];
-    if (v.is_string())
-      for (const char* a : allowed)
-        if (v.get<std::string>() == a) return v.get<std::string>();
-    std::string list;
-    for (const char* a : allowed) list += std::string(list.empty() ? "" : ", ") + a;
-    throw AdapterError(bad + key + " must be " + (nullable ? "null or " : "") + "one of " + list + ", got " +
-                       short_repr(v));
-  };
-  out.pivoting = *one_of("pivoting", {"partial", "none"}, false, "partial");
-  out.factor_dtype = one_of("factor_dtype", {"bfloat16", "float16", "float32", "float64"}, true, nullptr);
-  one_of("form", {"auto", "delta", "dense"}, false, "auto");
-  out.factor_storage = *one_of("factor_storage", {"full", "cur"}, false, "full");
-  out.parametrization = *one_of("parametrization", {"paper", "relative"}, false, "paper");
-  if (c.contains("task_type") && !c["task_type"].is_null() && !c["task_type"].is_string())
-    throw AdapterError(bad + "task_type must be None or a str, got " + short_repr(c["task_type"]));
-  if (c.contains("modules_to_save") && !c["modules_to_save"].is_null()) {
-    const json& m = c["modules_to_save"];
-    const bool ok = m.is_string() ? !m.get<std::string>().empty() : (m.is_array() && (m.empty() || nonempty_strings(m)));
-    if (!ok) throw AdapterError(bad + "modules_to_save must be None or a list of module names, got " + short_repr(m));
-  }
   return out;
 }
 
 // Whether a floating-point tensor (as torch's is_floating_point: not complex) holds no NaN/Inf;
-// true for the other dtypes. Decoded from the bit patterns, little-endian.
+// true for the other dtypes. Decoded from the bit patterns (spec::Dtype), little-endian.
 bool all_finite(const SafetensorsTensor& t) {
-  const std::string& dt = t.dtype;
-  const uint8_t* p = t.data;
-  const size_t n = t.nbytes;
-  auto each = [&](size_t esize, auto bad) {
-    for (size_t i = 0; i + esize <= n; i += esize)
-      if (bad(p + i)) return false;
-    return true;
-  };
-  auto u16 = [](const uint8_t* q) { return uint16_t(q[0] | q[1] << 8); };
-  if (dt == "F64")
-    return each(8, [](const uint8_t* q) { double v; std::memcpy(&v, q, 8); return !std::isfinite(v); });
-  if (dt == "F32")
-    return each(4, [](const uint8_t* q) { float v; std::memcpy(&v, q, 4); return !std::isfinite(v); });
-  if (dt == "F16") return each(2, [&](const uint8_t* q) { return (u16(q) & 0x7c00) == 0x7c00; });
-  if (dt == "BF16") return each(2, [&](const uint8_t* q) { return (u16(q) & 0x7f80) == 0x7f80; });
-  if (dt == "F8_E4M3") return each(1, [](const uint8_t* q) { return (q[0] & 0x7f) == 0x7f; });
-  if (dt == "F8_E5M2") return each(1, [](const uint8_t* q) { return (q[0] & 0x7c) == 0x7c; });
-  if (dt == "F8_E4M3FNUZ" || dt == "F8_E5M2FNUZ") return each(1, [](const uint8_t* q) { return q[0] == 0x80; });
+  const spec::Dtype* d = safetensors_dtype(t.dtype);
+  if (!d || d->nonfinite_mask == 0) return true;
+  for (size_t i = 0; i + d->size <= t.nbytes; i += d->size) {
+    uint64_t bits = 0;
+    for (size_t b = d->size; b-- > 0;) bits = bits << 8 | t.data[i + b];
+    if ((bits & d->nonfinite_mask) == d->nonfinite_value) return false;
+  }
   return true;
+}
+
+const spec::TensorSpec& tensor_spec(const std::string& name) {
+  for (const spec::TensorSpec& t : spec::kTensors)
+    if (name == t.name) return t;
+  throw std::logic_error("loldu: no adapter tensor '" + name + "' in the spec");
+}
+
+// The shape of adapter tensor `t` for L layers at rank r.
+std::vector<int64_t> tensor_shape(const spec::TensorSpec& t, int64_t L, int64_t r) {
+  std::vector<int64_t> shape;
+  for (size_t i = 0; i < t.ndim; ++i)
+    shape.push_back(t.dims[i] == spec::kDimLayers ? L : t.dims[i] == spec::kDimRank ? r : t.dims[i]);
+  return shape;
 }
 
 void copy_rows(const SafetensorsTensor& t, void* dst) {
@@ -186,27 +186,31 @@ void copy_rows(const SafetensorsTensor& t, void* dst) {
 AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& where) {
   SafetensorsFile st = parse_safetensors(bytes, size, where);
   const auto& meta = st.metadata;
-  auto fmt = meta.find("loldu_format");
+  auto fmt = meta.find(spec::kMetaFormat);
   if (fmt == meta.end()) {
-    if (meta.count("config_sha256"))
+    if (meta.count(spec::kMetaV1ConfigSha256))
       throw AdapterError(where + ": format_version 1 is not supported by the C++ reader (it reads 2 and 3); "
                          "load and save it once with Python loldu to rewrite it in the current format");
     throw AdapterError(where + ": not a loldu adapter file (no loldu_format in its metadata)");
   }
-  // "loldu-adapter/<1 to 6 ASCII digits>"
+  // "loldu-adapter/<1 to kVersionMaxDigits ASCII digits>"
   const std::string& f = fmt->second;
   const std::string prefix = std::string(kFormat) + "/";
   const std::string digits = f.compare(0, prefix.size(), prefix) == 0 ? f.substr(prefix.size()) : "";
-  const bool numeric = !digits.empty() && digits.size() <= 6 &&
+  const bool numeric = !digits.empty() && digits.size() <= size_t(spec::kVersionMaxDigits) &&
                        std::all_of(digits.begin(), digits.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
   if (!numeric) throw AdapterError(where + ": not a loldu adapter file (loldu_format '" + f + "')");
   const int version = std::stoi(digits);
-  if (std::find(std::begin(kReadable), std::end(kReadable), version) == std::end(kReadable))
-    throw AdapterError(where + ": format_version " + std::to_string(version) +
-                       " is not supported (this loldu reads 2, 3)");
+  const auto* readable = std::end(spec::kReadableVersions);
+  if (std::find(std::begin(spec::kReadableVersions), readable, version) == readable) {
+    std::string list;
+    for (int v : spec::kReadableVersions) list += (list.empty() ? "" : ", ") + std::to_string(v);
+    throw AdapterError(where + ": format_version " + std::to_string(version) + " is not supported (this loldu reads " +
+                       list + ")");
+  }
 
-  auto text_it = meta.find("loldu_config");
-  auto hash_it = meta.find("loldu_config_sha256");
+  auto text_it = meta.find(spec::kMetaConfig);
+  auto hash_it = meta.find(spec::kMetaConfigSha256);
   if (text_it == meta.end() || hash_it == meta.end() ||
       to_hex(sha256(text_it->second.data(), text_it->second.size())) != hash_it->second)
     throw AdapterError(where + ": the config stored in the file does not match its hash: the file is corrupted");
@@ -254,7 +258,8 @@ AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& 
     if (!names.insert(l.name).second) throw AdapterError(where + ": repeated layer names ('" + l.name + "')");
 
   // Saved modules (format 3): their tensors are stored as "saved.<module>.<tensor>".
-  std::set<std::string> expected = {"z", "sigma", "pivots", "fingerprint"};
+  std::set<std::string> expected;
+  for (const spec::TensorSpec& t : spec::kTensors) expected.insert(t.name);
   if (version >= 3 && header.contains("saved_modules")) {
     const json& sm = header["saved_modules"];
     bool sm_ok = sm.is_array();
@@ -268,7 +273,7 @@ AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& 
       SavedModule s{m["name"].get<std::string>(), {}};
       for (const json& t : m["tensors"]) {
         s.tensors.push_back(t.get<std::string>());
-        expected.insert("saved." + s.name + "." + s.tensors.back());
+        expected.insert(spec::kSavedPrefix + s.name + "." + s.tensors.back());
       }
       out.saved_modules.push_back(std::move(s));
     }
@@ -284,18 +289,12 @@ AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& 
     throw AdapterError(where + ": expected tensors [" + exp + "], found [" + got + "]");
   }
   const int64_t L = int64_t(out.layers.size()), r = out.config.rank;
-  struct Want {
-    const char* key;
-    const char* dtype;
-    std::vector<int64_t> shape;
-  };
-  const Want wants[] = {{"z", "F32", {L, r}}, {"sigma", "F32", {L}}, {"pivots", "I32", {L, r}},
-                        {"fingerprint", "U8", {L, 32}}};
-  for (const Want& w : wants) {
-    const auto& t = st.tensors.at(w.key);
-    if (t.dtype != w.dtype || t.shape != w.shape)
-      throw AdapterError(where + ": tensor '" + w.key + "' is " + t.dtype + " " + tuple_repr(t.shape) + ", expected " +
-                         w.dtype + " " + tuple_repr(w.shape) + " (" + std::to_string(L) + " layers, rank " +
+  for (const spec::TensorSpec& w : spec::kTensors) {
+    const auto& t = st.tensors.at(w.name);
+    const std::vector<int64_t> shape = tensor_shape(w, L, r);
+    if (t.dtype != w.dtype || t.shape != shape)
+      throw AdapterError(where + ": tensor '" + w.name + "' is " + t.dtype + " " + tuple_repr(t.shape) + ", expected " +
+                         w.dtype + " " + tuple_repr(shape) + " (" + std::to_string(L) + " layers, rank " +
                          std::to_string(r) + ")");
   }
   if (!header.contains("data_sha256") || !header["data_sha256"].is_string() ||
@@ -325,7 +324,7 @@ AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& 
   }
   for (const auto& m : out.saved_modules)
     for (const auto& t : m.tensors) {
-      const std::string key = "saved." + m.name + "." + t;
+      const std::string key = spec::kSavedPrefix + m.name + "." + t;
       const auto& src = st.tensors.at(key);
       if (!all_finite(src)) throw AdapterError(where + ": saved tensor '" + key + "' holds NaN/Inf");
       out.saved_tensors[key] = OwnedTensor{src.dtype, src.shape, std::vector<uint8_t>(src.data, src.data + src.nbytes)};
@@ -352,6 +351,18 @@ void remove_legacy_copy(const std::string& path) {
 }
 
 }  // namespace
+
+std::string data_hash(const std::map<std::string, SafetensorsTensor>& tensors) {
+  Sha256 h;
+  for (const auto& kv : tensors) {  // std::map: sorted by UTF-8 bytes, i.e. by code point, as Python's sorted()
+    const auto& t = kv.second;
+    const spec::Dtype* d = safetensors_dtype(t.dtype);
+    if (!d) throw AdapterError("loldu::data_hash: tensor '" + kv.first + "': unknown dtype '" + t.dtype + "'");
+    h.update(kv.first + "|torch." + d->torch + "|" + tuple_repr(t.shape) + "|");
+    if (t.nbytes) h.update(t.data, t.nbytes);
+  }
+  return to_hex(h.digest());
+}
 
 float AdapterConfig::initial_scale() const {
   const double s = sigma0 ? *sigma0 : alpha / double(rank);
@@ -400,16 +411,19 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
                        std::to_string(r) + "), (" + std::to_string(L) + ") entries for " + std::to_string(L) +
                        " layers at rank " + std::to_string(r));
   std::map<std::string, SafetensorsTensor> tensors;
-  tensors["z"] = {"F32", {L, r}, reinterpret_cast<const uint8_t*>(a.z.data()), a.z.size() * 4};
-  tensors["sigma"] = {"F32", {L}, reinterpret_cast<const uint8_t*>(a.sigma.data()), a.sigma.size() * 4};
-  tensors["pivots"] = {"I32", {L, r}, reinterpret_cast<const uint8_t*>(a.pivots.data()), a.pivots.size() * 4};
-  tensors["fingerprint"] = {"U8", {L, 32}, a.fingerprints.empty() ? nullptr : a.fingerprints.front().data(),
-                            a.fingerprints.size() * 32};
+  auto put = [&](const char* name, const void* data, size_t nbytes) {
+    const spec::TensorSpec& t = tensor_spec(name);
+    tensors[name] = {t.dtype, tensor_shape(t, L, r), static_cast<const uint8_t*>(data), nbytes};
+  };
+  put("z", a.z.data(), a.z.size() * sizeof(float));
+  put("sigma", a.sigma.data(), a.sigma.size() * sizeof(float));
+  put("pivots", a.pivots.data(), a.pivots.size() * sizeof(int32_t));
+  put("fingerprint", a.fingerprints.empty() ? nullptr : a.fingerprints.front().data(), a.fingerprints.size() * 32);
   ordered_json saved = ordered_json::array();
   for (const auto& m : a.saved_modules) {
     saved.push_back({{"name", m.name}, {"tensors", m.tensors}});
     for (const auto& t : m.tensors) {
-      const std::string key = "saved." + m.name + "." + t;
+      const std::string key = spec::kSavedPrefix + m.name + "." + t;
       auto it = a.saved_tensors.find(key);
       if (it == a.saved_tensors.end()) throw AdapterError(what + ": saved module '" + m.name + "' lacks tensor '" + t + "'");
       if (safetensors_dtype_size(it->second.dtype) == 0)
@@ -417,7 +431,7 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
       tensors[key] = {it->second.dtype, it->second.shape, it->second.bytes.data(), it->second.bytes.size()};
     }
   }
-  if (tensors.size() != 4 + a.saved_tensors.size())
+  if (tensors.size() != std::size(spec::kTensors) + a.saved_tensors.size())
     throw AdapterError(what + ": saved_tensors holds tensors no saved module lists");
 
   ordered_json config = a.config.json.empty()
@@ -454,10 +468,10 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
   SerializedAdapter out;
   out.config_text = header.dump(1, ' ', /*ensure_ascii=*/true) + "\n";
   const std::map<std::string, std::string> meta = {
-      {"format", "pt"},
-      {"loldu_format", std::string(kFormat) + "/" + std::to_string(kAdapterFormatVersion)},
-      {"loldu_config", out.config_text},
-      {"loldu_config_sha256", to_hex(sha256(out.config_text.data(), out.config_text.size()))}};
+      {spec::kMetaSafetensorsFormat[0], spec::kMetaSafetensorsFormat[1]},
+      {spec::kMetaFormat, std::string(kFormat) + "/" + std::to_string(kAdapterFormatVersion)},
+      {spec::kMetaConfig, out.config_text},
+      {spec::kMetaConfigSha256, to_hex(sha256(out.config_text.data(), out.config_text.size()))}};
   try {
     out.weights = serialize_safetensors(tensors, meta);
   } catch (const ShapeError& e) {

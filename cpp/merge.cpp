@@ -6,6 +6,7 @@
 #include <loldu/loldu.h>
 #include <loldu/safetensors.h>
 #include <loldu/sha256.h>
+#include <loldu/spec.h>
 
 #include "ldu_common.h"  // working_dtype
 
@@ -15,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <set>
 
@@ -24,29 +26,23 @@ namespace {
 struct DtypeName {
   const char* safetensors;
   at::ScalarType type;
-  const char* torch;
+  const char* name;  // torch's, without "torch.": "float32"
 };
 
+// spec::kDtypes with the torch type of each row.
 const std::vector<DtypeName>& dtype_table() {
-  static const std::vector<DtypeName> table = {
-      {"F64", at::kDouble, "torch.float64"},
-      {"F32", at::kFloat, "torch.float32"},
-      {"F16", at::kHalf, "torch.float16"},
-      {"BF16", at::kBFloat16, "torch.bfloat16"},
-      {"I64", at::kLong, "torch.int64"},
-      {"I32", at::kInt, "torch.int32"},
-      {"I16", at::kShort, "torch.int16"},
-      {"I8", at::kChar, "torch.int8"},
-      {"U8", at::kByte, "torch.uint8"},
-      {"BOOL", at::kBool, "torch.bool"},
-      {"F8_E4M3", at::kFloat8_e4m3fn, "torch.float8_e4m3fn"},
-      {"F8_E4M3FNUZ", at::kFloat8_e4m3fnuz, "torch.float8_e4m3fnuz"},
-      {"F8_E5M2", at::kFloat8_e5m2, "torch.float8_e5m2"},
-      {"F8_E5M2FNUZ", at::kFloat8_e5m2fnuz, "torch.float8_e5m2fnuz"},
-      {"C64", at::kComplexFloat, "torch.complex64"},
-      {"U16", at::kUInt16, "torch.uint16"},
-      {"U32", at::kUInt32, "torch.uint32"},
-      {"U64", at::kUInt64, "torch.uint64"}};
+  static const std::vector<DtypeName> table = [] {
+    const at::ScalarType types[] = {
+#define LOLDU_C10_TYPE(name) at::ScalarType::name,
+        LOLDU_SPEC_C10_TYPES(LOLDU_C10_TYPE)
+#undef LOLDU_C10_TYPE
+    };
+    static_assert(std::size(types) == std::size(spec::kDtypes), "LOLDU_SPEC_C10_TYPES lists one type per kDtypes row");
+    std::vector<DtypeName> out;
+    for (size_t i = 0; i < std::size(types); ++i)
+      out.push_back({spec::kDtypes[i].safetensors, types[i], spec::kDtypes[i].torch});
+    return out;
+  }();
   return table;
 }
 
@@ -65,14 +61,10 @@ const DtypeName* by_type(at::ScalarType t) {
 // "float32" for at::kFloat: the layer dtype names of adapter files.
 std::string short_dtype(at::ScalarType t) {
   const DtypeName* d = by_type(t);
-  return d ? std::string(d->torch).substr(6) : std::string(c10::toString(t));
+  return d ? std::string(d->name) : std::string(c10::toString(t));
 }
 
-std::string shape_str(at::IntArrayRef s) {
-  std::string out = "(";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + (s.size() == 1 ? ",)" : ")");
-}
+std::string shape_str(at::IntArrayRef s) { return tuple_repr(s.vec()); }
 
 at::Tensor from_bytes(const std::string& dtype, const std::vector<int64_t>& shape, const uint8_t* data, size_t nbytes,
                       const std::string& where) {
@@ -95,10 +87,9 @@ bool holds(at::ScalarType t, double peak) {
 
 at::ScalarType factor_dtype(const std::optional<std::string>& name, at::ScalarType weight) {
   if (!name) return weight;
-  if (*name == "float32") return at::kFloat;
-  if (*name == "float64") return at::kDouble;
-  if (*name == "float16") return at::kHalf;
-  return at::kBFloat16;
+  for (const auto& d : dtype_table())
+    if (*name == d.name) return d.type;
+  throw AdapterError("loldu: factor_dtype '" + *name + "' is not a dtype");  // the reader allows none such
 }
 
 std::string where_of(const AdapterFile& a) {
@@ -158,7 +149,7 @@ void check_contents(const AdapterFile& a, const std::string& where) {
     const size_t esize = safetensors_dtype_size(kv.second.dtype);
     int64_t n = 1;
     for (int64_t d : kv.second.shape) n = d < 0 ? -1 : n * d;
-    if (kv.first.rfind("saved.", 0) != 0 || esize == 0 || n < 0 || size_t(n) * esize != kv.second.bytes.size())
+    if (kv.first.rfind(spec::kSavedPrefix, 0) != 0 || esize == 0 || n < 0 || size_t(n) * esize != kv.second.bytes.size())
       throw AdapterError(where + ": saved tensor '" + kv.first + "': its name, dtype, shape and bytes do not agree");
   }
 }
@@ -185,8 +176,11 @@ std::vector<LayerCheck> check_layers(const BaseView& view, const AdapterFile& a)
                "merge it into that model's weights";
       throw AdapterError(layer + " is in the adapter but the weights have no '" + key + "'" + hint);
     }
-    if (l.kind != "linear" && l.kind != "embedding" && l.kind != "conv2d" && l.kind != "conv1d")
-      throw AdapterError(layer + ": unknown kind '" + l.kind + "' (linear, conv2d, embedding, conv1d)");
+    if (std::none_of(std::begin(spec::kLayerKinds), std::end(spec::kLayerKinds), [&](const char* k) { return l.kind == k; })) {
+      std::string kinds;
+      for (const char* k : spec::kLayerKinds) kinds += std::string(kinds.empty() ? "" : ", ") + k;
+      throw AdapterError(layer + ": unknown kind '" + l.kind + "' (" + kinds + ")");
+    }
     const int64_t want_dim = l.kind == "conv2d" ? 4 : 2;
     if (t->dim() != want_dim)
       throw AdapterError(layer + " is a " + l.kind + " layer in the file, but '" + key + "' has shape " +
@@ -217,7 +211,7 @@ std::vector<LayerCheck> check_layers(const BaseView& view, const AdapterFile& a)
     out.push_back({key, l.kind, *t, W, piv, std::move(pivot_list), fp});
   }
   for (const auto& kv : a.saved_tensors) {
-    const std::string target = kv.first.substr(6);  // "saved.<module>.<tensor>" -> "<module>.<tensor>"
+    const std::string target = kv.first.substr(std::strlen(spec::kSavedPrefix));  // "saved.<m>.<t>" -> "<m>.<t>"
     if (keys.count(target))
       throw AdapterError(where + ": saved tensor '" + kv.first + "' would replace the adapted weight '" + target + "'");
     const at::Tensor* t = view.find(target);
@@ -271,9 +265,7 @@ Plan plan_merge(const BaseView& view, const AdapterFile& a, bool keep_base) {
     at::Tensor z = at::from_blob(const_cast<float*>(a.z.data()) + int64_t(i) * r, {r}, at::kFloat).to(wt);
     at::Tensor sigma = at::scalar_tensor(double(a.sigma[i]), at::kFloat).to(wt);
     at::Tensor D = f.D.to(wt);
-    // "paper": c = sigma z - sigma0 D as sigma0 (z - D) + (sigma - sigma0) z; "relative":
-    // c = (sigma / sigma0) D z. Both exactly 0 at initialisation (python/loldu/layer.py coefficients_from).
-    at::Tensor c = a.config.parametrization == "relative" ? (sigma / s0) * (D * z) : s0 * (z - D) + (sigma - s0) * z;
+    at::Tensor c = coefficients(z, sigma, D, s0, a.config.parametrization);
     at::Tensor delta = delta_weight(PL, U, a.config.factor_storage == "full" ? c : c.to(PL.scalar_type()));
     // W + delta in delta's dtype (Python: W.to(delta.dtype) + delta), summed into delta's own buffer.
     at::Tensor merged = delta.add_(l.W.to(delta.scalar_type())).to(l.W.scalar_type());
@@ -292,7 +284,7 @@ Plan plan_merge(const BaseView& view, const AdapterFile& a, bool keep_base) {
     plan.record.layers.push_back(std::move(rec));
   }
   for (const auto& kv : a.saved_tensors) {
-    const std::string target = kv.first.substr(6);
+    const std::string target = kv.first.substr(std::strlen(spec::kSavedPrefix));
     const at::Tensor* t = view.find(target);
     MergeRecord::Saved rec{target, at::Tensor()};
     if (t) rec.original = view.owned.count(target) ? *t : t->clone();
@@ -381,6 +373,14 @@ void save_weights(const std::string& path, const WeightMap& weights, const std::
   write_file_atomic(path, serialize_safetensors(tensors, metadata));
 }
 
+at::Tensor coefficients(const at::Tensor& z, const at::Tensor& sigma, const at::Tensor& D, double sigma0,
+                        const std::string& parametrization) {
+  // The operation order of adapter_spec.json's formulas (and python/loldu/layer.py coefficients_from),
+  // so both sides round alike; each is exactly 0 at initialisation.
+  if (parametrization == "relative") return (sigma / sigma0) * (D * z);
+  return sigma0 * (z - D) + (sigma - sigma0) * z;
+}
+
 at::Tensor weight_matrix(const at::Tensor& weight, const std::string& kind) {
   if (kind == "conv2d") {
     if (weight.dim() != 4) throw ShapeError("loldu::weight_matrix: a conv2d weight is 4-D, got " + shape_str(weight.sizes()));
@@ -395,7 +395,7 @@ std::array<uint8_t, 32> fingerprint(const at::Tensor& W, const at::Tensor& pivot
   const DtypeName* d = by_type(W.scalar_type());
   if (W.dim() != 2 || !d) throw ShapeError("loldu::fingerprint: W must be a 2-D tensor of a safetensors dtype");
   Sha256 h;
-  h.update("loldu-fp1|" + shape_str(W.sizes()) + "|" + d->torch + "|");
+  h.update("loldu-fp1|" + shape_str(W.sizes()) + "|torch." + d->name + "|");
   const int64_t r = pivots.numel();
   for (const at::Tensor& part : {W.narrow(1, 0, r), W.index_select(0, pivots.to(W.device()))}) {
     at::Tensor c = part.detach().contiguous().cpu();

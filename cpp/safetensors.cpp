@@ -39,13 +39,21 @@ std::string os_reason() { return std::strerror(errno); }
 
 }  // namespace
 
+const spec::Dtype* safetensors_dtype(const std::string& dtype) {
+  for (const spec::Dtype& d : spec::kDtypes)
+    if (dtype == d.safetensors) return &d;
+  return nullptr;
+}
+
 size_t safetensors_dtype_size(const std::string& dtype) {
-  static const std::map<std::string, size_t> sizes = {
-      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E4M3", 1}, {"F8_E4M3FNUZ", 1}, {"F8_E5M2", 1}, {"F8_E5M2FNUZ", 1},
-      {"I16", 2},  {"U16", 2}, {"F16", 2}, {"BF16", 2},    {"I32", 4},         {"U32", 4},     {"F32", 4},
-      {"I64", 8},  {"U64", 8}, {"F64", 8}, {"C64", 8}};
-  auto it = sizes.find(dtype);
-  return it == sizes.end() ? 0 : it->second;
+  const spec::Dtype* d = safetensors_dtype(dtype);
+  return d ? d->size : 0;
+}
+
+std::string tuple_repr(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
 }
 
 int64_t SafetensorsTensor::numel() const {
@@ -224,7 +232,8 @@ void write_file_atomic(const std::string& path, const std::vector<uint8_t>& byte
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
     throw AdapterError(path + ": a directory is in the way of the file; nothing was written");
   // `.<name>.<pid>-<8 chars>.tmp`, flocked while written: the temporary-file convention of
-  // python/loldu/adapter_io.py, so either side cleans up what a killed writer of the other left.
+  // python/loldu/adapter_io.py, so that Python's next save to this directory removes what a killed
+  // C++ writer left (this side removes only its own temporary, on failure, and never cleans others').
   std::random_device rd;
   std::string tmp;
   int fd = -1;

@@ -99,29 +99,12 @@ bool split(const Bytes& b, Parsed& p) {
   }
 }
 
-const char* torch_name(const std::string& dt) {
-  static const std::map<std::string, const char*> m = {{"F32", "torch.float32"}, {"I32", "torch.int32"},
-                                                       {"U8", "torch.uint8"},    {"F64", "torch.float64"},
-                                                       {"F16", "torch.float16"}, {"BF16", "torch.bfloat16"},
-                                                       {"I64", "torch.int64"},   {"BOOL", "torch.bool"}};
-  auto it = m.find(dt);
-  return it == m.end() ? "torch.unknown" : it->second;
-}
-
 Bytes resign(Parsed& p, json& header) {
-  loldu::Sha256 h;
-  for (auto& kv : p.tensors) {
-    std::string shape = "(";
-    for (size_t i = 0; i < kv.second.shape.size(); ++i) shape += (i ? ", " : "") + std::to_string(kv.second.shape[i]);
-    shape += kv.second.shape.size() == 1 ? ",)" : ")";
-    h.update(kv.first + "|" + torch_name(kv.second.dtype) + "|" + shape + "|");
-    h.update(kv.second.data, kv.second.nbytes);
-  }
-  if (header.is_object()) header["data_sha256"] = hex(h.digest());
-  const std::string text = header.dump(1);
-  p.meta["loldu_config"] = text;
-  p.meta["loldu_config_sha256"] = hex(loldu::sha256(text.data(), text.size()));
   for (auto& kv : p.tensors) kv.second.data = p.data[kv.first].data();
+  if (header.is_object()) header["data_sha256"] = loldu::data_hash(p.tensors);
+  const std::string text = header.dump(1);
+  p.meta[loldu::spec::kMetaConfig] = text;
+  p.meta[loldu::spec::kMetaConfigSha256] = hex(loldu::sha256(text.data(), text.size()));
   return loldu::serialize_safetensors(p.tensors, p.meta);
 }
 
@@ -164,7 +147,7 @@ Bytes semantic_mutation(const Bytes& seed, std::mt19937_64& rng) {
   if (!split(seed, p)) return seed;
   json header;
   try {
-    header = json::parse(p.meta["loldu_config"]);
+    header = json::parse(p.meta[loldu::spec::kMetaConfig]);
   } catch (const json::exception&) {
     return seed;
   }
@@ -195,8 +178,8 @@ Bytes semantic_mutation(const Bytes& seed, std::mt19937_64& rng) {
         p.data["saved.x." + key] = p.data[key];
       } else if (what == 1) {
         p.tensors.erase(it);
-      } else if (it->second.dtype == "F32") {
-        it->second.dtype = "I32";
+      } else if (it->second.dtype == loldu::spec::kTensors[0].dtype) {  // z's F32, read as pivots' I32
+        it->second.dtype = loldu::spec::kTensors[2].dtype;
       } else if (!it->second.shape.empty() && it->second.shape.back() % 2 == 0) {
         it->second.shape.back() /= 2;
         it->second.shape.push_back(2);

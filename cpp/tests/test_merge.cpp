@@ -1,6 +1,7 @@
 // Adapter files and merging into weight maps: sha256 against the FIPS 180-4 test vectors, merged
 // weights against a float64 LU reference (at::linalg_lu), exact unmerge, bounded swaps, refusals that
-// leave the weights unchanged, saved modules, and the reader/writer round trip.
+// leave the weights unchanged, saved modules, the reader/writer round trip, and the coefficient
+// formulas against the spec's golden vectors.
 #include <loldu/loldu.h>
 
 #include <ATen/ATen.h>
@@ -244,7 +245,8 @@ void test_saved_modules() {
   auto owned = [](const at::Tensor& t) {
     const at::Tensor c = t.contiguous();
     const uint8_t* p = static_cast<const uint8_t*>(c.const_data_ptr());
-    return loldu::OwnedTensor{"F32", c.sizes().vec(), std::vector<uint8_t>(p, p + c.nbytes())};
+    return loldu::OwnedTensor{loldu::spec::kDtypes[1].safetensors, c.sizes().vec(),  // F32
+                              std::vector<uint8_t>(p, p + c.nbytes())};
   };
   a.saved_modules = {{"head", {"weight"}}, {"newhead", {"bias"}}};
   a.saved_tensors = {{"saved.head.weight", owned(head)}, {"saved.newhead.bias", owned(extra)}};
@@ -304,9 +306,28 @@ void test_files_round_trip() {
   LOLDU_CHECK(!std::filesystem::exists(dir + "/nan/adapter_model.safetensors"));
 }
 
+// The coefficient formulas against adapter_spec.json's golden vectors, bit for bit in fp32 and fp64 (the
+// Python side checks the same vectors in tests/test_spec.py).
+void test_coefficients_match_the_spec() {
+  for (const auto& v : loldu::spec::kCoefficientCases) {
+    const int64_t n = int64_t(v.n);
+    for (at::ScalarType dt : {at::kFloat, at::kDouble}) {
+      const at::Tensor z = at::from_blob(const_cast<float*>(v.z), {n}, at::kFloat).to(dt);
+      const at::Tensor D = at::from_blob(const_cast<float*>(v.D), {n}, at::kFloat).to(dt);
+      const at::Tensor sigma = at::scalar_tensor(double(v.sigma), at::kFloat).to(dt);
+      const at::Tensor c = loldu::coefficients(z, sigma, D, double(v.sigma0), v.parametrization).to(at::kDouble);
+      for (int64_t i = 0; i < n; ++i) {
+        const double want = dt == at::kFloat ? double(v.c_float32[i]) : v.c_float64[i];
+        LOLDU_CHECK(c[i].item<double>() == want);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
+  test_coefficients_match_the_spec();
   test_sha256();
   test_merge_matches_reference(at::kFloat, 2e-6);
   test_merge_matches_reference(at::kDouble, 1e-12);

@@ -1,4 +1,8 @@
-"""What to adapt and how: the LoLDU configuration, validated on construction (like PEFT's configs)."""
+"""What to adapt and how: the LoLDU configuration, validated on construction (like PEFT's configs).
+
+The keys, their enums and defaults are the adapter format's (python/loldu/adapter_spec.json, via
+loldu.spec), which the C++ reader checks from the same description.
+"""
 import math
 import re
 from dataclasses import InitVar, asdict, dataclass, field
@@ -7,10 +11,26 @@ from typing import List, Optional, Union
 import torch
 
 from .errors import AdapterError
-from .reference import FORMS
+from .spec import (  # noqa: F401  (re-exported: the names other modules import from here)
+    ALL_LINEAR,
+    CONFIG_DEFAULTS,
+    FACTOR_TORCH_DTYPES,
+    FORMS,
+    OMITTED_AT_DEFAULT,
+    PARAMETRIZATIONS,
+    PEFT_ALIASES,
+    PIVOTINGS,
+    STORAGES,
+    TASK_HEADS,
+    TASK_TYPES,
+)
 
-_FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64,
-                  "float16": torch.float16, "bfloat16": torch.bfloat16}
+_FACTOR_DTYPES = FACTOR_TORCH_DTYPES
+
+
+class _DefaultRank(int):
+    """The default rank, told apart from an explicit rank of the same value (rank=8 together with r=4
+    is a contradiction, not r=4)."""
 
 
 def _as_float(v) -> float:
@@ -27,15 +47,11 @@ def _short(v) -> str:
     return r if len(r) <= 40 else f"{r[:20]}...({len(r)} characters)"
 
 
-STORAGES = ("full", "cur")
-PARAMETRIZATIONS = ("paper", "relative")
-# target_modules="all-linear" (PEFT's spelling): every nn.Linear / transformers Conv1D but the output head.
-ALL_LINEAR = "all-linear"
-# Heads a task_type implies, trained fully and saved with the adapter (PEFT's defaults).
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
-              "QUESTION_ANS": ("qa_outputs",)}
-# PEFT's task types (peft.TaskType); those without a head of their own save nothing beside the adapter.
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+def _as_list(v):
+    """A tuple as a list and a set as a sorted list (stable to_dict output); anything else unchanged."""
+    if isinstance(v, (set, frozenset)):
+        return sorted(v)
+    return list(v) if isinstance(v, tuple) else v
 
 
 @dataclass
@@ -70,34 +86,57 @@ class LoLDUConfig:
     r: PEFT's spelling of `rank` (either may be given; both must then agree).
     """
 
-    rank: int = 8
-    target_modules: Union[str, List[str], None] = None
-    alpha: float = 1.0
-    sigma0: Optional[float] = None
-    train_scale: bool = False
-    pivoting: str = "partial"
-    factor_dtype: Optional[str] = None
-    form: str = "auto"
-    factor_storage: str = "full"
-    modules_to_save: Optional[List[str]] = None
-    task_type: Optional[str] = None
-    parametrization: str = "paper"
+    rank: int = _DefaultRank(CONFIG_DEFAULTS["rank"])
+    target_modules: Union[str, List[str], None] = CONFIG_DEFAULTS["target_modules"]
+    alpha: float = CONFIG_DEFAULTS["alpha"]
+    sigma0: Optional[float] = CONFIG_DEFAULTS["sigma0"]
+    train_scale: bool = CONFIG_DEFAULTS["train_scale"]
+    pivoting: str = CONFIG_DEFAULTS["pivoting"]
+    factor_dtype: Optional[str] = CONFIG_DEFAULTS["factor_dtype"]
+    form: str = CONFIG_DEFAULTS["form"]
+    factor_storage: str = CONFIG_DEFAULTS["factor_storage"]
+    modules_to_save: Optional[List[str]] = CONFIG_DEFAULTS["modules_to_save"]
+    task_type: Optional[str] = CONFIG_DEFAULTS["task_type"]
+    parametrization: str = CONFIG_DEFAULTS["parametrization"]
     r: InitVar[Optional[int]] = None
     _regex: Optional[re.Pattern] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self, r=None):
+        self._check_rank(r)
+        self._check_targets()
+        for name in ("alpha", "sigma0"):
+            v = getattr(self, name)
+            if v is None and name == "sigma0":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(_as_float(v)):
+                raise AdapterError(f"LoLDUConfig: {name} must be a finite number, got {_short(v)}")
+        if self.sigma0 is None and self.alpha == 0:
+            raise AdapterError("LoLDUConfig: alpha = 0 gives sigma0 = 0, which freezes the adapter at zero")
+        self._check_initial_scale()
+        if not isinstance(self.train_scale, bool):
+            raise AdapterError(f"LoLDUConfig: train_scale must be a bool, got {self.train_scale!r}")
+        self._check_choices()
+        mts = _as_list([self.modules_to_save] if isinstance(self.modules_to_save, str) else self.modules_to_save)
+        if mts is not None and not (isinstance(mts, list) and all(isinstance(t, str) and t for t in mts)):
+            raise AdapterError(f"LoLDUConfig: modules_to_save must be None or a list of module names, got {mts!r}")
+        self.modules_to_save = mts
+
+    def _check_rank(self, r) -> None:
+        """rank, or PEFT's spelling r; an explicit rank (even the default's value) must agree with r."""
+        explicit = type(self.rank) is not _DefaultRank
         if r is not None:
             if isinstance(r, bool) or not isinstance(r, int) or r < 1:
                 raise AdapterError(f"LoLDUConfig: r (PEFT's name for rank) must be a positive int, got {r!r}")
-            if self.rank not in (8, r):
+            if explicit and self.rank != r:
                 raise AdapterError(f"LoLDUConfig: r={r} and rank={self.rank!r} disagree; give one of them")
             self.rank = r
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise AdapterError(f"LoLDUConfig: rank must be a positive int, got {self.rank!r}")
-        tm = self.target_modules
-        if isinstance(tm, (tuple, set, frozenset)):
-            tm = sorted(tm) if isinstance(tm, (set, frozenset)) else list(tm)
-            self.target_modules = tm
+        if not explicit:
+            self.rank = int(self.rank)
+
+    def _check_targets(self) -> None:
+        tm = self.target_modules = _as_list(self.target_modules)
         if tm == ALL_LINEAR:
             pass  # every linear layer but the output head (loldu.model.find_targets)
         elif isinstance(tm, str):
@@ -112,24 +151,16 @@ class LoLDUConfig:
                 raise AdapterError(f"LoLDUConfig: target_modules must be a non-empty list of non-empty names, got {tm!r}")
         elif tm is None:
             raise AdapterError("LoLDUConfig: target_modules is required: a list of module names or suffixes (e.g. "
-                               "['query', 'value']), a regular expression, or 'all-linear' (every linear layer but "
+                               f"['query', 'value']), a regular expression, or {ALL_LINEAR!r} (every linear layer but "
                                "the output head)")
         else:
             raise AdapterError(
                 f"LoLDUConfig: target_modules must be a regex str or a list of module names/suffixes, got {tm!r}")
-        for name in ("alpha", "sigma0"):
-            v = getattr(self, name)
-            if v is None and name == "sigma0":
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(_as_float(v)):
-                raise AdapterError(f"LoLDUConfig: {name} must be a finite number, got {_short(v)}")
-        if self.sigma0 is None and self.alpha == 0:
-            raise AdapterError("LoLDUConfig: alpha = 0 gives sigma0 = 0, which freezes the adapter at zero")
-        self._check_initial_scale()
-        if not isinstance(self.train_scale, bool):
-            raise AdapterError(f"LoLDUConfig: train_scale must be a bool, got {self.train_scale!r}")
-        if self.pivoting not in ("partial", "none"):
-            raise AdapterError(f"LoLDUConfig: pivoting must be 'partial' or 'none', got {self.pivoting!r}")
+
+    def _check_choices(self) -> None:
+        """The enum-valued keys (adapter_spec.json), factor_dtype also as a torch.dtype, task_type in any case."""
+        if self.pivoting not in PIVOTINGS:
+            raise AdapterError(f"LoLDUConfig: pivoting must be {' or '.join(map(repr, PIVOTINGS))}, got {self.pivoting!r}")
         if isinstance(self.factor_dtype, torch.dtype):
             names = {v: k for k, v in _FACTOR_DTYPES.items()}
             if self.factor_dtype not in names:
@@ -139,26 +170,14 @@ class LoLDUConfig:
         fd = self.factor_dtype
         if fd is not None and (not isinstance(fd, str) or fd not in _FACTOR_DTYPES):  # a list is unhashable
             raise AdapterError(f"LoLDUConfig: factor_dtype must be None or one of {sorted(_FACTOR_DTYPES)}, got {fd!r}")
-        if self.form not in FORMS:
-            raise AdapterError(f"LoLDUConfig: form must be one of {list(FORMS)}, got {self.form!r}")
-        if self.factor_storage not in STORAGES:
-            raise AdapterError(f"LoLDUConfig: factor_storage must be one of {list(STORAGES)}, got {self.factor_storage!r}")
-        if self.parametrization not in PARAMETRIZATIONS:
-            raise AdapterError(f"LoLDUConfig: parametrization must be one of {list(PARAMETRIZATIONS)}, "
-                               f"got {self.parametrization!r}")
+        for key, allowed in (("form", FORMS), ("factor_storage", STORAGES), ("parametrization", PARAMETRIZATIONS)):
+            if getattr(self, key) not in allowed:
+                raise AdapterError(f"LoLDUConfig: {key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if self.task_type is not None:
             if not isinstance(self.task_type, str) or self.task_type.upper() not in TASK_TYPES:
                 raise AdapterError(f"LoLDUConfig: task_type must be None or one of PEFT's {list(TASK_TYPES)}, "
                                    f"got {self.task_type!r}")
             self.task_type = self.task_type.upper()
-        mts = self.modules_to_save
-        if isinstance(mts, str):
-            mts = [mts]
-        elif isinstance(mts, (tuple, set, frozenset)):
-            mts = sorted(mts) if isinstance(mts, (set, frozenset)) else list(mts)
-        if mts is not None and not (isinstance(mts, list) and all(isinstance(t, str) and t for t in mts)):
-            raise AdapterError(f"LoLDUConfig: modules_to_save must be None or a list of module names, got {mts!r}")
-        self.modules_to_save = mts
 
     def _check_initial_scale(self) -> None:
         """sigma0 must be a normal fp32 number: Inf gives NaN outputs at init, and 0 or a subnormal
@@ -206,12 +225,11 @@ class LoLDUConfig:
         return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
 
     def to_dict(self) -> dict:
-        """JSON-serializable form (what adapter_config.json stores)."""
+        """JSON-serializable form (the "config" of an adapter file's stored config text)."""
         d = asdict(self)
         d.pop("_regex")
-        for key, default in (("form", "auto"), ("factor_storage", "full"), ("modules_to_save", None),
-                             ("task_type", None), ("parametrization", "paper")):
-            if d[key] == default:
+        for key in OMITTED_AT_DEFAULT:
+            if d[key] == CONFIG_DEFAULTS[key]:
                 d.pop(key)  # files stay readable by loldu versions without these options
         return d
 
@@ -220,7 +238,7 @@ class LoLDUConfig:
         """Inverse of to_dict; unknown keys are an AdapterError (a file from a newer loldu)."""
         if not isinstance(d, dict):
             raise AdapterError(f"LoLDUConfig.from_dict: expected a dict, got {type(d).__name__}")
-        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")} - {"r"}
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")} - set(PEFT_ALIASES)
         unknown = set(d) - known
         if unknown:
             raise AdapterError(f"LoLDUConfig.from_dict: unknown keys {sorted(unknown)}")

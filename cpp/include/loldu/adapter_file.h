@@ -1,19 +1,23 @@
 // Reading and writing loldu adapter files, torch-free (plain bytes <-> structs).
 //
-// The format is python/loldu/adapter_io.py's: a directory holding adapter_model.safetensors (the
-// whole adapter) and loldu_config.json (adapter_config.json in format 2): a byte-identical readable
-// copy of its config text, not needed to read it. The safetensors metadata holds "loldu_format" ("loldu-adapter/<version>"),
-// "loldu_config" (the config JSON text) and "loldu_config_sha256" (sha256 of that text); the
-// tensors are z (L, r) F32, sigma (L,) F32, pivots (L, r) I32, fingerprint (L, 32) U8 and, from
-// version 3, "saved.<module>.<tensor>" for each tensor of each saved module (modules_to_save), in
-// its own dtype. The config text is {"format": "loldu-adapter", "format_version", "adapter_name",
-// "model_class" (optional), "config": {LoLDUConfig}, "data_sha256", "layers": [{name, kind, shape [d, k], dtype}, ...],
-// "saved_modules": [{name, tensors}, ...] (version 3)}. Versions 2 and 3 are read; 3 is written.
+// The format is python/loldu/adapter_spec.json's (its constants: loldu/spec.h, generated from it),
+// as python/loldu/adapter_io.py writes it: a directory holding adapter_model.safetensors (the whole
+// adapter) and loldu_config.json (adapter_config.json in format 2): a byte-identical readable copy
+// of its config text, not needed to read it. The safetensors metadata holds "loldu_format"
+// ("loldu-adapter/<version>"), "loldu_config" (the config JSON text) and "loldu_config_sha256"
+// (sha256 of that text); the tensors are z (L, r) F32, sigma (L,) F32, pivots (L, r) I32,
+// fingerprint (L, 32) U8 and, from version 3, "saved.<module>.<tensor>" for each tensor of each
+// saved module (modules_to_save), in its own dtype. The config text is {"format": "loldu-adapter",
+// "format_version", "adapter_name", "model_class" (optional), "config": {LoLDUConfig}, "data_sha256",
+// "layers": [{name, kind, shape [d, k], dtype}, ...], "saved_modules": [{name, tensors}, ...]
+// (version 3)}. Versions 2 and 3 are read; 3 is written.
 //
 // The reader accepts what the Python reader accepts and refuses what it refuses, with an
 // AdapterError naming the file and the field: every hash (config, tensor data) is checked, every
-// tensor's dtype and shape, the config's values, z and sigma finite, and each layer's pivots r
-// distinct rows in [0, d).
+// tensor's dtype and shape, the config's values (the keys, types and enums of adapter_spec.json;
+// task_type in any case, as Python's str.upper() matches it), z and sigma finite, and each layer's
+// pivots r distinct rows in [0, d). The one check left to Python: that a str target_modules is a
+// valid Python regular expression (C++ has no Python regex engine).
 #pragma once
 
 #include <array>
@@ -26,13 +30,14 @@
 
 #include <loldu/errors.h>
 #include <loldu/safetensors.h>
+#include <loldu/spec.h>
 
 namespace loldu {
 
-constexpr const char* kAdapterWeightsName = "adapter_model.safetensors";
-constexpr const char* kAdapterConfigName = "loldu_config.json";  // the readable copy (format 3)
-constexpr const char* kLegacyConfigName = "adapter_config.json";  // its name in format 2
-constexpr int kAdapterFormatVersion = 3;
+constexpr const char* kAdapterWeightsName = spec::kWeightsFile;
+constexpr const char* kAdapterConfigName = spec::kConfigFile;  // the readable copy (format 3)
+constexpr const char* kLegacyConfigName = spec::kLegacyConfigFile;  // its name in format 2
+constexpr int kAdapterFormatVersion = spec::kFormatVersion;
 
 // One adapted matrix: the module's name in the model, its kind ("linear", "conv2d", "embedding",
 // "conv1d"), the (d, k) matrix LoLDU factorizes (docs/method.md §0) and the base weight's dtype
@@ -61,16 +66,16 @@ struct OwnedTensor {
 
 // The LoLDUConfig fields a merge needs, and the whole config object as JSON text.
 struct AdapterConfig {
-  int64_t rank = 8;
-  double alpha = 1.0;
+  int64_t rank = spec::kDefaultRank;
+  double alpha = spec::kDefaultAlpha;
   std::optional<double> sigma0;
-  bool train_scale = false;
-  std::string pivoting = "partial";
+  bool train_scale = spec::kDefaultTrainScale;
+  std::string pivoting = spec::kDefaultPivoting;
   std::optional<std::string> factor_dtype;  // storage dtype of PL and U; none: the weight's dtype
-  std::string factor_storage = "full";      // "full" (PL, U stored) or "cur" (formed from W0 when merging)
+  std::string factor_storage = spec::kDefaultFactorStorage;  // "full" (PL, U stored) or "cur" (formed from W0 when merging)
   // How z and sigma give c (docs/method.md §1, §9): "paper", c = sigma z - sigma0 D (z starts at D),
   // or "relative", c = (sigma / sigma0) D z (z starts at 0).
-  std::string parametrization = "paper";
+  std::string parametrization = spec::kDefaultParametrization;
   // The "config" object as stored (other keys such as target_modules are kept for writing back);
   // empty for a config built in C++, where the writer lists the layers as target_modules.
   std::string json;
@@ -111,6 +116,10 @@ struct SerializedAdapter {
   std::string config_text;
 };
 SerializedAdapter serialize_adapter(const AdapterFile& adapter);
+
+// sha256 (hex) over `tensors` sorted by name of "<name>|<torch dtype>|<shape repr>|" and their bytes:
+// the "data_sha256" of the config text (python/loldu/adapter_io.py `_data_hash`).
+std::string data_hash(const std::map<std::string, SafetensorsTensor>& tensors);
 
 // Writes `adapter` into `dir` (created if missing): adapter_model.safetensors first, by an atomic
 // rename (the commit), then loldu_config.json; a loldu adapter_config.json of format 2 there is

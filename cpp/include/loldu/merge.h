@@ -43,6 +43,12 @@ void save_weights(const std::string& path, const WeightMap& weights,
 // its transpose. Throws ShapeError on a weight of the wrong rank.
 at::Tensor weight_matrix(const at::Tensor& weight, const std::string& kind);
 
+// The adapter's coefficients c from z (r,), sigma (0-dim), the pivots D (r,) and sigma0 (the config's
+// initial scale), in their dtype: "paper": sigma0 (z - D) + (sigma - sigma0) z, which is sigma z - sigma0 D;
+// "relative": (sigma / sigma0) (D z) (docs/method.md §1, §9; python/loldu/adapter_spec.json).
+at::Tensor coefficients(const at::Tensor& z, const at::Tensor& sigma, const at::Tensor& D, double sigma0,
+                        const std::string& parametrization);
+
 // sha256 of "loldu-fp1|(d, k)|<torch dtype>|", W[:, :r] and W[pivots, :] (row-major bytes): what
 // the factorization reads, r = pivots.numel() (int64 row indices).
 std::array<uint8_t, 32> fingerprint(const at::Tensor& W, const at::Tensor& pivots);

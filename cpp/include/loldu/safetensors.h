@@ -16,13 +16,20 @@
 #include <string>
 #include <vector>
 
+#include <loldu/spec.h>
+
 namespace loldu {
 
 constexpr uint64_t kMaxHeaderBytes = 100000000;  // 100 MB, as the reference implementation
 constexpr int kMaxJsonDepth = 8;                 // loldu's headers and configs nest at most 3 deep
 
-// Element size in bytes of a safetensors dtype name ("F32", "I64", ...), 0 if unknown.
+// The row of spec::kDtypes named `dtype` ("F32", "I64", ...), nullptr if unknown.
+const spec::Dtype* safetensors_dtype(const std::string& dtype);
+// Element size in bytes of a safetensors dtype name, 0 if unknown.
 size_t safetensors_dtype_size(const std::string& dtype);
+
+// Python's repr of a shape tuple: "()", "(4,)", "(4, 8)" (file hashes and messages spell shapes so).
+std::string tuple_repr(const std::vector<int64_t>& shape);
 
 struct SafetensorsTensor {
   std::string dtype;           // "F32", "BF16", "I32", "U8", ...
