@@ -3,7 +3,9 @@ environment, which is why it must be installed with --no-build-isolation (docs/i
 
     pip install --no-build-isolation .        # or -e . for an editable install
 
-What is built, printed as "loldu setup: ..." lines (shown by `pip install -v`):
+What is built, printed as "loldu setup: ..." lines (shown by `pip install -v`) when the build runs (the
+probes belong to the build_ext command: a command that builds nothing, such as `setup.py --version`,
+runs none of them); the sources are the groups of cpp/sources.txt:
 - a CUDA extension when that torch has CUDA and a CUDA toolkit of the same major version is found
   (CUDA_HOME / CUDA_PATH, else the toolkit of the `nvcc` on PATH, else /usr/local/cuda, /usr/local/cuda-*);
 - a CPU extension otherwise (torch without CUDA, no nvcc, or nvcc of another CUDA major version), with a
@@ -23,7 +25,9 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext as setuptools_build_ext
+from setuptools.command.build_py import build_py as setuptools_build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPP = "cpp"
@@ -238,11 +242,20 @@ def check_compiler() -> None:
             "    LOLDU_NO_EXTENSION=1 pip install --no-build-isolation .")
 
 
+def read_sources(*groups: str) -> list[str]:
+    """The sources of these groups in cpp/sources.txt (the list the JIT build and CMake read too)."""
+    with open(os.path.join(ROOT, CPP, "sources.txt")) as f:
+        entries = [line.split() for line in f if line.strip() and not line.startswith("#")]
+    return [path for group, path in entries if group in groups]
+
+
 def extension():
-    sources = [os.path.join(CPP, f) for f in ("ldu.cpp", "adapter_linear.cpp", "ops.cpp")]
+    """(torch.utils.cpp_extension, the Extension to build), after the probes and their notices."""
+    cuda = plan_cuda()
+    check_compiler()
+    sources = read_sources("ops")
     include_dirs = [os.path.join(ROOT, "cpp", "include"), os.path.join(ROOT, "cpp")]
     cxx = ["-O3"]
-    cuda = plan_cuda()
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported: set it first.
     if cuda is not None:
         os.environ["CUDA_HOME"] = cuda[0]
@@ -255,25 +268,41 @@ def extension():
     cpp_extension.CUDA_HOME = home
     notice(f"building the CUDA extension: torch {torch.__version__} (CUDA {torch.version.cuda}), "
            f"nvcc {major}.{minor} from CUDA_HOME={home}")
-    sources += sorted(glob.glob(os.path.join(CPP, "cuda", "*.cu")))
-    sources += [os.path.join(CPP, "cuda", "ops_cuda.cpp")]
     return cpp_extension, cpp_extension.CUDAExtension(
         "loldu._C",
-        sources,
+        sources + read_sources("cuda"),
         include_dirs=include_dirs,
         define_macros=[("LOLDU_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
     )
 
 
+class build_ext(setuptools_build_ext):
+    """Builds loldu._C with torch's BuildExtension. The probes (CUDA toolkit, GPU architectures, C++
+    compiler) and their notices run when the command is first created, i.e. when a build runs, and not
+    when setup.py is merely read (`setup.py --version` prints the version alone). Until then the
+    distribution carries a stand-in for the extension, so that it is known to have one."""
+
+    _planned = None
+
+    def __new__(cls, dist, *args, **kwargs):
+        if cls._planned is None:
+            cls._planned = extension()
+        cpp_extension, ext = cls._planned
+        dist.ext_modules[:] = [ext]
+        return cpp_extension.BuildExtension.with_options(use_ninja=True)(dist, *args, **kwargs)
+
+
+class build_py(setuptools_build_py):
+    """The Python package alone: says so when it is built (LOLDU_NO_EXTENSION=1)."""
+
+    def run(self):
+        notice("LOLDU_NO_EXTENSION=1: installing the Python package without loldu._C (the ops run on the "
+               "pure-PyTorch reference path)")
+        super().run()
+
+
 if NO_EXTENSION:
-    notice("LOLDU_NO_EXTENSION=1: installing the Python package without loldu._C (the ops run on the "
-           "pure-PyTorch reference path)")
-    setup()
+    setup(cmdclass={"build_py": build_py})
 else:
-    check_compiler()
-    cpp_extension, ext = extension()
-    setup(
-        ext_modules=[ext],
-        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    )
+    setup(ext_modules=[Extension("loldu._C", read_sources("ops"))], cmdclass={"build_ext": build_ext})

@@ -2,7 +2,7 @@
 
   base       the frozen nn.Linear alone: forward + input gradient (the floor)
   auto       loldu.inject on that Linear: the fused op with form="auto" (forward, backward, AdamW over z)
-  delta      the same layer with the delta form forced (LOLDU_ADAPTER_FORM's hook, loldu.ops.FORM_OVERRIDE)
+  delta      the same layer with the delta form forced (loldu.ops.forced_form)
   dense      the same layer with the dense form forced (docs/method.md §7)
   cur        loldu.inject with factor_storage="cur": only L11, U11 (r x r) kept, the branch read from
              W0's pivot rows (the base output) and leading columns with two triangular solves (§8)
@@ -25,6 +25,7 @@ tokens (4096 x 4096 at n = 8192 skipped unless named in --points).
     python benchmarks/bench_adapter.py [--full | --quick] [--device cuda] [--dtype bf16] [--threads 1 --clock cpu]
 """
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -95,9 +96,9 @@ def build(method: str, d: int, k: int, r: int, dtype, device):
 
 def step_fn(model, opt, x, form=None):
     def step():
-        if form is not None:
-            loldu.ops.FORM_OVERRIDE = form
-        y = model(x)
+        # The form is chosen in the forward; the backward runs the one the forward ran.
+        with loldu.ops.forced_form(form) if form is not None else contextlib.nullcontext():
+            y = model(x)
         y.backward(torch.ones_like(y))  # a fixed upstream gradient; x.grad is produced too
         if opt is not None:
             opt.step()
@@ -194,17 +195,14 @@ def main():
             for col in columns:  # warm-up (and AdamW state allocation)
                 steps[col]()
             sync()
-            try:
-                for i in range(reps):
-                    # Rotated each repetition: a step right after another model's step finds its own
-                    # weights out of cache (up to ~10% at 384 x 384), so every column takes every place.
-                    for col in columns[i % len(columns):] + columns[:i % len(columns)]:
-                        t0 = clock()
-                        steps[col]()
-                        sync()
-                        times[col].append(clock() - t0)
-            finally:
-                loldu.ops.FORM_OVERRIDE = "auto"
+            for i in range(reps):
+                # Rotated each repetition: a step right after another model's step finds its own
+                # weights out of cache (up to ~10% at 384 x 384), so every column takes every place.
+                for col in columns[i % len(columns):] + columns[:i % len(columns)]:
+                    t0 = clock()
+                    steps[col]()
+                    sync()
+                    times[col].append(clock() - t0)
             med = {col: statistics.median(ts) for col, ts in times.items()}
             row = {"d": d, "k": k, "r": r, "n": n, "reps": reps}
             if "loldu" in methods:

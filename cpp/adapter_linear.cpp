@@ -17,9 +17,11 @@
 //    with G = g^T x, or as colsum((g PL) ⊙ (x U^T)), whichever the cost model finds cheaper.
 //  On CPU, when U is upper trapezoidal (as ldu returns it), the products with U skip its zero
 //  triangle in column blocks: at full rank the build and G U^T cost about half of 2 d k r.
-// "auto" picks the form per call from the cost model at the end of this file.
+// "auto" picks the form per call by the cost model of form_cost.h (generated from
+// python/loldu/form_cost.py, which the pure-PyTorch reference runs too).
 #include "loldu/loldu.h"
 #include "cuda_glue.h"
+#include "form_cost.h"
 #include "ldu_common.h"
 
 #include <ATen/OpMathType.h>
@@ -146,22 +148,6 @@ struct UBlock {
   int64_t j0, w, lim;
 };
 
-constexpr int64_t kUBlock = 64;
-
-// Upper trapezoidal U (U[i, j] == 0 for j < i) splits into column blocks of the leading r
-// columns, block [j0, j1) needing rows < j1 only, and one block for the columns from r on.
-std::vector<UBlock> u_blocks(int64_t r, int64_t k, bool upper) {
-  if (!upper) return {{0, k, r}};
-  std::vector<UBlock> out;
-  const int64_t m = std::min(r, k);
-  for (int64_t j0 = 0; j0 < m; j0 += kUBlock) {
-    const int64_t w = std::min(kUBlock, m - j0);
-    out.push_back({j0, w, std::min(r, j0 + w)});
-  }
-  if (k > m) out.push_back({m, k - m, r});
-  return out;
-}
-
 // Whether U's strictly lower triangle is exactly zero (read on CPU only: a device would have to
 // synchronize). Stops at the first nonzero, so an unstructured U costs next to nothing.
 bool upper_trapezoidal(const at::Tensor& U) {
@@ -178,6 +164,25 @@ bool upper_trapezoidal(const at::Tensor& U) {
         }
   });
   return upper;
+}
+
+// The column blocks the products with U run over. An upper trapezoidal U (U[i, j] == 0 for j < i)
+// splits into blocks of the leading r columns, block [j0, j1) needing rows < j1 only, and one block
+// for the columns from r on; any other U is one block of all its rows. The cost model's r_u
+// (form_cost.h: upper_rank) averages exactly these blocks. Each op call finds U's structure where it
+// first multiplies by U: the scan reads at most r (r - 1) / 2 entries against the d k r flops it
+// halves, which is cheaper than carrying a flag from the forward through the autograd formula.
+std::vector<UBlock> u_blocks(const at::Tensor& U) {
+  const int64_t r = U.size(0), k = U.size(1);
+  if (!upper_trapezoidal(U)) return {{0, k, r}};
+  std::vector<UBlock> out;
+  const int64_t m = std::min(r, k);
+  for (int64_t j0 = 0; j0 < m; j0 += form_cost::U_BLOCK) {
+    const int64_t w = std::min(form_cost::U_BLOCK, m - j0);
+    out.push_back({j0, w, std::min(r, j0 + w)});
+  }
+  if (k > m) out.push_back({m, k - m, r});
+  return out;
 }
 
 // out (rows, r) = G (rows, k) U^T, block by block over U's nonzero region.
@@ -206,124 +211,30 @@ at::Tensor dense_weight(const at::Tensor& weight, const at::Tensor& PL, const at
 
 }  // namespace
 
-// -- the cost model (docs/method.md §7) ------------------------------------------------------------
-// Every term is in flop-equivalents of the device's large-GEMM rate. A pass over an array of
-// `elems` elements that moves each of them `a` times and does 2 r flops on each costs
-//     elems * (2 r s + a e),
-// s ("skinny") being how much slower than a large GEMM a rank-r GEMM does its flops and e
-// ("stream") the cost of moving one element (the device's flops per byte times the element size).
-// Extra cost over the frozen base step (forward + input gradient) for n rows:
-//   delta  forward:  t = x U^T          n k (2 r s + e)       y += t (PL c)^T   n d (2 r s + 2 e)
-//          backward: h = g PL           n d (2 r s + e)       gx += h (c U)     n k (2 r s + 2 e)
-//   dense  forward:  W = W0 + PL c U    d k (2 r_u s + 3 e)   (read W0, write W fresh)
-//                    + d k hold: the (d, k) buffer held from the forward to the backward
-//                      (kept only when x needs a gradient)
-//          backward: grad_c through the cheaper of
-//                    t and h            n (k + d) (2 r s + e)
-//                    G = g^T x          2 n d k  +  G U^T: d k (2 r_u s + 3 e)
-// r_u is the average number of U's rows the blocked products touch per column (about r / 2 at
-// full rank on CPU, r elsewhere). The base GEMMs cost the same in both forms (the dense form
-// multiplies by W instead of W0) and cancel. Summing, with the base step at 4 n d k:
-//   delta ≈ 1 + r (d + k) / (d k) + 3 e (d + k) / (4 d k),
-//   dense ≈ 1 + r_u / (2 n) + min(r (d + k) / (2 d k), 1/2 + r_u / (2 n)) + memory terms,
-// i.e. 1.5 + r / n at full rank without U's structure. Every per-row term grows with n and the
-// dense form's fixed terms do not, so the dense form wins from some n on, which
-// adapter_dense_min_rows returns; without a backward (hold and the backward terms dropped) the
-// same holds for the forward alone.
+// -- form="auto": the cost model of form_cost.h (docs/method.md §7) on ATen's dtypes and devices --
 namespace {
-
-struct CostConstants {
-  double skinny;  // rank-r GEMM flops relative to a large GEMM's
-  double stream;  // flop-equivalents per element streamed once
-  double hold;    // flop-equivalents per element of the (d, k) buffer the dense form holds
-};
-
-CostConstants constants_for(at::ScalarType dtype, c10::DeviceType device) {
-  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-  const double elem = dtype == at::kDouble ? 8.0 : (half ? 2.0 : 4.0);
-  double flops_per_byte, skinny;
-  if (device == c10::DeviceType::CUDA) {
-    // H100/H200-class spec-sheet numbers, not measured here: ~60 TFLOP/s fp32 (TF32 off) and fp64,
-    // ~900 fp16/bf16 on tensor cores, against ~4.5 TB/s; rank-r GEMMs below a large GEMM's rate.
-    flops_per_byte = half ? 200.0 : 14.0;
-    skinny = 1.5;
-  } else {
-    // Measured on a 2-core AMD EPYC (Zen 5, AVX-512) with MKL, one thread, fp32: a large GEMM's
-    // rate against passes over (n, d) / (n, k) and (d, k) arrays (benchmarks/bench_adapter.py).
-    // fp64 GEMMs run at half the rate on twice the bytes, bf16/fp16 at twice the rate on half.
-    flops_per_byte = dtype == at::kDouble ? 2.5 : (half ? 10.0 : 5.0);
-    skinny = 1.0;
-  }
-  const double stream = flops_per_byte * elem;
-  return {skinny, stream, 2.5 * stream};
-}
-
-// U's nonzero entries per column, averaged (exactly what the block products above compute).
-double upper_rank(int64_t r, int64_t k, bool upper) {
-  double s = 0;
-  for (const auto& b : u_blocks(r, k, upper)) s += static_cast<double>(b.lim) * b.w;
-  return s / k;
-}
-
-struct FormCosts {
-  double delta_row;          // per row
-  double dense_fixed;        // build + held buffer
-  double th_row;             // grad_c by t and h, per row
-  double g_row, g_fixed;     // grad_c by G = g^T x
-};
-
-FormCosts form_costs(int64_t d_, int64_t k_, int64_t r_, at::ScalarType dtype, c10::DeviceType device,
-                     bool need_grad_x, bool need_grad_c) {
-  const auto C = constants_for(dtype, device);
-  const double d = d_, k = k_, r = r_, e = C.stream, s = C.skinny;
-  const double ru = upper_rank(r_, k_, device == c10::DeviceType::CPU);
-  const bool backward = need_grad_x || need_grad_c;
-  FormCosts f{};
-  f.delta_row = k * (2 * r * s + e) + d * (2 * r * s + 2 * e);
-  if (backward) f.delta_row += d * (2 * r * s + e);
-  if (need_grad_x) f.delta_row += k * (2 * r * s + 2 * e);
-  f.dense_fixed = d * k * (2 * ru * s + 3 * e) + (need_grad_x ? d * k * C.hold : 0.0);
-  f.th_row = (k + d) * (2 * r * s + e);
-  f.g_row = 2 * d * k;
-  f.g_fixed = d * k * (2 * ru * s + 3 * e);
-  return f;
-}
 
 constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
 
-// Smallest n with fixed + n * row < n * delta_row.
-int64_t crossover(double delta_row, double row, double fixed) {
-  if (row >= delta_row) return kNever;
-  const double n = std::floor(fixed / (delta_row - row)) + 1;
-  return n >= 1e15 ? kNever : static_cast<int64_t>(n);
+double element_bytes(at::ScalarType dtype) {
+  return dtype == at::kDouble ? 8.0 : (dtype == at::kHalf || dtype == at::kBFloat16 ? 2.0 : 4.0);
 }
+
+int64_t concrete(const c10::SymInt& v) { return v.guard_int(__FILE__, __LINE__); }
 
 }  // namespace
 
 int64_t adapter_dense_min_rows(int64_t d, int64_t k, int64_t r, at::ScalarType dtype, c10::DeviceType device,
                                bool need_grad_x, bool need_grad_c) {
-  const auto f = form_costs(d, k, r, dtype, device, need_grad_x, need_grad_c);
-  if (!need_grad_c) return crossover(f.delta_row, 0.0, f.dense_fixed);
-  return std::min(crossover(f.delta_row, f.th_row, f.dense_fixed),
-                  crossover(f.delta_row, f.g_row, f.dense_fixed + f.g_fixed));
+  const double n = form_cost::dense_min_rows(d, k, r, device == c10::DeviceType::CUDA, device == c10::DeviceType::CPU,
+                                             element_bytes(dtype), need_grad_x, need_grad_c);
+  return n == form_cost::NEVER ? kNever : static_cast<int64_t>(n);
 }
 
 std::string adapter_form(int64_t n, int64_t d, int64_t k, int64_t r, at::ScalarType dtype, c10::DeviceType device,
                          bool need_grad_x, bool need_grad_c) {
   return n >= adapter_dense_min_rows(d, k, r, dtype, device, need_grad_x, need_grad_c) ? "dense" : "delta";
 }
-
-namespace {
-
-// Whether the dense backward evaluates grad_c through G = g^T x rather than through t and h.
-bool grad_c_through_g(int64_t n, int64_t d, int64_t k, int64_t r, at::ScalarType dtype, c10::DeviceType device) {
-  const auto f = form_costs(d, k, r, dtype, device, true, true);
-  return f.g_fixed + n * f.g_row < n * f.th_row;
-}
-
-int64_t concrete(const c10::SymInt& v) { return v.guard_int(__FILE__, __LINE__); }
-
-}  // namespace
 
 std::string resolve_adapter_form(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& PL,
                                  const at::Tensor& c, c10::string_view form) {
@@ -359,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_linear_forward(const at::Tensor& x, c
   if (f == Form::Dense) {
     TORCH_CHECK_VALUE(c.dim() == 1, "loldu.adapter_linear_forward: the dense form needs one c (r,) for all rows, "
                       "got c ", shape_of(c), " (per-row c runs the delta form)");
-    at::Tensor W = dense_weight(weight, PL, U, c, u_blocks(r, k, upper_trapezoidal(U)));
+    at::Tensor W = dense_weight(weight, PL, U, c, u_blocks(U));
     at::Tensor y = bias ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());
     return {y.view(out_shape), W};
   }
@@ -403,17 +314,22 @@ std::tuple<at::Tensor, at::Tensor> adapter_linear_backward(
   if (f == Form::Dense) {
     TORCH_CHECK_VALUE(c.dim() == 1, "loldu.adapter_linear_backward: the dense form needs one c (r,) for all rows, "
                       "got c ", shape_of(c));
-    const auto blocks = u_blocks(r, k, upper_trapezoidal(U));
-    at::Tensor W;
+    std::optional<std::vector<UBlock>> blocks;  // U's structure, found where it is first needed
+    auto U_blocks = [&]() -> const std::vector<UBlock>& {
+      if (!blocks) blocks = u_blocks(U);
+      return *blocks;
+    };
     if (need_grad_x) {
       if (saved) check_saved({d, k}, "the dense weight W");
-      W = saved ? *saved : dense_weight(weight, PL, U, c, blocks);
+      at::Tensor W = saved ? *saved : dense_weight(weight, PL, U, c, U_blocks());
       grad_x = at::mm(g2, W).view(x.sizes());
     }
     if (need_grad_c) {
-      if (grad_c_through_g(n, d, k, r, x.scalar_type(), x.device().type())) {
+      const auto device = x.device().type();
+      if (form_cost::grad_c_through_g(n, d, k, r, device == c10::DeviceType::CUDA, device == c10::DeviceType::CPU,
+                                      element_bytes(x.scalar_type()))) {
         at::Tensor G = at::mm(g2.t(), x2);  // (d, k)
-        grad_c = column_dot(PL, mm_ut(G, U, blocks));
+        grad_c = column_dot(PL, mm_ut(G, U, U_blocks()));
       } else {
         grad_c = column_dot(at::mm(x2, U.t()), at::mm(g2, PL));
       }

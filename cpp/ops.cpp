@@ -3,6 +3,7 @@
 #include "loldu/loldu.h"
 #include "cuda_glue.h"
 #include "ldu_common.h"
+#include "op_schemas.h"
 
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -87,18 +88,17 @@ std::tuple<at::Tensor, at::Tensor> adapter_linear_autocast(const at::Tensor& x, 
 }  // namespace
 }  // namespace loldu
 
+// The schemas come from op_schemas.h (generated from python/loldu/op_schemas.py, which the
+// pure-PyTorch reference declares the same ops from).
 TORCH_LIBRARY(loldu, m) {
-  m.def("ldu(Tensor W, int rank, str pivoting='partial') -> (Tensor PL, Tensor D, Tensor U, Tensor pivots)");
-  m.def("ldu_from_pivots(Tensor W, Tensor pivots) -> (Tensor PL, Tensor D, Tensor U, Tensor pivots)");
-  m.def("adapter_linear(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, Tensor c, str form='auto') -> Tensor",
-        torch::dispatch(c10::DispatchKey::CompositeImplicitAutograd, &loldu::adapter_linear_op));
-  m.def("adapter_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, Tensor c, str form) -> "
-        "(Tensor y, Tensor saved)");
-  m.def("adapter_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor PL, Tensor U, Tensor c, "
-        "bool need_grad_x, bool need_grad_c=True, str form='delta', Tensor? saved=None) -> (Tensor grad_x, Tensor grad_c)");
-  // Pure ATen composition: autograd and meta come for free.
-  m.def("delta_weight(Tensor PL, Tensor U, Tensor c) -> Tensor",
-        torch::dispatch(c10::DispatchKey::CompositeImplicitAutograd, &loldu::delta_weight));
+  for (const char* schema : loldu::kOpSchemas) m.def(schema);
+}
+
+// The public op decomposes into adapter_linear_forward; delta_weight is a pure ATen composition:
+// autograd and meta come for free.
+TORCH_LIBRARY_IMPL(loldu, CompositeImplicitAutograd, m) {
+  m.impl("adapter_linear", &loldu::adapter_linear_op);
+  m.impl("delta_weight", &loldu::delta_weight);
 }
 
 TORCH_LIBRARY_IMPL(loldu, CPU, m) {

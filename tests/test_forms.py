@@ -1,7 +1,7 @@
 """The two exact forms of adapter_linear (docs/method.md §7): "delta" and "dense" agree in outputs
 and gradients, pass gradcheck and opcheck (and so does "auto"), the chooser picks the form the cost
 model says, per-row c runs delta, saved tensors are what each form needs, bad forms are refused;
-a LoLDU layer runs its config's form (ahead of LOLDU_ADAPTER_FORM, which only replaces "auto")."""
+a LoLDU layer runs its config's form (ahead of forced_form / LOLDU_ADAPTER_FORM, which only replace "auto")."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -283,9 +283,9 @@ def test_config_form_gives_the_same_model_in_delta_and_dense():
 
 @COMPILED_ONLY
 @pytest.mark.parametrize("form", ["delta", "dense"])
-def test_config_form_reaches_the_op_and_beats_the_form_override(form, monkeypatch):
+def test_config_form_reaches_the_op_and_beats_the_form_override(form):
     """A config's explicit form is what adapter_linear_forward runs, for nn.Linear and Conv1D, also
-    when LOLDU_ADAPTER_FORM (loldu.ops.FORM_OVERRIDE) asks for the other form: that override only
+    when loldu.ops.forced_form (or LOLDU_ADAPTER_FORM) asks for the other form: that override only
     replaces form="auto". Seen through the dispatcher (the compiled op is a kernel of its own)."""
     other = "dense" if form == "delta" else "delta"
     x = torch.randn(9, 24, dtype=torch.float64)
@@ -293,17 +293,41 @@ def test_config_form_reaches_the_op_and_beats_the_form_override(form, monkeypatc
     with _FormsSeen() as seen:
         model(x)
     assert seen.forms == [form, form]
-    monkeypatch.setattr(loldu.ops, "FORM_OVERRIDE", other)
-    with _FormsSeen() as seen:
-        model(x)
-    assert seen.forms == [form, form]
     auto = _injected("auto")
-    with _FormsSeen() as seen:
-        auto(x)
-    assert seen.forms == [other, other]  # "auto" follows the override
-    monkeypatch.setattr(loldu.ops, "FORM_OVERRIDE", "auto")
-    with _FormsSeen() as seen:
-        auto(x)
-    # n = 9 rows at r = 16: the cost model picks delta here.
-    assert seen.forms == [loldu.ops.choose_form(9, 40, 24, 16, torch.float64, "cpu"),
-                          loldu.ops.choose_form(9, 16, 40, 16, torch.float64, "cpu")] == ["delta", "delta"]
+    with loldu.ops.forced_form(other):
+        with _FormsSeen() as seen:
+            model(x)
+        assert seen.forms == [form, form]
+        with _FormsSeen() as seen:
+            auto(x)
+        assert seen.forms == [other, other]  # "auto" follows the override
+        with loldu.ops.forced_form("auto"), _FormsSeen() as seen:
+            auto(x)
+        # n = 9 rows at r = 16: the cost model picks delta here.
+        assert seen.forms == [loldu.ops.choose_form(9, 40, 24, 16, torch.float64, "cpu"),
+                              loldu.ops.choose_form(9, 16, 40, 16, torch.float64, "cpu")] == ["delta", "delta"]
+    with pytest.raises(loldu.ShapeError, match="form must be 'auto', 'delta' or 'dense', got 'sparse'"):
+        with loldu.ops.forced_form("sparse"):
+            pass
+
+
+@COMPILED_ONLY
+def test_forced_form_is_scoped_and_restored():
+    d, k, r = 20, 12, 12
+    W, b, PL, U = make_layer(d, k, r)
+    x, c = torch.randn(3, k, dtype=torch.float64), torch.randn(r, dtype=torch.float64)
+
+    def ran():
+        with _FormsSeen() as seen:
+            loldu.ops.adapter_linear(x, W, b, PL, U, c)
+        return seen.forms[-1]
+
+    default = ran()
+    with pytest.raises(RuntimeError, match="inside"):
+        with loldu.ops.forced_form("dense"):
+            assert ran() == "dense"
+            with loldu.ops.forced_form("delta"):
+                assert ran() == "delta"
+            assert ran() == "dense"
+            raise RuntimeError("inside")
+    assert ran() == default

@@ -13,14 +13,21 @@ import torch
 _REPO_CPP = Path(__file__).resolve().parents[2] / "cpp"
 
 
+def _repo_sources(*groups: str) -> list:
+    """The sources of these groups in cpp/sources.txt (the list setup.py and CMake read too)."""
+    lines = (_REPO_CPP / "sources.txt").read_text().splitlines()
+    entries = [line.split() for line in lines if line.strip() and not line.startswith("#")]
+    return [str(_REPO_CPP.parent / path) for group, path in entries if group in groups]
+
+
 def _jit_build():
     from torch.utils import cpp_extension
 
-    sources = [str(_REPO_CPP / f) for f in ("ldu.cpp", "adapter_linear.cpp", "ops.cpp")]
+    sources = _repo_sources("ops")
     flags = ["-O3"]
     kwargs = {}
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
-        sources += [str(_REPO_CPP / "cuda" / "kernels.cu"), str(_REPO_CPP / "cuda" / "ops_cuda.cpp")]
+        sources += _repo_sources("cuda")
         flags.append("-DLOLDU_WITH_CUDA=1")
         kwargs["extra_cuda_cflags"] = ["-O3", "-DLOLDU_WITH_CUDA=1"]
     return cpp_extension.load(

@@ -10,11 +10,13 @@ loldu's error types. The method (facts used here: docs/method.md): y = x W0^T + 
 
 adapter_linear is a composite of adapter_linear_forward, which returns (y, saved) for a resolved form
 ("delta" or "dense", §7) and carries the autograd formula: saved (t = x U^T, or the dense W) goes to
-the backward instead of being recomputed there. LOLDU_ADAPTER_FORM=delta|dense makes form="auto" in
-loldu.ops.adapter_linear run that form instead of the cost model's choice; an explicit form="delta" or
-"dense" (a LoLDU layer passes its adapter config's `form`) is never overridden. So the precedence is:
-the config's explicit form, then LOLDU_ADAPTER_FORM, then the cost model.
+the backward instead of being recomputed there. `with forced_form("delta"|"dense"):` (or, for the
+whole process, LOLDU_ADAPTER_FORM=delta|dense) makes form="auto" in loldu.ops.adapter_linear run that
+form instead of the cost model's choice; an explicit form="delta" or "dense" (a LoLDU layer passes its
+adapter config's `form`) is never overridden. So the precedence is: the config's explicit form, then
+forced_form / LOLDU_ADAPTER_FORM, then the cost model.
 """
+import contextlib
 import os
 from typing import NamedTuple, Optional
 
@@ -24,12 +26,29 @@ from . import _backend
 from .errors import FactorizationError, LolduError, ShapeError
 from .reference import FORMS, autocast_enabled, check_adapter_args, choose_form, dense_min_rows, working_dtype
 
-__all__ = ["LDUResult", "adapter_linear", "autocast_enabled", "choose_form", "delta_weight", "dense_min_rows", "ldu",
-           "ldu_from_pivots", "working_dtype"]
+__all__ = ["LDUResult", "adapter_linear", "autocast_enabled", "choose_form", "delta_weight", "dense_min_rows",
+           "forced_form", "ldu", "ldu_from_pivots", "working_dtype"]
 
-# form="auto" replaced by this form when set (an override for benchmarks and debugging); an explicit
-# form="delta"/"dense" (a config's form) is left as it is.
-FORM_OVERRIDE = os.environ.get("LOLDU_ADAPTER_FORM", "auto")
+# What form="auto" runs: "auto" (the cost model), or the form forced_form or LOLDU_ADAPTER_FORM asks for.
+# A plain module attribute rather than a context variable: torch.compile traces through reading it.
+_forced = os.environ.get("LOLDU_ADAPTER_FORM", "auto")
+
+
+@contextlib.contextmanager
+def forced_form(form: str):
+    """Within the block, form="auto" in adapter_linear runs `form` ("delta" or "dense"; "auto": the cost
+    model's choice again) instead of the cost model's choice: for benchmarks and debugging. An explicit
+    form="delta"/"dense" (a LoLDU layer's config) is never replaced. It holds for the whole process (every
+    thread) while the block runs; the previous setting (LOLDU_ADAPTER_FORM's by default) comes back on exit.
+    """
+    global _forced
+    if not isinstance(form, str) or form not in FORMS:
+        raise ShapeError(f"loldu.ops.forced_form: form must be 'auto', 'delta' or 'dense', got {form!r}")
+    previous, _forced = _forced, form
+    try:
+        yield
+    finally:
+        _forced = previous
 
 
 class LDUResult(NamedTuple):
@@ -104,8 +123,8 @@ def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     Gradients flow to x and c; weight, bias, PL and U are treated as frozen. Returns (..., d).
     Under torch.autocast the matmuls run in the autocast dtype and c stays fp32.
     """
-    if form == "auto" and FORM_OVERRIDE != "auto":
-        form = FORM_OVERRIDE
+    if form == "auto" and _forced != "auto":
+        form = _forced
     if not isinstance(form, str) or form not in FORMS:
         raise ShapeError(f"loldu.adapter_linear: form must be 'auto', 'delta' or 'dense', got {form!r}")
     try:

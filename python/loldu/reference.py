@@ -5,26 +5,13 @@ registered as the implementation of the very same `torch.ops.loldu.*` schemas (`
 every caller goes through the ops either way. The argument checks here are the Python side of the
 ops' checks: the reference kernels and the fake (meta) kernels of both backends run them.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
+from . import form_cost
 from .errors import FactorizationError, ShapeError
+from .op_schemas import SCHEMAS
 
-# The ops' schemas, as cpp/ops.cpp declares them (a test checks the two agree).
-SCHEMAS = {
-    "ldu": "ldu(Tensor W, int rank, str pivoting='partial') -> (Tensor PL, Tensor D, Tensor U, Tensor pivots)",
-    "ldu_from_pivots": "ldu_from_pivots(Tensor W, Tensor pivots) -> (Tensor PL, Tensor D, Tensor U, Tensor pivots)",
-    "adapter_linear": "adapter_linear(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, Tensor c, "
-                      "str form='auto') -> Tensor",
-    "adapter_linear_forward": "adapter_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, "
-                              "Tensor c, str form) -> (Tensor y, Tensor saved)",
-    "adapter_linear_backward": "adapter_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor PL, Tensor U, "
-                               "Tensor c, bool need_grad_x, bool need_grad_c=True, str form='delta', "
-                               "Tensor? saved=None) -> (Tensor grad_x, Tensor grad_c)",
-    "delta_weight": "delta_weight(Tensor PL, Tensor U, Tensor c) -> Tensor",
-}
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 FORMS = ("auto", "delta", "dense")
 
@@ -298,67 +285,17 @@ def adapter_linear_backward_reference(grad_y, x, weight, PL, U, c, need_grad_x: 
     return grad_x, grad_c
 
 
-# -- the cost model behind form="auto" (docs/method.md §7; cpp/adapter_linear.cpp has the same) ---
-_U_BLOCK = 64  # column block of the CPU kernels' products with an upper trapezoidal U
-
-
-def _cost_constants(dtype: torch.dtype, device: str):
-    """(skinny, stream, hold) in flop-equivalents of a large GEMM, as the C++ constants_for."""
-    half = dtype in (torch.float16, torch.bfloat16)
-    elem = 8.0 if dtype == torch.float64 else (2.0 if half else 4.0)
-    if device == "cuda":
-        flops_per_byte, skinny = (200.0 if half else 14.0), 1.5
-    else:
-        flops_per_byte, skinny = (2.5 if dtype == torch.float64 else (10.0 if half else 5.0)), 1.0
-    stream = flops_per_byte * elem
-    return skinny, stream, 2.5 * stream
-
-
-def _upper_rank(r: int, k: int, upper: bool) -> float:
-    """Nonzero rows of U per column, averaged over the kernels' column blocks (r when unstructured)."""
-    if not upper:
-        return float(r)
-    m = min(r, k)
-    s = 0.0
-    for j0 in range(0, m, _U_BLOCK):
-        w = min(_U_BLOCK, m - j0)
-        s += float(min(r, j0 + w)) * w
-    if k > m:
-        s += float(r) * (k - m)
-    return s / k
-
-
-def _crossover(delta_row: float, row: float, fixed: float):
-    """Smallest n with fixed + n * row < n * delta_row, None if none."""
-    if row >= delta_row:
-        return None
-    n = math.floor(fixed / (delta_row - row)) + 1
-    return None if n >= 1e15 else int(n)
-
-
+# -- form="auto": the cost model of form_cost.py, on torch's dtypes and devices -------------------
 def dense_min_rows(d: int, k: int, r: int, dtype: torch.dtype = torch.float32, device: str = "cpu", *,
                    need_grad_x: bool = True, need_grad_c: bool = True):
     """The smallest number of rows n from which form="auto" runs the dense form; None when never.
 
     need_grad_x / need_grad_c: which gradients the backward computes (both False: a forward only).
     """
-    skinny, e, hold = _cost_constants(dtype, device)
-    d, k, r = float(d), float(k), float(r)
-    ru = _upper_rank(int(r), int(k), device == "cpu")
-    backward = need_grad_x or need_grad_c
-    delta_row = k * (2 * r * skinny + e) + d * (2 * r * skinny + 2 * e)
-    if backward:
-        delta_row += d * (2 * r * skinny + e)
-    if need_grad_x:
-        delta_row += k * (2 * r * skinny + 2 * e)
-    dense_fixed = d * k * (2 * ru * skinny + 3 * e) + (d * k * hold if need_grad_x else 0.0)
-    if not need_grad_c:
-        return _crossover(delta_row, 0.0, dense_fixed)
-    th_row = (k + d) * (2 * r * skinny + e)
-    g_fixed = d * k * (2 * ru * skinny + 3 * e)
-    found = [n for n in (_crossover(delta_row, th_row, dense_fixed),
-                         _crossover(delta_row, 2 * d * k, dense_fixed + g_fixed)) if n is not None]
-    return min(found) if found else None
+    elem = 8.0 if dtype == torch.float64 else (2.0 if dtype in (torch.float16, torch.bfloat16) else 4.0)
+    n = form_cost.dense_min_rows(float(d), float(k), float(r), device == "cuda", device == "cpu", elem,
+                                 need_grad_x, need_grad_c)
+    return None if n == form_cost.NEVER else int(n)
 
 
 def choose_form(n: int, d: int, k: int, r: int, dtype: torch.dtype = torch.float32, device: str = "cpu", *,
