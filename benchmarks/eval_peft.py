@@ -200,16 +200,22 @@ def time_steps(names, data, rounds, log):
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def timing_worker(args):
+def quiet_child(threads):
+    """A child process's set-up: its thread count, and no progress, notes or warnings on its stderr
+    (which the orchestrator shows only when the child fails)."""
+    import warnings
+
     import torch
     import transformers
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     os.environ.setdefault("LOLDU_PROGRESS", "off")
-    import warnings
-
     warnings.filterwarnings("ignore")
+
+
+def timing_worker(args):
+    quiet_child(args.threads)
     res = time_steps(args.timing, load_data(), args.rounds, lambda m: print(m, file=sys.stderr, flush=True))
     Path(args.json).write_text(json.dumps(res))
 
@@ -217,15 +223,7 @@ def timing_worker(args):
 def worker(args):
     """Runs (lr, seed) pairs of one method in this process; with --pick, the grid at seed 0 first, then
     the other seeds at its best learning rate. Writes one JSON object to --json."""
-    import torch
-    import transformers
-
-    torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    os.environ.setdefault("LOLDU_PROGRESS", "off")
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    quiet_child(args.threads)
     spec = methods()[args.worker]
     data = load_data()
     runs = []
@@ -262,21 +260,29 @@ def worker(args):
 
 # --------------------------------------------------------------------------------------- orchestrator
 
-def spawn(name, pairs, pick, threads, log, resume=False):
+def run_child(what, options):
+    """Runs this script in a fresh process with `options` and a --json file to write; returns what it wrote."""
     with tempfile.NamedTemporaryFile(prefix="eval-", suffix=".json", delete=False) as f:
         out = f.name
-    cmd = [sys.executable, __file__, "--worker", name, "--json", out, "--threads", str(threads), "--epochs", str(EPOCHS)]
-    cmd += ["--steps", str(MAX_STEPS)] if MAX_STEPS else []
-    cmd += ["--pick"] if pick else []
-    cmd += ["--resume"] if resume else []
-    cmd += ["--pairs", *[json.dumps(p) for p in pairs]]
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--json", out, *options], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(Path(out).read_text())
+    finally:
+        os.unlink(out)
+
+
+def spawn(name, pairs, pick, threads, log, resume=False):
+    options = ["--worker", name, "--threads", str(threads), "--epochs", str(EPOCHS)]
+    options += ["--steps", str(MAX_STEPS)] if MAX_STEPS else []
+    options += ["--pick"] if pick else []
+    options += ["--resume"] if resume else []
+    options += ["--pairs", *[json.dumps(p) for p in pairs]]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    res = run_child(name, options)
     log(f"{name}: {len(pairs)}{' + seeds' if pick else ''} runs in {time.perf_counter() - t0:.0f} s")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    res = json.loads(Path(out).read_text())
-    os.unlink(out)
     return res
 
 
@@ -290,16 +296,9 @@ def judge_defaults(table, defaults):
 
 
 def spawn_memory(name, lr, args):
-    with tempfile.NamedTemporaryFile(prefix="eval-mem-", suffix=".json", delete=False) as f:
-        out = f.name
-    cmd = [sys.executable, __file__, "--worker", name, "--json", out, "--threads", str(args.threads), "--epochs", "1",
-           "--steps", str(args.memory_steps), "--no-cache", "--pairs", json.dumps([lr, 0])]
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} (memory) failed:\n{proc.stderr[-3000:]}")
-    res = json.loads(Path(out).read_text())
-    os.unlink(out)
-    return res["peak_rss_bytes"]
+    options = ["--worker", name, "--threads", str(args.threads), "--epochs", "1", "--steps", str(args.memory_steps),
+               "--no-cache", "--pairs", json.dumps([lr, 0])]
+    return run_child(f"{name} (memory)", options)["peak_rss_bytes"]
 
 
 def summarize(records):
@@ -341,8 +340,7 @@ def pick_default(table, param):
     return best, {str(lr): {"mean_acc": mean(lr), "worst_loss": worst(lr)} for lr in grid}
 
 
-def main(argv=None):
-    global EPOCHS, MAX_STEPS
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
@@ -361,43 +359,29 @@ def main(argv=None):
     ap.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--report", action="store_true", help="only rewrite the table and the plots from --out")
     ap.add_argument("--memory-steps", type=int, default=8, help="steps of the per-method peak-memory run (default 8)")
-    args = ap.parse_args(argv)
-    EPOCHS, MAX_STEPS = args.epochs, args.steps
-    if args.worker:
-        return worker(args)
-    if args.timing and args.json:
-        return timing_worker(args)
-    if args.report:
-        out = json.loads(Path(args.out).read_text())
-        judge_defaults(out["methods"], out["defaults"])
-        out["meta"]["default_tol_points"] = DEFAULT_TOL
-        Path(args.out).write_text(json.dumps(out, indent=1))
-        (RESULTS / "eval_peft.md").write_text(markdown(out))
-        plots(out)
-        print(markdown(out))
-        return 0
+    return ap.parse_args(argv)
 
-    RESULTS.mkdir(exist_ok=True)
+
+def write_report(out, path):
+    """The JSON, the markdown table and the plots of one evaluation; prints the table."""
+    Path(path).write_text(json.dumps(out, indent=1))
+    md = markdown(out)
+    (RESULTS / "eval_peft.md").write_text(md)
+    plots(out)
+    print(md)
+
+
+def run_methods(todo, args, log):
+    """Every method's grid and seeds, one barrier per group (the peers, then each LoLDU parametrization):
+    a group's default-lr check runs with the next group's grids. Returns (records, defaults)."""
     raw_path = RESULTS / "eval_runs.json"
-    if not args.resume:
-        for f in CACHE.glob("*.jsonl"):
-            f.unlink()
-    records = {}
     specs = methods()
-    todo = [n for n in (args.only or specs)]
-    t_start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
+    records, defaults = {}, {}
 
     def save_raw():
         raw_path.write_text(json.dumps(records, indent=1))
 
-    log(f"{len(todo)} methods, {args.workers} at a time, {args.threads} thread(s) each, {EPOCHS} epoch(s)")
-    defaults = {}
     with ThreadPoolExecutor(args.workers) as pool:
-        # One barrier per group (the peers, then each LoLDU parametrization): a group's default-lr check
-        # runs with the next group's grids.
         pending = []
         for grp in ("peers", "relative", "paper", None):
             names = [n for n in todo if group(specs[n]) == grp]
@@ -412,31 +396,27 @@ def main(argv=None):
                 save_raw()
             if grp in ("relative", "paper"):
                 pending.append((grp, submit_default(pool, grp, records, args, log)))
-    table = summarize(records)
-    # Peak memory: one fresh process per method, one run (MEMORY_STEPS steps and a test batch of 128) at
-    # its best rate; its ru_maxrss is the method's peak (the grid processes above may have been resumed).
+    return records, defaults
+
+
+def measure(table, args, log):
+    """Adds each method's peak memory and, with --rounds, its side-by-side step time to `table`."""
+    # Peak memory: one fresh process per method, one run (--memory-steps steps and a test batch of 128) at
+    # its best rate; its ru_maxrss is the method's peak (the grid processes may have been resumed).
     with ThreadPoolExecutor(args.workers) as pool:
         futs = {n: pool.submit(spawn_memory, n, table[n]["best_lr"], args) for n in table}
         for n, f in futs.items():
             table[n]["peak_rss_bytes"] = f.result()
     log("peak memory measured")
     if args.rounds:
-        # Time per step, side by side in one process (the per-run medians above ran beside other work).
-        with tempfile.NamedTemporaryFile(prefix="eval-timing-", suffix=".json", delete=False) as f:
-            tpath = f.name
+        # Time per step, side by side in one process (the per-run medians ran beside other work).
         log(f"side-by-side timing: {args.rounds} rounds of one step of each of {len(table)} methods")
-        cmd = [sys.executable, __file__, "--json", tpath, "--threads", str(args.threads), "--rounds", str(args.rounds),
-               "--timing", *table]
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"timing failed:\n{proc.stderr[-3000:]}")
-        for n, t in json.loads(Path(tpath).read_text()).items():
+        options = ["--threads", str(args.threads), "--rounds", str(args.rounds), "--timing", *table]
+        for n, t in run_child("timing", options).items():
             table[n]["step_s_side_by_side"] = t
-        os.unlink(tpath)
-    judge_defaults(table, defaults)
-    for param, d in defaults.items():
-        log(f"default lr for {param}: {d['lr']:g}; holds on every config and seed: {d['holds']}")
 
+
+def run_meta(args, wall_s):
     import torch
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
@@ -447,18 +427,49 @@ def main(argv=None):
                          "median of --rounds steps run in turn with every other method in one process",
             "peak_memory": "resource.getrusage(RUSAGE_SELF).ru_maxrss of a fresh process per method running "
                            f"{args.memory_steps} training steps at its best rate and one test batch of 128",
-            "wall_s": round(time.perf_counter() - t_start)}
+            "wall_s": wall_s}
     try:
         import peft
         meta["peft"] = peft.__version__
     except ImportError:
         pass
-    out = {"meta": meta, "methods": table, "defaults": defaults}
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    md = markdown(out)
-    (RESULTS / "eval_peft.md").write_text(md)
-    plots(out)
-    print(md)
+    return meta
+
+
+def main(argv=None):
+    global EPOCHS, MAX_STEPS
+    args = parse_args(argv)
+    EPOCHS, MAX_STEPS = args.epochs, args.steps
+    if args.worker:
+        return worker(args)
+    if args.timing and args.json:
+        return timing_worker(args)
+    if args.report:
+        out = json.loads(Path(args.out).read_text())
+        judge_defaults(out["methods"], out["defaults"])
+        out["meta"]["default_tol_points"] = DEFAULT_TOL
+        write_report(out, args.out)
+        return 0
+
+    RESULTS.mkdir(exist_ok=True)
+    if not args.resume:
+        for f in CACHE.glob("*.jsonl"):
+            f.unlink()
+    todo = [n for n in (args.only or methods())]
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
+
+    log(f"{len(todo)} methods, {args.workers} at a time, {args.threads} thread(s) each, {EPOCHS} epoch(s)")
+    records, defaults = run_methods(todo, args, log)
+    table = summarize(records)
+    measure(table, args, log)
+    judge_defaults(table, defaults)
+    for param, d in defaults.items():
+        log(f"default lr for {param}: {d['lr']:g}; holds on every config and seed: {d['holds']}")
+    out = {"meta": run_meta(args, round(time.perf_counter() - t_start)), "methods": table, "defaults": defaults}
+    write_report(out, args.out)
     log(f"wrote {args.out}, {RESULTS / 'eval_peft.md'} and the plots in {DOC_IMG}")
     return 0
 
