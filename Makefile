@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EXT    := $(VENV)/.ext-built
 CPP    := $(shell find cpp -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: demo eval test pytest ctest bench venv clean
+.PHONY: demo eval test pytest ctest bench venv clean headers
 
 venv: $(EXT)
 
@@ -19,7 +19,7 @@ $(DEPS): requirements.txt
 	touch $@
 
 # The extension compiles against the installed torch, hence --no-build-isolation.
-$(EXT): $(DEPS) $(CPP) setup.py pyproject.toml
+$(EXT): $(DEPS) $(CPP) cpp/sources.txt setup.py pyproject.toml
 	@echo "building the loldu extension (C++, against the installed torch): a few minutes on 2 cores, quietly"
 	MAX_JOBS=2 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
@@ -54,6 +54,10 @@ bench: $(EXT)
 	$(BIN)/python benchmarks/bench_ldu.py
 	$(BIN)/python benchmarks/bench_adapter.py
 	$(BIN)/python benchmarks/bench_export.py
+
+# The C++ headers generated from python/loldu/ (op schemas, the form cost model), after editing those.
+headers:
+	$(PYTHON) cpp/tools/gen_headers.py
 
 clean:
 	rm -rf build python/loldu/_C*.so

@@ -81,30 +81,36 @@ if (cd "$WORK/src" && timeout 600 "$PY" -m pip install . >"$WORK/isolated.log" 2
 fi
 grep -q -- "--no-build-isolation" "$WORK/isolated.log" || { tail -n 30 "$WORK/isolated.log"; fail "no advice in the isolated-build error"; }
 "$PY" -c 'import loldu' 2>/dev/null && fail "the failed isolated build left a loldu installed"
-# A toolkit of another CUDA major version: a CPU build with a notice, an error under LOLDU_FORCE_CUDA=1.
+# setup.py probes only when it builds (build_ext); the probes below stop a build before it compiles
+# anything, so no copy of the tree is built here. A command that builds nothing prints the version alone.
+VERSION_LINE="$(cd "$WORK/src" && timeout 600 "$PY" setup.py --version 2>&1)"
+[ "$VERSION_LINE" = "$(sed -n 's/^version = "\(.*\)"$/\1/p' "$WORK/src/pyproject.toml")" ] \
+  || fail "setup.py --version printed more than the version: $VERSION_LINE"
+# A toolkit of another CUDA major version: a CPU build with a notice (shown here ahead of the missing
+# compiler's error, which stops the build before it compiles), an error under LOLDU_FORCE_CUDA=1.
 FAKE="$WORK/cuda-other-major"
 mkdir -p "$FAKE/bin" "$FAKE/include" && touch "$FAKE/include/cuda_runtime.h"
 other=$(( ${TORCH_CUDA%%.*} - 1 ))
 printf '#!/bin/sh\necho "Cuda compilation tools, release %s.8, V%s.8.0"\n' "$other" "$other" >"$FAKE/bin/nvcc"
 chmod +x "$FAKE/bin/nvcc"
-(cd "$WORK/src" && CUDA_HOME="$FAKE" timeout 600 "$PY" setup.py --name >"$WORK/other-major.log" 2>&1) \
-  || { cat "$WORK/other-major.log"; fail "setup.py failed with a CUDA $other toolkit"; }
+if (cd "$WORK/src" && CUDA_HOME="$FAKE" CXX="$WORK/no-such-c++" timeout 600 "$PY" setup.py build_ext >"$WORK/other-major.log" 2>&1); then
+  fail "setup.py build_ext with no C++ compiler succeeded"
+fi
 grep -q "building the CPU extension: CUDA_HOME=$FAKE holds nvcc $other.8" "$WORK/other-major.log" \
   || { cat "$WORK/other-major.log"; fail "a CUDA $other toolkit did not give the CPU-build notice"; }
-if (cd "$WORK/src" && CUDA_HOME="$FAKE" LOLDU_FORCE_CUDA=1 timeout 600 "$PY" setup.py --name >"$WORK/force.log" 2>&1); then
+# No C++ compiler: an error that names the extension-less install.
+grep -q "LOLDU_NO_EXTENSION=1 pip install --no-build-isolation ." "$WORK/other-major.log" \
+  || { cat "$WORK/other-major.log"; fail "unclear no-compiler error"; }
+if (cd "$WORK/src" && CUDA_HOME="$FAKE" LOLDU_FORCE_CUDA=1 timeout 600 "$PY" setup.py build_ext >"$WORK/force.log" 2>&1); then
   fail "LOLDU_FORCE_CUDA=1 with a CUDA $other toolkit did not fail"
 fi
 grep -q "CUDA major versions must match" "$WORK/force.log" || { cat "$WORK/force.log"; fail "unclear LOLDU_FORCE_CUDA error"; }
 # An architecture nvcc cannot compile for (sm_35 left CUDA 12) is refused up front.
-if (cd "$WORK/src" && TORCH_CUDA_ARCH_LIST="3.5;9.0" timeout 600 "$PY" setup.py --name >"$WORK/arch.log" 2>&1); then
+if (cd "$WORK/src" && TORCH_CUDA_ARCH_LIST="3.5;9.0" timeout 600 "$PY" setup.py build_ext >"$WORK/arch.log" 2>&1); then
   fail "TORCH_CUDA_ARCH_LIST=3.5;9.0 was accepted"
 fi
 grep -q "cannot compile for 3.5" "$WORK/arch.log" || { cat "$WORK/arch.log"; fail "unclear TORCH_CUDA_ARCH_LIST error"; }
-# No C++ compiler: an error that names the extension-less install.
-if (cd "$WORK/src" && CXX="$WORK/no-such-c++" timeout 600 "$PY" setup.py --name >"$WORK/cxx.log" 2>&1); then
-  fail "a missing compiler was not noticed"
-fi
-grep -q "LOLDU_NO_EXTENSION=1 pip install --no-build-isolation ." "$WORK/cxx.log" || { cat "$WORK/cxx.log"; fail "unclear no-compiler error"; }
+rm -rf "$WORK/src/build"  # what the refused builds left (nothing compiled): the tree stays pristine
 step_end
 
 step_start "LOLDU_NO_EXTENSION=1 install (reference path)"
