@@ -78,7 +78,8 @@ def adapter_feeds(source, onnx_model=None, *, adapter_name: Optional[str] = None
     source: a model with LoLDU layers (adapter `adapter_name`, default the active one), or an adapter
         directory written by loldu.save_adapter; a directory needs `onnx_model` (the exported file,
         its OrtRunner or ModelProto), whose metadata holds each layer's D and base fingerprint.
-    c = sigma0 (z - D) + (sigma - sigma0) z, exactly as the PyTorch layers compute it.
+    c as loldu.layer.coefficients_from computes it in the adapter's parametrization, exactly as the
+    PyTorch layers do.
     Raises ExportError if the adapter does not fit the export (other layers, rank or base weights).
     """
     if isinstance(source, nn.Module):

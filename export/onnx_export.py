@@ -2,42 +2,40 @@
 
 Exporter: torch.onnx.export(dynamo=True), i.e. torch.export, then onnxscript (a required package)
 builds the ONNX graph. The fused op `loldu::adapter_linear` has an ONNX translation
-(_translation_table: MatMuls, a shared c folded into PL as the compiled kernel does), so the graph
+(onnx_graph.translation_table: MatMuls, a shared c folded into PL as the compiled kernel does), so the graph
 runs each adapted layer's own computation, op included, and no custom-op node; the layers know
 nothing of the export. Export time on torch 2.13, MiniLM-L6 (rank 8 on 36 linears, example batch
 2 x 16 tokens), 2 CPU cores shared with other jobs, CPU seconds, median of 10: merged 4.6 s, c as
 inputs 6.2 s, against 2.1 s and 2.4 s with the TorchScript exporter this replaced (about 2.2x and
 2.6x slower: tracing to ATen, the decompositions and onnxscript's optimizer each cost about what
 the whole TorchScript export did). The first export in a process pays a few seconds more (imports,
-and the torchlib registry, built once per process here: _dynamo_export).
+and the torchlib registry, built once per process here: onnx_graph.dynamo_export).
 
 Three forms:
 - merge=True (default): ΔW is folded into the weights of a copy, which is then a plain model; the
   graph is operator-for-operator the base model's graph.
 - merge=False: the adapter's c is a constant; each adapted linear is the op's translation, three
-  MatMuls, with PL diag(c) folded into one initializer (_fold_in_place).
+  MatMuls, with PL diag(c) folded into one initializer (onnx_graph's folding rule).
 - merge=False, adapter_inputs=True: every adapted layer's c (r,) fp32 is a graph input named
   `loldu.c.<layer name>`, so one file serves every adapter trained on the same base. The file's
   metadata records each layer's D and base-weight fingerprint, so `adapter_feeds` can turn an
   adapter directory into those inputs, refusing an adapter trained on another base.
 In both unmerged forms the exporter's copy has each adapted layer wrapped in a _WithC module that
-hands the layer the chosen c (computed before any fp16 cast), a constant or a graph input.
+hands the layer the chosen c (computed before any fp16 cast), a constant or a graph input, through
+the layer's public `adapted(x, c)`; a "cur" layer's copy is re-stored as "full" first (`use_storage`).
 
-Modules: adapter_inputs (names, metadata, feeds) <- ort_runner (OrtRunner) <- onnx_export.
+Modules: adapter_inputs (names, metadata, feeds) <- ort_runner (OrtRunner) <- onnx_export -> onnx_graph
+(the op's translation and the exporter run).
 """
 import contextlib
 import copy
-import functools
-import logging
 import os
 import time
-import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -47,6 +45,7 @@ from loldu.model import merge_and_unload, unwrap
 from loldu.state import AdapterState
 
 from .adapter_inputs import C_PREFIX, META_KEY, adapter_feeds, metadata_json
+from .onnx_graph import dynamo_export, quiet_exporter
 from .ort_runner import OrtRunner, _short
 
 # torch.onnx's exporter (torchlib) is written against opset 18; a lower opset is converted down.
@@ -194,7 +193,7 @@ class _WithC(nn.Module):
             self.register_buffer("c", c, persistent=False)
 
     def forward(self, x):
-        return self.layer._adapted(x, self.c if self.slots is None else self.slots[self.index])
+        return self.layer.adapted(x, self.c if self.slots is None else self.slots[self.index])
 
 
 def _wrap_layers(work: nn.Module, layers, cs, adapter_inputs: bool, slots: list) -> None:
@@ -256,115 +255,6 @@ def _label_output_axes(proto, dynamic_axes, notes: List[str]) -> None:
                 notes.append(f"output {name!r} axis {axis} is static in the exported graph")
 
 
-@functools.lru_cache(maxsize=None)
-def _translation_table() -> dict:
-    """{loldu::adapter_linear: its ONNX translation}. The op stays one node through torch.export on both
-    backends (the reference one is CompositeImplicitAutograd, which the exporter keeps whole because
-    the registry translates it), so both export the same graph."""
-    try:
-        from onnxscript import opset18 as op
-    except ImportError as e:
-        raise ExportError(f"loldu.export: torch.onnx.export(dynamo=True) needs onnxscript ({e}); "
-                          "pip install onnxscript") from None
-
-    def loldu_adapter_linear(x, weight, bias, PL, U, c, form: str = "auto"):
-        """y = x W0^T + b + ((x U^T) * c) PL^T, the low-rank form whatever `form` (how PyTorch evaluates
-        the same product). A shared c (r,) is folded into PL as the compiled kernel does it (d r
-        multiplies; a constant c folds into one initializer); a per-row c scales x U^T instead."""
-        y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
-        if bias is not None:
-            y = op.Add(y, bias)
-        t = op.MatMul(x, op.Transpose(U, perm=[1, 0]))
-        if c.shape is not None and len(c.shape) == 1:
-            low = op.MatMul(t, op.Transpose(op.Mul(PL, op.CastLike(c, PL)), perm=[1, 0]))
-        else:
-            low = op.MatMul(op.Mul(t, op.CastLike(c, t)), op.Transpose(PL, perm=[1, 0]))
-        return op.Add(y, low)
-
-    return {torch.ops.loldu.adapter_linear.default: loldu_adapter_linear}
-
-
-_REGISTRIES: Dict[int, object] = {}  # opset -> torch.onnx's ONNXRegistry with loldu's translations
-
-
-def _dynamo_export(graph: nn.Module, args, input_names, output_names, dynamic_shapes, opset: int):
-    """torch.onnx.export(graph, args, dynamo=True, custom_translation_table=loldu's, ...) as one
-    ModelProto (no external data), optimized as torch.onnx optimizes it but see _fold_in_place.
-
-    torch.onnx.export rebuilds its torchlib registry on every call, about 0.6 s here (onnxscript
-    re-parses the source of ~500 functions). The registry is built once per opset instead and handed
-    to the exporter's own entry point, as torch.onnx.export does; the public call where those
-    internals are missing.
-    """
-    table = _translation_table()
-    try:
-        from torch.onnx._internal.exporter import _core, _dynamic_shapes, _registration
-        from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET
-    except ImportError:  # pragma: no cover - another torch: the public API, same result
-        program = torch.onnx.export(graph, tuple(args), dynamo=True, input_names=input_names,
-                                    output_names=output_names, dynamic_shapes=dynamic_shapes, opset_version=opset,
-                                    custom_translation_table=table, external_data=False, optimize=False,
-                                    verbose=False)
-    else:
-        key = max(opset, TORCHLIB_OPSET)  # below torchlib's opset: exported at its opset, then converted down
-        registry = _REGISTRIES.get(key)
-        if registry is None:
-            registry = _registration.ONNXRegistry.from_torchlib(opset_version=key)
-            for target, fn in table.items():
-                registry.register_op(target, fn)
-            _REGISTRIES[key] = registry
-        shapes, named_axes = _dynamic_shapes.convert_str_to_export_dim(dynamic_shapes)
-        program = _core.export(graph, tuple(args), registry=registry, dynamic_shapes=shapes, input_names=input_names,
-                               output_names=output_names, verbose=False, optimize=False, opset_version=opset)
-        if named_axes:
-            program._rename_dynamic_axes(dynamic_shapes)
-    import onnxscript.optimizer
-    import onnxscript.rewriter.onnx_fusions
-
-    onnxscript.optimizer.optimize_ir(program.model, should_fold=_fold_in_place)  # what optimize=True runs,
-    onnxscript.rewriter.onnx_fusions.fuse(program.model)  # with the folding rule below
-    return program.model_proto
-
-
-def _fold_in_place(node) -> Optional[bool]:
-    """The optimizer's folding rule, extended: an elementwise Mul/Cast/CastLike of constants whose
-    result is no larger than its largest input, a large input (above the optimizer's size limit,
-    8192 elements) being used by that node alone, is folded. That is PL diag(c) with a baked c on
-    layers with d r > 8192, which the limit would leave to run time; the file does not grow."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Mul", "Cast", "CastLike"):
-        return None
-    values = [v for v in node.inputs if v is not None]
-    if not values or any(v.const_value is None for v in values):
-        return None
-    shapes = [tuple(v.const_value.shape) for v in values]
-    sizes = [v.const_value.size for v in values]
-    try:
-        out = int(np.prod(np.broadcast_shapes(*shapes)))
-    except ValueError:
-        return None
-    if out > max(sizes) or any(size > 8192 and len(v.consumers()) > 1 for v, size in zip(values, sizes)):
-        return None
-    return True
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter's log lines (skipped torchvision ops, shape notes) and warnings stay out of the
-    caller's output; its failures still raise."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx",
-                                               "torch._dynamo", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 # -- the export ------------------------------------------------------------------------------------
 def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: Optional[str], dtype: str):
     """A private, eval-mode copy ready to export, and (merged adapter name, adapted layers, the c each
@@ -402,12 +292,11 @@ def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: 
         raise ExportError("loldu.export: adapter_inputs=True needs a model with LoLDU layers (loldu.inject or "
                           "loldu.load_adapter first)")
     for _, layer in layers:  # the copy's "cur" layers keep PL and U: ONNX has no triangular solve
-        if layer.storage != "full":
-            layer._use_storage("full")
+        layer.use_storage("full")
     # Recorded before any fp16 cast: D and the fingerprints are those of the trained-on base.
     meta = metadata_json(layers) if adapter_inputs else None
-    # So is c = sigma0 (z - D) + (sigma - sigma0) z: in fp16, z - D loses most of its digits for a
-    # small change (c off by 15%).
+    # So is c (loldu.layer.coefficients_from): in fp16, the paper's z - D loses most of its digits
+    # for a small change (c off by 15%).
     cs = [_exported_c(layer, adapter_name, adapter_inputs) for _, layer in layers]
     if dtype == "fp16":
         work.half()
@@ -449,67 +338,22 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
     """
     import onnx
 
-    if dtype not in ("fp32", "fp16"):
-        raise ExportError(f"loldu.export: dtype must be 'fp32' or 'fp16', got {dtype!r}")
-    if adapter_inputs and merge:
-        raise ExportError("loldu.export: adapter_inputs=True needs merge=False (a merged adapter is no input)")
-    if not isinstance(model, nn.Module):
-        raise ExportError(f"loldu.export: model must be an nn.Module, got {type(model).__name__}")
-    path = Path(path)
-    problem = output_path_problem(path)
-    if problem:
-        raise ExportError(f"loldu.export: output path {str(path)!r} {problem}")
-    names, inputs, by_kw = _normalize_inputs(example_inputs)
-    if input_names is not None:
-        if len(input_names) != len(inputs):
-            raise ExportError(f"loldu.export: {len(input_names)} input_names for {len(inputs)} example inputs")
-        names_out = list(input_names)
-    else:
-        names_out = names
+    path, names, inputs, by_kw, names_out = _checked_request(model, example_inputs, path, dtype, merge,
+                                                             adapter_inputs, input_names)
     t0 = time.perf_counter()
     work, merged, layers, cs, notes, meta = _prepare(model, merge, adapter_inputs, adapter_name, dtype)
     if dtype == "fp16":
         inputs = [t.half() if t.is_floating_point() else t for t in inputs]
-    with torch.no_grad():  # before any layer is wrapped: this also settles the model's one-time call check
-        try:
-            names_seen, sample = _flatten_outputs(_call(work, names, by_kw, inputs))
-        except ExportError:
-            raise
-        except Exception as e:
-            raise ExportError(f"loldu.export: the model failed on example_inputs ({type(e).__name__}: {e})") from None
-    out_names = list(output_names) if output_names is not None else names_seen
-    if len(out_names) != len(sample):
-        raise ExportError(f"loldu.export: {len(out_names)} output_names for {len(sample)} outputs")
+    out_names = _output_names(work, names, by_kw, inputs, output_names)
     c_layers = layers if adapter_inputs else []
     c_names = [C_PREFIX + n for n, _ in c_layers]
-    all_in = names_out + c_names
     if dynamic_axes is None:
         dynamic_axes = _default_dynamic_axes(names_out, inputs)
-    unknown = set(dynamic_axes) - set(all_in) - set(out_names)
-    if unknown:
-        raise ExportError(f"loldu.export: dynamic_axes names {sorted(unknown)} are neither inputs {all_in} "
-                          f"nor outputs {out_names}")
-    args = list(inputs) + [c for c in cs if adapter_inputs]
-    dynamic_shapes = _dynamic_shapes(all_in, args, dynamic_axes)
-    slots: List[torch.Tensor] = []
-    _wrap_layers(work, layers, cs, adapter_inputs, slots)
-    graph = _Graph(unwrap(work), names, by_kw, slots).eval()
-    with torch.no_grad(), _quiet_exporter():
-        try:
-            proto = _dynamo_export(graph, args, all_in, out_names, dynamic_shapes, opset)
-        except ExportError:
-            raise
-        except Exception as e:
-            raise ExportError(f"loldu.export: torch.onnx.export failed ({_short(e.__cause__ or e)})") from None
+    proto = _traced(work, layers, cs, adapter_inputs, names, by_kw, inputs, names_out + c_names, out_names,
+                    dynamic_axes, opset)
     _label_output_axes(proto, dynamic_axes, notes)
     if c_layers:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = META_KEY, meta
-        used = {i for node in proto.graph.node for i in node.input}
-        unused = [n for n in c_names if n not in used]
-        if unused:
-            raise ExportError(f"loldu.export: adapter inputs {unused[:3]} are not used by the graph "
-                              "(the forward does not call those layers?)")
+        _record_adapter_inputs(proto, meta, c_names)
     with _os_errors_named(path), atomic_paths([path]) as (tmp,):
         onnx.save(proto, tmp)
         try:
@@ -523,6 +367,76 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
         if check_inputs is not None:
             _parity(report, tmp, model, check_inputs, c_layers, adapter_name, provider, names, names_out)
     return report
+
+
+def _checked_request(model, example_inputs, path, dtype: str, merge: bool, adapter_inputs: bool,
+                     input_names: Optional[List[str]]):
+    """to_onnx's arguments checked before any work: (path, input names, inputs, by keyword, the
+    graph's input names)."""
+    if dtype not in ("fp32", "fp16"):
+        raise ExportError(f"loldu.export: dtype must be 'fp32' or 'fp16', got {dtype!r}")
+    if adapter_inputs and merge:
+        raise ExportError("loldu.export: adapter_inputs=True needs merge=False (a merged adapter is no input)")
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"loldu.export: model must be an nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    problem = output_path_problem(path)
+    if problem:
+        raise ExportError(f"loldu.export: output path {str(path)!r} {problem}")
+    names, inputs, by_kw = _normalize_inputs(example_inputs)
+    if input_names is None:
+        return path, names, inputs, by_kw, names
+    if len(input_names) != len(inputs):
+        raise ExportError(f"loldu.export: {len(input_names)} input_names for {len(inputs)} example inputs")
+    return path, names, inputs, by_kw, list(input_names)
+
+
+def _output_names(work: nn.Module, names: List[str], by_kw: bool, inputs, output_names) -> List[str]:
+    """The graph's output names: `output_names`, or those of the outputs of one call of the copy."""
+    with torch.no_grad():  # before any layer is wrapped: this also settles the model's one-time call check
+        try:
+            names_seen, sample = _flatten_outputs(_call(work, names, by_kw, inputs))
+        except ExportError:
+            raise
+        except Exception as e:
+            raise ExportError(f"loldu.export: the model failed on example_inputs ({type(e).__name__}: {e})") from None
+    out_names = list(output_names) if output_names is not None else names_seen
+    if len(out_names) != len(sample):
+        raise ExportError(f"loldu.export: {len(out_names)} output_names for {len(sample)} outputs")
+    return out_names
+
+
+def _traced(work: nn.Module, layers, cs, adapter_inputs: bool, names: List[str], by_kw: bool, inputs,
+            all_in: List[str], out_names: List[str], dynamic_axes, opset: int):
+    """The ONNX ModelProto of the copy `work`, its adapted layers wrapped to take the chosen c (the
+    c inputs, after the model's, when adapter_inputs)."""
+    unknown = set(dynamic_axes) - set(all_in) - set(out_names)
+    if unknown:
+        raise ExportError(f"loldu.export: dynamic_axes names {sorted(unknown)} are neither inputs {all_in} "
+                          f"nor outputs {out_names}")
+    args = list(inputs) + [c for c in cs if adapter_inputs]
+    dynamic_shapes = _dynamic_shapes(all_in, args, dynamic_axes)
+    slots: List[torch.Tensor] = []
+    _wrap_layers(work, layers, cs, adapter_inputs, slots)
+    graph = _Graph(unwrap(work), names, by_kw, slots).eval()
+    with torch.no_grad(), quiet_exporter():
+        try:
+            return dynamo_export(graph, args, all_in, out_names, dynamic_shapes, opset)
+        except ExportError:
+            raise
+        except Exception as e:
+            raise ExportError(f"loldu.export: torch.onnx.export failed ({_short(e.__cause__ or e)})") from None
+
+
+def _record_adapter_inputs(proto, meta: str, c_names: List[str]) -> None:
+    """The adapter-inputs metadata written into the graph, whose every c input must be used."""
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, meta
+    used = {i for node in proto.graph.node for i in node.input}
+    unused = [n for n in c_names if n not in used]
+    if unused:
+        raise ExportError(f"loldu.export: adapter inputs {unused[:3]} are not used by the graph "
+                          "(the forward does not call those layers?)")
 
 
 @contextlib.contextmanager

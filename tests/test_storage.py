@@ -319,7 +319,7 @@ def test_cur_triangles_fp16_cannot_hold_stay_fp32():
         lin.weight.copy_(W)
     model = loldu.inject(nn.Sequential(lin), LoLDUConfig(rank=2, target_modules=["0"], factor_storage="cur"))
     layer = model[0]
-    assert layer._factor_peak > torch.finfo(torch.float16).max / 256
+    assert layer.store.peak > torch.finfo(torch.float16).max / 256
     model.half()
     assert layer.loldu_LU11.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.float16
     perturb(model)
