@@ -446,8 +446,10 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
   config["train_scale"] = a.config.train_scale;
   config["pivoting"] = a.config.pivoting;
   config["factor_dtype"] = a.config.factor_dtype ? ordered_json(*a.config.factor_dtype) : ordered_json(nullptr);
-  if (a.config.factor_storage != "full" || config.contains("factor_storage")) config["factor_storage"] = a.config.factor_storage;
-  if (a.config.parametrization != "paper" || config.contains("parametrization"))
+  // Left out at their defaults (adapter_spec.json's omit_default), as LoLDUConfig.to_dict writes them.
+  if (a.config.factor_storage != spec::kDefaultFactorStorage || config.contains("factor_storage"))
+    config["factor_storage"] = a.config.factor_storage;
+  if (a.config.parametrization != spec::kDefaultParametrization || config.contains("parametrization"))
     config["parametrization"] = a.config.parametrization;
   if (!a.saved_modules.empty() && !config.contains("modules_to_save")) {
     ordered_json names = ordered_json::array();

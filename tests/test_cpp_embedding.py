@@ -306,11 +306,12 @@ def test_docs_cpp_example_session_runs_as_written(app, tmp_path):
 
 def test_cpp_reader_knows_every_config_key():
     """The C++ reader refuses unknown config keys as LoLDUConfig.from_dict does: it must know them all."""
-    source = (ROOT / "cpp" / "adapter_file.cpp").read_text()
-    known = re.search(r"known = \{(.*?)\};", source, re.S).group(1)
+    header = (ROOT / "cpp" / "include" / "loldu" / "spec.h").read_text()
+    known = re.search(r"kConfigKeys\[\] = \{(.*?)\};", header, re.S).group(1)
     fields = {f for f in LoLDUConfig.__dataclass_fields__ if not f.startswith("_")} - {"r"}
-    missing = sorted(f for f in fields if f'"{f}"' not in known)
-    assert not missing, f"cpp/adapter_file.cpp does not know the config keys {missing}"
+    missing = sorted(f for f in fields if f'{{"{f}",' not in known)
+    assert not missing, f"cpp/include/loldu/spec.h does not know the config keys {missing}"
+    assert "spec::kConfigKeys" in (ROOT / "cpp" / "adapter_file.cpp").read_text()
 
 
 def test_readme_cpp_section_is_the_tested_session():
