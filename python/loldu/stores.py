@@ -5,9 +5,10 @@ A store keeps its factors as non-persistent buffers of the layer module (FACTOR_
 and loldu_pivots): they are re-derived from W0, so they stay out of `state_dict()` but follow
 `.to()` and DDP's buffer broadcast. It serves the base matrix W0 and the base output, the adapter
 branch for any kind (loldu.kinds) in the precision one forward's policy chose (loldu.precision),
-the full factors PL and U (merge, inspection, export) and ΔW. A store object holds no tensor itself
-(only the largest stored magnitude, which decides the dtypes casts may store them in); every
-method takes the layer.
+the full factors PL and U (merge, inspection, export) and ΔW. The layer reads W0 and the base
+output through the store (base_matrix, base_output), so a store may keep W0 itself in another form.
+A store object holds no tensor itself (only the largest stored magnitude, which decides the dtypes
+casts may store them in); every method takes the layer.
 
 - "full": PL (d, r) and U (r, k).
 - "cur": the unit triangles L11 = PL[pivots] and U11 = U[:, :r] packed in one (r, r) matrix LU11
