@@ -11,6 +11,7 @@ fails while the checked-in header differs from what this writes.
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +73,8 @@ def _format_part(spec: dict) -> list:
         f"inline constexpr const char* kMetaV1ConfigSha256 = {_str(m['v1_config_sha256'])};  // format 1's only key",
         f"inline constexpr const char* kMetaSafetensorsFormat[2] = {_strings(m['safetensors_format'])};",
         f"inline constexpr const char* kLayerKinds[] = {_strings(spec['layer_kinds'])};",
+        f"// {spec['adapter_name']['about']}",
+        f"inline constexpr const char* kAdapterNamePattern = {_str(spec['adapter_name']['pattern'])};",
         "",
     ]
 
@@ -130,21 +133,31 @@ def _dtype_part(spec: dict) -> list:
     return out
 
 
+def _allowed(entry: dict) -> list:
+    return entry.get("dtypes", [entry["dtype"]])
+
+
 def _tensor_part(spec: dict) -> list:
     t = spec["tensors"]
+    most = max(len(_allowed(e)) for e in t["table"])
     out = ["// -- the tensors of an adapter file --------------------------------------------------------------",
            f"inline constexpr const char* kSavedPrefix = {_str(t['saved_prefix'])};  // \"saved.<module>.<tensor>\"",
            "inline constexpr int64_t kDimLayers = -1;  // a dimension of L, the number of layers",
            "inline constexpr int64_t kDimRank = -2;    // a dimension of r, the rank",
-           "struct TensorSpec {", "  const char* name;", "  const char* dtype;  // safetensors name",
+           "struct TensorSpec {", "  const char* name;",
+           "  const char* dtype;  // safetensors name, the one written for fp32 layers",
+           f"  const char* dtypes[{most}];  // every dtype allowed (nullptr-padded)",
            "  size_t ndim;", "  int64_t dims[2];  // kDimLayers, kDimRank or a size", "};",
            "inline constexpr TensorSpec kTensors[] = {"]
     dims = {"L": "kDimLayers", "r": "kDimRank"}
     for e in t["table"]:
         shape = [dims.get(s, str(s)) if isinstance(s, str) else str(s) for s in e["shape"]]
         shape += ["0"] * (2 - len(shape))
-        out.append(f"    {{{_str(e['name'])}, {_str(e['dtype'])}, {len(e['shape'])}, {{{', '.join(shape)}}}}},")
-    return out + ["};", ""]
+        out.append(f"    {{{_str(e['name'])}, {_str(e['dtype'])}, {_strings(_allowed(e))}, {len(e['shape'])}, "
+                   f"{{{', '.join(shape)}}}}},")
+    out += ["};", "// Tensors that share one dtype (z and sigma: both F32, or both F64).",
+            f"inline constexpr const char* kSameDtype[] = {_strings(t['same_dtype'])};"]
+    return out + [""]
 
 
 def _coefficient_part(spec: dict) -> list:
@@ -153,6 +166,8 @@ def _coefficient_part(spec: dict) -> list:
     out = ["// -- coefficients (docs/method.md §1, §9) -----------------------------------------------------------",
            f"// paper: c = {c['paper']}",
            f"// relative: c = {c['relative']}",
+           *(f"// {line}" for line in textwrap.wrap("c_check: " + c["c_check"], 96)),
+           f"inline constexpr double kCAbsMax = {_literal(float(c['c_abs_max']))};",
            "// Golden vectors: c in fp32 and in fp64 (inputs and sigma0 exact in fp32).",
            "struct CoefficientCase {", "  const char* parametrization;", "  float sigma;", "  float sigma0;",
            "  size_t n;", f"  float z[{n}];", f"  float D[{n}];", f"  float c_float32[{n}];", f"  double c_float64[{n}];",

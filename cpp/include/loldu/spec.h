@@ -23,6 +23,8 @@ inline constexpr const char* kMetaConfigSha256 = "loldu_config_sha256";
 inline constexpr const char* kMetaV1ConfigSha256 = "config_sha256";  // format 1's only key
 inline constexpr const char* kMetaSafetensorsFormat[2] = {"format", "pt"};
 inline constexpr const char* kLayerKinds[] = {"linear", "conv2d", "embedding", "conv1d"};
+// an adapter's name matches pattern whole (Python re.fullmatch; ASCII letters, digits, _ and -, not starting with a digit or -)
+inline constexpr const char* kAdapterNamePattern = "[A-Za-z_][A-Za-z0-9_-]*";
 
 // -- the config (LoLDUConfig) --------------------------------------------------------------------
 enum class ConfigType { Int, Targets, Number, Bool, Enum, EnumAnyCase, Names };
@@ -131,20 +133,29 @@ inline constexpr int64_t kDimLayers = -1;  // a dimension of L, the number of la
 inline constexpr int64_t kDimRank = -2;    // a dimension of r, the rank
 struct TensorSpec {
   const char* name;
-  const char* dtype;  // safetensors name
+  const char* dtype;  // safetensors name, the one written for fp32 layers
+  const char* dtypes[2];  // every dtype allowed (nullptr-padded)
   size_t ndim;
   int64_t dims[2];  // kDimLayers, kDimRank or a size
 };
 inline constexpr TensorSpec kTensors[] = {
-    {"z", "F32", 2, {kDimLayers, kDimRank}},
-    {"sigma", "F32", 1, {kDimLayers, 0}},
-    {"pivots", "I32", 2, {kDimLayers, kDimRank}},
-    {"fingerprint", "U8", 2, {kDimLayers, 32}},
+    {"z", "F32", {"F32", "F64"}, 2, {kDimLayers, kDimRank}},
+    {"sigma", "F32", {"F32", "F64"}, 1, {kDimLayers, 0}},
+    {"pivots", "I32", {"I32"}, 2, {kDimLayers, kDimRank}},
+    {"fingerprint", "U8", {"U8"}, 2, {kDimLayers, 32}},
 };
+// Tensors that share one dtype (z and sigma: both F32, or both F64).
+inline constexpr const char* kSameDtype[] = {"z", "sigma"};
 
 // -- coefficients (docs/method.md §1, §9) -----------------------------------------------------------
 // paper: c = sigma0 * (z - D) + (sigma - sigma0) * z
 // relative: c = (sigma / sigma0) * (D * z)
+// c_check: every c_i finite and |c_i| <= c_abs_max, refused otherwise at save, load and merge.
+// Without W0 (save, load) D is unknown, so the term without D is checked in float64: paper sigma *
+// z_i, relative (sigma / sigma0) * z_i, each finite and |.| <= c_abs_max. At merge (W0 known) c
+// itself is checked in the weight's working dtype (fp32, fp64 for fp64 weights), and every merged
+// weight element is finite.
+inline constexpr double kCAbsMax = 1e+30;
 // Golden vectors: c in fp32 and in fp64 (inputs and sigma0 exact in fp32).
 struct CoefficientCase {
   const char* parametrization;
