@@ -55,9 +55,10 @@ bench: $(EXT)
 	$(BIN)/python benchmarks/bench_adapter.py
 	$(BIN)/python benchmarks/bench_export.py
 
-# The C++ headers generated from python/loldu/ (op schemas, the form cost model), after editing those.
+# The C++ headers generated from python/loldu/ (op schemas, the form cost model, the adapter spec), after editing those.
 headers:
 	$(PYTHON) cpp/tools/gen_headers.py
+	$(PYTHON) cpp/tools/gen_spec_header.py
 
 clean:
 	rm -rf build python/loldu/_C*.so

@@ -39,7 +39,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from loldu.adapter_io import atomic_paths
+from loldu.atomic import atomic_write
 from loldu.errors import ExportError
 from loldu.model import merge_and_unload, unwrap
 from loldu.state import AdapterState
@@ -333,7 +333,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
         bound (parity_bound) it is an ExportError and no file is written.
     The file is written to a temporary file in the same directory, checked with onnx.checker, then
     renamed: a failure or a kill never leaves a partial `path` behind, and the temporaries that killed
-    exports left next to `path` are removed first (loldu.adapter_io.clean_stale_temps). Raises
+    exports left next to `path` are removed first (loldu.atomic.clean_stale_temps). Raises
     ExportError, also for file-system failures (naming `path`).
     """
     import onnx
@@ -354,7 +354,8 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
     _label_output_axes(proto, dynamic_axes, notes)
     if c_layers:
         _record_adapter_inputs(proto, meta, c_names)
-    with _os_errors_named(path), atomic_paths([path]) as (tmp,):
+    with _os_errors_named(path), atomic_write([path]) as w:
+        tmp = w.temps[0]
         onnx.save(proto, tmp)
         try:
             onnx.checker.check_model(tmp, full_check=True)

@@ -364,7 +364,7 @@ def _checked_header(header: dict, version: int, source: Path) -> Tuple[LoLDUConf
     ok = isinstance(layers, list) and layers and all(
         isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("kind"), str)
         and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list) and len(e["shape"]) == 2
-        and all(isinstance(s, int) and s > 0 for s in e["shape"]) for e in layers)
+        and all(isinstance(s, int) and 0 < s < 2 ** 63 for s in e["shape"]) for e in layers)
     if not ok:
         raise AdapterError(f"{source}: 'layers' must be a non-empty list of {{name, kind, shape [d, k], dtype}}")
     names = [e["name"] for e in layers]

@@ -151,14 +151,13 @@ def cmd_export(args) -> int:
     if args.adapter:
         from loldu.adapter_io import read_adapter
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # load_adapter below reads the directory again and warns once
-            header, _, tensors = read_adapter(args.adapter)
+        stored = read_adapter(args.adapter)  # read and hashed once: load_adapter below takes it as read
+        header, _, tensors = stored
         adapter = (header, tensors)
     model, trace_inputs, check_inputs = load_base(args.base, adapter)
     model.eval()
     if args.adapter:
-        model = loldu.load_adapter(model, args.adapter)
+        model = loldu.load_adapter(model, stored)
     report = lx.to_onnx(model, trace_inputs(), out, merge=not args.adapter_inputs, adapter_inputs=args.adapter_inputs,
                         dtype="fp16" if args.fp16 else "fp32", opset=args.opset,
                         check_inputs=None if args.no_check else check_inputs())

@@ -271,7 +271,7 @@ def _merge_refusal(layer: LoLDULayer, name: Optional[str] = None) -> Optional[st
     if w.device != layer.loldu_D.device:
         return f"its weight is on {w.device} but its LoLDU factors are on {layer.loldu_D.device}; move the whole model"
     if name is not None and not bool(torch.isfinite(layer.coefficients(name)).all()):
-        return f"adapter {name!r} has NaN/Inf coefficients c = sigma z - sigma0 D (z or sigma diverged)"
+        return f"adapter {name!r} has NaN/Inf coefficients c (z or sigma diverged)"
     return None
 
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from . import form_cost
 from .errors import FactorizationError, ShapeError
 from .op_schemas import SCHEMAS
+from .spec import FORMS
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-FORMS = ("auto", "delta", "dense")
 
 
 def autocast_enabled(device_type: str) -> bool:
