@@ -108,40 +108,6 @@ Form parse_resolved_form(c10::string_view form, const char* op) {
   return f;
 }
 
-// grad_c[j] = sum_i t[i, j] * h[i, j], accumulated in fp32 (fp64 for fp64), one pass.
-at::Tensor column_dot(const at::Tensor& t, const at::Tensor& h) {
-  const int64_t n = t.size(0), r = t.size(1);
-  const auto acc = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::zeros({r}, t.options().dtype(acc));
-  at::Tensor tc = t.contiguous(), hc = h.contiguous();
-  if (t.is_cuda()) {
-    column_dot_cuda(tc, hc, out);
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "loldu_column_dot", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* tp = tc.const_data_ptr<scalar_t>();
-    const scalar_t* hp = hc.const_data_ptr<scalar_t>();
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n * r / 32768));
-    std::vector<acc_t> partial(chunks * r, acc_t(0));
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t ch = c0; ch < c1; ++ch) {
-        acc_t* acc_row = partial.data() + ch * r;
-        const int64_t i0 = n * ch / chunks, i1 = n * (ch + 1) / chunks;
-        for (int64_t i = i0; i < i1; ++i) {
-          const scalar_t* ti = tp + i * r;
-          const scalar_t* hi = hp + i * r;
-          for (int64_t j = 0; j < r; ++j) acc_row[j] += static_cast<acc_t>(ti[j]) * static_cast<acc_t>(hi[j]);
-        }
-      }
-    });
-    auto* o = out.data_ptr<acc_t>();
-    for (int64_t ch = 0; ch < chunks; ++ch)
-      for (int64_t j = 0; j < r; ++j) o[j] += partial[ch * r + j];
-  });
-  return out;
-}
-
 // -- U's zero triangle -------------------------------------------------------------------------
 // Column block [j0, j0 + w) of U (r, k) whose nonzero entries all lie in rows [0, lim).
 struct UBlock {
@@ -210,6 +176,39 @@ at::Tensor dense_weight(const at::Tensor& weight, const at::Tensor& PL, const at
 }
 
 }  // namespace
+
+at::Tensor column_dot(const at::Tensor& t, const at::Tensor& h) {
+  const int64_t n = t.size(0), r = t.size(1);
+  const auto acc = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::zeros({r}, t.options().dtype(acc));
+  at::Tensor tc = t.contiguous(), hc = h.contiguous();
+  if (t.is_cuda()) {
+    column_dot_cuda(tc, hc, out);
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "loldu_column_dot", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* tp = tc.const_data_ptr<scalar_t>();
+    const scalar_t* hp = hc.const_data_ptr<scalar_t>();
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n * r / 32768));
+    std::vector<acc_t> partial(chunks * r, acc_t(0));
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        acc_t* acc_row = partial.data() + ch * r;
+        const int64_t i0 = n * ch / chunks, i1 = n * (ch + 1) / chunks;
+        for (int64_t i = i0; i < i1; ++i) {
+          const scalar_t* ti = tp + i * r;
+          const scalar_t* hi = hp + i * r;
+          for (int64_t j = 0; j < r; ++j) acc_row[j] += static_cast<acc_t>(ti[j]) * static_cast<acc_t>(hi[j]);
+        }
+      }
+    });
+    auto* o = out.data_ptr<acc_t>();
+    for (int64_t ch = 0; ch < chunks; ++ch)
+      for (int64_t j = 0; j < r; ++j) o[j] += partial[ch * r + j];
+  });
+  return out;
+}
 
 // -- form="auto": the cost model of form_cost.h (docs/method.md §7) on ATen's dtypes and devices --
 namespace {

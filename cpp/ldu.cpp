@@ -304,7 +304,7 @@ void factor_blocked(Panel<acc_t>& P, PivotMode mode, const int64_t* forced, acc_
 // returns false and the caller runs the blocked kernel, which imposes any order.
 template <typename acc_t>
 bool factor_lapack(Panel<acc_t>& P, PivotMode mode, const int64_t* forced, acc_t tol, const LduContext& ctx) {
-  const int64_t d = P.d, r = P.r;
+  const int64_t r = P.r;
   at::Tensor ipiv = at::empty({r}, at::kInt), info = at::empty({}, at::kInt);
   at::linalg_lu_factor_ex_out(P.buf, ipiv, info, P.buf, /*pivot=*/true, /*check_errors=*/false);
   const int* ip = ipiv.const_data_ptr<int>();  // 1-based: row j swapped with row ip[j] - 1, in turn
@@ -319,8 +319,133 @@ bool factor_lapack(Panel<acc_t>& P, PivotMode mode, const int64_t* forced, acc_t
     if (!std::isfinite(piv)) ctx.fail_growth("U", std::numeric_limits<double>::infinity(), limit);
     if (!(std::abs(piv) > tol)) ctx.fail_pivot(j, static_cast<double>(piv), static_cast<double>(tol));
   }
-  if (!std::isfinite(max_abs_or_nan(P.a, d * r))) ctx.fail_growth("U", std::numeric_limits<double>::infinity(), limit);
-  return true;
+  return true;  // a panel that overflowed anyway is refused as it is written out (check_lapack_panel)
+}
+
+// The factored panel of one matrix (partial pivoting by getrf from kLapackMinRank columns on, else
+// the blocked kernel); maxima[0] = max |W[:, :r]|. Returns whether getrf factored it.
+template <typename acc_t>
+bool factor_panel(const at::Tensor& W, Panel<acc_t>& P, PivotMode mode, const int64_t* forced, acc_t* maxima,
+                  const LduContext& ctx) {
+  maxima[0] = gather_panel(W, P, ctx);
+  const acc_t tol = static_cast<acc_t>(P.d) * std::numeric_limits<acc_t>::epsilon() * maxima[0];
+  if (P.r >= kLapackMinRank && factor_lapack(P, mode, forced, tol, ctx)) return true;
+  if (P.r >= kLapackMinRank) {  // getrf refused the prescribed order: start again from W
+    P.reset_order();
+    gather_panel(W, P, ctx);
+  }
+  factor_blocked(P, mode, forced, tol, ctx);
+  return false;
+}
+
+// B (r, k - r) = L11^{-1} W[I, r:], the pivot rows' tails solved against the panel's unit lower
+// triangle; maxima[1] = max |W[I, r:]| (0 when r = k). Undefined when r = k.
+template <typename acc_t>
+at::Tensor solve_pivot_rows(const at::Tensor& W, Panel<acc_t>& P, acc_t* maxima, const LduContext& ctx) {
+  const int64_t r = P.r, kr = W.size(1) - r;
+  maxima[1] = 0;
+  if (kr <= 0) return at::Tensor();
+  at::Tensor B = at::empty({r, kr}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* b = B.data_ptr<acc_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loldu_ldu_rows", [&] {
+    const scalar_t* w = W.const_data_ptr<scalar_t>();
+    const int64_t s0 = W.stride(0), s1 = W.stride(1);
+    for (int64_t i = 0; i < r; ++i) {
+      const scalar_t* src = w + P.perm[i] * s0 + r * s1;
+      acc_t* __restrict dst = b + i * kr;
+      for (int64_t c = 0; c < kr; ++c) dst[c] = static_cast<acc_t>(src[c * s1]);
+    }
+  });
+  maxima[1] = max_abs_or_nan(b, r * kr);
+  if (std::isnan(maxima[1])) {
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t c = 0; c < kr; ++c)
+        if (!std::isfinite(b[i * kr + c])) ctx.fail_nonfinite("pivot row", P.perm[i], r + c);
+  }
+  if (r <= kBlock) {
+    for (int64_t i = 1; i < r; ++i) {
+      for (int64_t p = 0; p < i; ++p) axpy_neg(b + i * kr, b + p * kr, P.at(i, p), kr);
+    }
+  } else {
+    // In place: a row-major B is a transposed column-major one, which ATen solves without a copy.
+    auto L11 = P.buf.narrow(0, 0, r);
+    at::linalg_solve_triangular_out(B, L11, B, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+  }
+  return B;
+}
+
+// Running max of |v| as a bit pattern (see max_abs_bits: NaN and Inf order above every finite value).
+template <typename bits_t, typename acc_t>
+inline void max_bits(bits_t& m, acc_t v) {
+  bits_t b;
+  std::memcpy(&b, &v, sizeof b);
+  b &= ~(bits_t(1) << (8 * sizeof(bits_t) - 1));
+  m = b > m ? b : m;
+}
+
+template <typename acc_t, typename bits_t>
+acc_t bits_value(bits_t m) {
+  acc_t v;
+  std::memcpy(&v, &m, sizeof v);
+  return std::isfinite(v) ? v : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// The panel written out in one tiled pass: each (kTile x kTile) tile is read once from the column-major
+// panel and its entries go where they belong, with max |L| (strictly lower part) and max |U_ij / D_i|
+// (strictly upper part) measured on the way. Either (ldu) PL rows at perm[i] (unit lower) and U rows
+// (unit upper, the panel's entries divided by D), or (packed) the panel's rows as they are into LU
+// (row stride k). Returns {max |PL|, max |U|} over the panel's part (>= 1: the unit diagonal).
+template <typename acc_t>
+std::pair<acc_t, acc_t> write_panel(const Panel<acc_t>& P, const acc_t* D, acc_t* PL, acc_t* U, int64_t k,
+                                    bool packed) {
+  using bits_t = decltype(max_abs_bits(P.a, 0));
+  const int64_t d = P.d, r = P.r;
+  // One slot per tile row: every tile row is written by one task.
+  std::vector<bits_t> lower((d + kTile - 1) / kTile, 0), upper((d + kTile - 1) / kTile, 0);
+  for_tiles(d, r, [&](int64_t i0, int64_t j0, auto ni, auto nj) {
+    acc_t t[kTile][kTile];
+    for (int64_t jj = 0; jj < nj; ++jj)
+      for (int64_t ii = 0; ii < ni; ++ii) t[ii][jj] = P.a[(j0 + jj) * P.d + i0 + ii];
+    bits_t& lo = lower[i0 / kTile];
+    bits_t& up = upper[i0 / kTile];
+    for (int64_t ii = 0; ii < ni; ++ii) {
+      const int64_t i = i0 + ii;
+      acc_t* __restrict v = t[ii];
+      for (int64_t jj = 0; jj < std::min<int64_t>(nj, i - j0); ++jj) max_bits(lo, v[jj]);
+      if (packed) {
+        for (int64_t jj = 0; jj < nj; ++jj) U[i * k + j0 + jj] = v[jj];
+        for (int64_t jj = std::max<int64_t>(0, i - j0); jj < nj; ++jj) max_bits(up, v[jj] / D[i]);
+        continue;
+      }
+      unit_triangle_row(PL + P.perm[i] * r, v, i, j0, j0 + nj, /*upper=*/false);
+      if (i >= r) continue;
+      for (int64_t jj = std::max<int64_t>(0, i + 1 - j0); jj < nj; ++jj) {
+        v[jj] /= D[i];
+        max_bits(up, v[jj]);
+      }
+      unit_triangle_row(U + i * k, v, i, j0, j0 + nj, /*upper=*/true);
+    }
+  });
+  bits_t lo = 0, up = 0;
+  for (size_t s = 0; s < lower.size(); ++s) {
+    lo = std::max(lo, lower[s]);
+    up = std::max(up, upper[s]);
+  }
+  return {std::max(acc_t(1), bits_value<acc_t>(lo)), std::max(acc_t(1), bits_value<acc_t>(up))};
+}
+
+// max(a, b), NaN when either is NaN.
+template <typename acc_t>
+acc_t nan_max(acc_t a, acc_t b) {
+  return std::isnan(a) || std::isnan(b) ? std::numeric_limits<acc_t>::quiet_NaN() : std::max(a, b);
+}
+
+// getrf's panel must be finite (a panel that overflowed is refused, so no NaN or Inf leaves): its
+// maxima, measured while writing it out, are NaN otherwise.
+template <typename acc_t>
+void check_lapack_panel(bool lapack, std::pair<acc_t, acc_t> m, const LduContext& ctx) {
+  if (lapack && (std::isnan(m.first) || std::isnan(m.second)))
+    ctx.fail_growth("U", std::numeric_limits<double>::infinity(), 1.0 / std::numeric_limits<acc_t>::epsilon());
 }
 
 // One matrix: PL, D, U, pivots, and in maxima what check_factors reads, measured here while the
@@ -330,68 +455,47 @@ template <typename acc_t>
 void factor_one(const at::Tensor& W, int64_t r, PivotMode mode, const int64_t* forced, acc_t* PL,
                 acc_t* D, acc_t* U, int64_t* pivots, acc_t* maxima, const LduContext& ctx) {
   const int64_t d = W.size(0), k = W.size(1);
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   Panel<acc_t> P(d, r);
-  maxima[0] = gather_panel(W, P, ctx);
-  maxima[1] = 0;
-  const acc_t tol = static_cast<acc_t>(d) * std::numeric_limits<acc_t>::epsilon() * maxima[0];
-  if (r < kLapackMinRank || !factor_lapack(P, mode, forced, tol, ctx)) {
-    if (r >= kLapackMinRank) {  // getrf refused the prescribed order: start again from W
-      P.reset_order();
-      gather_panel(W, P, ctx);
-    }
-    factor_blocked(P, mode, forced, tol, ctx);
-  }
-  const at::Tensor& panel = P.buf;
-
-  // Outputs from the panel: D, the pivots, PL in the original row order.
+  const bool lapack = factor_panel(W, P, mode, forced, maxima, ctx);
   for (int64_t i = 0; i < r; ++i) {
     D[i] = P.at(i, i);
     pivots[i] = P.perm[i];
   }
-  write_unit_triangle(P, d, /*upper=*/false, [&](int64_t i) { return PL + P.perm[i] * r; });
-
-  // Pivot rows: U[:, r:] = D^{-1} L11^{-1} W[I, r:]; the U11 part is already in the panel.
-  const int64_t kr = k - r;
-  if (kr > 0) {
-    at::Tensor B = at::empty({r, kr}, at::TensorOptions().dtype(acc_type));
-    acc_t* b = B.data_ptr<acc_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loldu_ldu_rows", [&] {
-      const scalar_t* w = W.const_data_ptr<scalar_t>();
-      const int64_t s0 = W.stride(0), s1 = W.stride(1);
-      for (int64_t i = 0; i < r; ++i) {
-        const scalar_t* src = w + P.perm[i] * s0 + r * s1;
-        acc_t* __restrict dst = b + i * kr;
-        for (int64_t c = 0; c < kr; ++c) dst[c] = static_cast<acc_t>(src[c * s1]);
-      }
-    });
-    maxima[1] = max_abs_or_nan(b, r * kr);
-    if (std::isnan(maxima[1])) {
-      for (int64_t i = 0; i < r; ++i)
-        for (int64_t c = 0; c < kr; ++c)
-          if (!std::isfinite(b[i * kr + c])) ctx.fail_nonfinite("pivot row", P.perm[i], r + c);
-    }
-    if (r <= kBlock) {
-      for (int64_t i = 1; i < r; ++i) {
-        for (int64_t p = 0; p < i; ++p) axpy_neg(b + i * kr, b + p * kr, P.at(i, p), kr);
-      }
-    } else {
-      // In place: a row-major B is a transposed column-major one, which ATen solves without a copy.
-      auto L11 = panel.narrow(0, 0, r);
-      at::linalg_solve_triangular_out(B, L11, B, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
-    }
-    for (int64_t i = 0; i < r; ++i) {
-      scale_to(U + i * k + r, b + i * kr, acc_t(1) / D[i], kr);
-    }
+  // Pivot rows: U[:, r:] = D^{-1} L11^{-1} W[I, r:]; U11 comes from the panel.
+  at::Tensor B = solve_pivot_rows(W, P, maxima, ctx);
+  acc_t tails = 0;
+  for (int64_t i = 0; B.defined() && i < r; ++i) {
+    acc_t* row = U + i * k + r;
+    scale_to(row, B.const_data_ptr<acc_t>() + i * (k - r), acc_t(1) / D[i], k - r);
+    tails = nan_max(tails, max_abs_or_nan(row, k - r));
   }
-  // U11 = D^{-1} (the panel's upper triangle), divided in place column by column (contiguous,
-  // vectorized; nothing reads that triangle after this), then written out row-major.
-  at::parallel_for(1, r, std::max<int64_t>(1, (int64_t{1} << 15) / r), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) divide_by(P.col(c), D, c);
-  });
-  write_unit_triangle(P, r, /*upper=*/true, [&](int64_t i) { return U + i * k; });
-  maxima[2] = max_abs_or_nan(U, r * k);
-  maxima[3] = max_abs_or_nan(PL, d * r);
+  const auto m = write_panel(P, D, PL, U, k, /*packed=*/false);
+  check_lapack_panel(lapack, m, ctx);
+  maxima[2] = nan_max(m.second, tails);
+  maxima[3] = m.first;
+}
+
+// One matrix at full rank m = min(d, k), packed: LU (d, k) row-major with the panel's rows (L below
+// the diagonal, U on and above it) and U's columns from m on (L11^{-1} W[I, m:], not scaled by D),
+// perm (d) the whole row order, D (m); maxima as factor_one's, for the factors Ũ = U / D and P L.
+template <typename acc_t>
+void factor_packed(const at::Tensor& W, acc_t* LU, int64_t* perm, acc_t* D, acc_t* maxima, const LduContext& ctx) {
+  const int64_t d = W.size(0), k = W.size(1), m = std::min(d, k);
+  Panel<acc_t> P(d, m);
+  const bool lapack = factor_panel(W, P, PivotMode::Partial, nullptr, maxima, ctx);
+  for (int64_t i = 0; i < m; ++i) D[i] = P.at(i, i);
+  std::copy(P.perm.begin(), P.perm.end(), perm);
+  at::Tensor B = solve_pivot_rows(W, P, maxima, ctx);
+  acc_t tails = 0;
+  for (int64_t i = 0; B.defined() && i < m; ++i) {
+    const acc_t* b = B.const_data_ptr<acc_t>() + i * (k - m);
+    std::copy(b, b + (k - m), LU + i * k + m);
+    tails = nan_max(tails, max_abs_or_nan(b, k - m) / std::abs(D[i]));
+  }
+  const auto mx = write_panel(P, D, static_cast<acc_t*>(nullptr), LU, k, /*packed=*/true);
+  check_lapack_panel(lapack, mx, ctx);
+  maxima[2] = nan_max(mx.second, tails);
+  maxima[3] = mx.first;
 }
 
 LduResult ldu_cpu(const at::Tensor& W3, int64_t r, PivotMode mode, const at::Tensor& forced3,
@@ -416,6 +520,26 @@ LduResult ldu_cpu(const at::Tensor& W3, int64_t r, PivotMode mode, const at::Ten
   });
   maxima = FactorMaxima{M.select(1, 0), M.select(1, 1), M.select(1, 2), M.select(1, 3)};
   return out;
+}
+
+// (LU, perm, D) of every matrix of W3 (B, d, k), with the maxima check_factors reads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_cpu(const at::Tensor& W3, const std::string& shape,
+                                                          FactorMaxima& maxima) {
+  const int64_t B = W3.size(0), d = W3.size(1), k = W3.size(2), m = std::min(d, k);
+  auto opts = W3.options().dtype(working_dtype(W3.scalar_type()));
+  at::Tensor LU = at::empty({B, d, k}, opts), perm = at::empty({B, d}, opts.dtype(at::kLong));
+  at::Tensor D = at::empty({B, m}, opts), M = at::empty({B, 4}, opts);
+  AT_DISPATCH_FLOATING_TYPES(LU.scalar_type(), "loldu_lu_packed_cpu", [&] {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        factor_packed<scalar_t>(W3[b], LU[b].data_ptr<scalar_t>(), perm[b].data_ptr<int64_t>(),
+                                D[b].data_ptr<scalar_t>(), M[b].data_ptr<scalar_t>(),
+                                LduContext{shape, m, B > 1 ? b : -1});
+      }
+    });
+  });
+  maxima = FactorMaxima{M.select(1, 0), M.select(1, 1), M.select(1, 2), M.select(1, 3)};
+  return {LU, perm, D};
 }
 
 // max |x| over dims, NaN where x holds a NaN. From 64 columns on, max(max x, -min x): two passes
@@ -461,7 +585,8 @@ void check_factors(const at::Tensor& W3, const LduResult& out, int64_t r, const 
   auto growth_ok = at::logical_and(u_max <= limit, pl_max <= limit);  // false for NaN too
   if (at::logical_and(pivot_ok, growth_ok).all().item<bool>()) return;
   // A measured maximum is NaN for an Inf too: the error is worded from ATen's own reductions.
-  if (maxima.U.defined() || maxima.PL.defined()) return check_factors(W3, out, r, shape, {maxima.panel});
+  if (maxima.U.defined() || maxima.PL.defined())
+    return check_factors(W3, out.U.defined() ? out : maxima.factors(), r, shape, {maxima.panel});
   auto D = out.D.to(at::kDouble).cpu(), sc = scale.to(at::kDouble).cpu(), tl = tol.to(at::kDouble).cpu();
   auto um = u_max.to(at::kDouble).cpu(), pm = pl_max.to(at::kDouble).cpu();
   for (int64_t b = 0; b < B; ++b) {
@@ -497,6 +622,58 @@ LduResult ldu_dispatch(const at::Tensor& W, int64_t rank, PivotMode mode, const 
   check_factors(W3, out, rank, shape, maxima);
   if (!batched) out = LduResult{out.PL[0], out.D[0], out.U[0], out.pivots[0]};
   return out;
+}
+
+namespace {
+
+// Full-rank factors (P L, Ũ = triu(LU) / D) of packed ones (B, d, k): for check_factors' messages.
+LduResult unpack(const at::Tensor& LU, const at::Tensor& perm, const at::Tensor& D) {
+  const int64_t d = LU.size(1), k = LU.size(2), m = std::min(d, k);
+  at::Tensor L = LU.narrow(2, 0, m).tril(-1);
+  L.diagonal(0, 1, 2).fill_(1);
+  at::Tensor PL = at::empty_like(L).scatter_(1, perm.unsqueeze(2).expand({-1, -1, m}), L);
+  at::Tensor U = LU.narrow(1, 0, m).triu() / D.unsqueeze(2);
+  return {PL, D, U, perm.narrow(1, 0, m).contiguous()};
+}
+
+// lu_factor on any device (ATen's getrf: LAPACK, cuSOLVER or MAGMA), perm from its interchanges.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_aten(const at::Tensor& W3) {
+  const int64_t B = W3.size(0), d = W3.size(1), k = W3.size(2), m = std::min(d, k);
+  auto [LU, ipiv, info] = at::linalg_lu_factor_ex(W3.to(working_dtype(W3.scalar_type())), true, false);
+  at::Tensor piv = ipiv.to(at::kCPU, at::kLong).contiguous();
+  at::Tensor perm = at::arange(d, piv.options()).repeat({B, 1});
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t* p = perm[b].data_ptr<int64_t>();
+    const int64_t* q = piv[b].const_data_ptr<int64_t>();
+    for (int64_t j = 0; j < m; ++j) std::swap(p[j], p[q[j] - 1]);
+  }
+  return {LU.contiguous(), perm.to(W3.device()), LU.diagonal(0, 1, 2).contiguous()};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_packed(const at::Tensor& W) {
+  TORCH_CHECK_VALUE(W.dim() == 2 || W.dim() == 3, "loldu.ldu: W must be (d, k) or a batch (B, d, k), got shape ",
+                    W.sizes());
+  const int64_t m = std::min(W.size(-2), W.size(-1));
+  const std::string shape = check_ldu_args(W, m);
+  at::Tensor W3 = W.dim() == 3 ? W : W.unsqueeze(0);
+  FactorMaxima maxima;
+  at::Tensor LU, perm, D;
+  if (W.is_cpu()) {
+    std::tie(LU, perm, D) = packed_cpu(W3, shape, maxima);
+  } else {
+    maxima.panel = abs_max(W3, {1, 2});  // at full rank every entry is in the panel or a pivot row
+    TORCH_CHECK_VALUE(at::isfinite(maxima.panel).all().item<bool>(), "loldu.ldu: NaN or Inf in W of shape ", shape);
+    check_panel_scale(W3, m, shape, maxima.panel);
+    std::tie(LU, perm, D) = packed_aten(W3);
+  }
+  maxima.factors = [&] { return unpack(LU, perm, D); };
+  LduResult view{at::Tensor(), D, at::Tensor(), perm.narrow(1, 0, m)};
+  if (!maxima.U.defined()) view = unpack(LU, perm, D);
+  check_factors(W3, view, m, shape, maxima);
+  if (W.dim() == 2) return {LU[0], perm[0], D[0]};
+  return {LU, perm, D};
 }
 
 LduResult ldu(const at::Tensor& W, int64_t rank, const std::string& pivoting) {

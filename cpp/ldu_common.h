@@ -5,7 +5,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <functional>
+#include <optional>
 #include <sstream>
+#include <tuple>
 #include <string>
 
 namespace loldu {
@@ -108,8 +111,11 @@ struct LduContext {
 // max |W3[b, I, r:]| over the pivot rows' tails (tails), max |U[b]|, max |PL[b]| (NaN where a
 // factor holds a NaN or an Inf). A kernel that measured them while the data were in cache hands
 // them over; the undefined ones are computed with ATen.
+// A kernel that returns packed factors (lu_packed) hands over, in `factors`, how to unpack them, which
+// check_factors does only to word an error.
 struct FactorMaxima {
   at::Tensor panel, tails, U, PL;
+  std::function<LduResult()> factors = {};
 };
 // check_panel_scale also reads max |W3[b, :, :r]|: a caller that has it (B,) passes it.
 void check_panel_scale(const at::Tensor& W3, int64_t r, const std::string& shape,
@@ -118,6 +124,24 @@ void check_factors(const at::Tensor& W3, const LduResult& out, int64_t r, const 
                    const FactorMaxima& maxima = {});
 
 LduResult ldu_dispatch(const at::Tensor& W, int64_t rank, PivotMode mode, const at::Tensor& forced);
+
+// The full-rank factorization packed as LAPACK's getrf leaves it (docs/method.md): LU (..., d, k) with L
+// strictly below the diagonal and U = diag(D) Ũ on and above it, perm (..., d) with W[perm] = L U, D (..., m);
+// in the working dtype; pivots as ldu(W, min(d, k)) on the CPU; refused on ldu's grounds.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_packed(const at::Tensor& W);
+
+// The full-rank layer on the packed LU (lu_linear.cpp): (y, u = x U^T) and (grad_x, grad_c), an empty
+// tensor standing for a gradient not asked for.
+std::tuple<at::Tensor, at::Tensor> lu_linear_forward(const at::Tensor& x, const at::Tensor& LU, const at::Tensor& perm,
+                                                     const at::Tensor& D, const at::Tensor& c,
+                                                     const std::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor> lu_linear_backward(const at::Tensor& grad_y, const at::Tensor& u,
+                                                      const at::Tensor& LU, const at::Tensor& perm,
+                                                      const at::Tensor& D, const at::Tensor& c, bool need_grad_x,
+                                                      bool need_grad_c);
+
+// grad_c[j] = sum_i t[i, j] h[i, j] over (n, r) t and h, accumulated in fp32 (fp64 for fp64): one pass.
+at::Tensor column_dot(const at::Tensor& t, const at::Tensor& h);
 
 // Implemented in cuda/ops_cuda.cpp when built with CUDA, else in ops.cpp as a stub that throws.
 LduResult ldu_cuda(const at::Tensor& W3, int64_t r, PivotMode mode, const at::Tensor& forced3,

@@ -11,6 +11,9 @@ inline constexpr const char* kOpSchemas[] = {
     "adapter_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor PL, Tensor U, Tensor c, str form) -> (Tensor y, Tensor saved)",
     "adapter_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor PL, Tensor U, Tensor c, bool need_grad_x, bool need_grad_c=True, str form='delta', Tensor? saved=None) -> (Tensor grad_x, Tensor grad_c)",
     "delta_weight(Tensor PL, Tensor U, Tensor c) -> Tensor",
+    "lu_packed(Tensor W) -> (Tensor LU, Tensor perm, Tensor D)",
+    "lu_linear_forward(Tensor x, Tensor LU, Tensor perm, Tensor D, Tensor c, Tensor? bias) -> (Tensor y, Tensor u)",
+    "lu_linear_backward(Tensor grad_y, Tensor u, Tensor LU, Tensor perm, Tensor D, Tensor c, bool need_grad_x, bool need_grad_c) -> (Tensor grad_x, Tensor grad_c)",
 };
 
 }  // namespace loldu

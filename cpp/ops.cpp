@@ -53,6 +53,8 @@ std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_y, const a
   return {gx, gc};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lu_packed_op(const at::Tensor& W) { return lu_packed(W); }
+
 using ForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                      const std::optional<at::Tensor>&, const at::Tensor&,
                                                      const at::Tensor&, const at::Tensor&, c10::string_view);
@@ -103,6 +105,9 @@ TORCH_LIBRARY_IMPL(loldu, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(loldu, CPU, m) {
   m.impl("ldu", &loldu::ldu_op);
+  m.impl("lu_packed", &loldu::lu_packed_op);
+  m.impl("lu_linear_forward", &loldu::lu_linear_forward);
+  m.impl("lu_linear_backward", &loldu::lu_linear_backward);
   m.impl("ldu_from_pivots", &loldu::ldu_from_pivots_op);
   m.impl("adapter_linear_forward", &loldu::adapter_linear_forward);
   m.impl("adapter_linear_backward", &loldu::backward_op);
@@ -110,6 +115,9 @@ TORCH_LIBRARY_IMPL(loldu, CPU, m) {
 
 TORCH_LIBRARY_IMPL(loldu, CUDA, m) {
   m.impl("ldu", &loldu::ldu_op);
+  m.impl("lu_packed", &loldu::lu_packed_op);
+  m.impl("lu_linear_forward", &loldu::lu_linear_forward);
+  m.impl("lu_linear_backward", &loldu::lu_linear_backward);
   m.impl("ldu_from_pivots", &loldu::ldu_from_pivots_op);
   m.impl("adapter_linear_forward", &loldu::adapter_linear_forward);
   m.impl("adapter_linear_backward", &loldu::backward_op);

@@ -26,8 +26,8 @@ from . import _backend
 from .errors import FactorizationError, LolduError, ShapeError
 from .reference import FORMS, autocast_enabled, check_adapter_args, choose_form, dense_min_rows, working_dtype
 
-__all__ = ["LDUResult", "adapter_linear", "autocast_enabled", "choose_form", "delta_weight", "dense_min_rows",
-           "forced_form", "ldu", "ldu_from_pivots", "working_dtype"]
+__all__ = ["LDUResult", "LUPacked", "adapter_linear", "autocast_enabled", "choose_form", "delta_weight",
+           "dense_min_rows", "forced_form", "ldu", "ldu_from_pivots", "lu_linear", "lu_packed", "working_dtype"]
 
 # What form="auto" runs: "auto" (the cost model), or the form forced_form or LOLDU_ADAPTER_FORM asks for.
 # A plain module attribute rather than a context variable: torch.compile traces through reading it.
@@ -61,6 +61,19 @@ class LDUResult(NamedTuple):
     D: torch.Tensor
     U: torch.Tensor
     pivots: torch.Tensor
+
+
+class LUPacked(NamedTuple):
+    """The full-rank factorization W[perm] = L U in LAPACK's packed layout (docs/method.md).
+
+    LU (..., d, k): L (unit lower, (d, m), m = min(d, k)) strictly below the diagonal, U = diag(D) Ũ on
+    and above it; perm (..., d) int64: row i of L U is row perm[i] of W; D (..., m) = diag(U). All in the
+    working dtype (fp64 for fp64 W, else fp32).
+    """
+
+    LU: torch.Tensor
+    perm: torch.Tensor
+    D: torch.Tensor
 
 
 def _op_error(e: Exception, kind) -> LolduError:
@@ -133,6 +146,37 @@ def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         raise _op_error(e, ShapeError) from None
 
 
+def lu_packed(W: torch.Tensor) -> LUPacked:
+    """One getrf of W (d, k) or (B, d, k): the packed LU, perm and D a full-rank layer keeps in place of W.
+
+    The pivots are ldu(W, min(d, k))'s, and its factors are this LU's: PL = L's rows put back in W's
+    order, U = triu(LU) / D. Raises FactorizationError on the grounds ldu does (NaN/Inf, a negligible
+    pivot, growth beyond 1 / eps).
+    """
+    if not isinstance(W, torch.Tensor):
+        raise FactorizationError(f"loldu.lu_packed: W must be a tensor, got {type(W).__name__}")
+    _check_routable(W, "loldu.lu_packed")
+    try:
+        return LUPacked(*torch.ops.loldu.lu_packed(W.detach()))
+    except (RuntimeError, ValueError) as e:
+        raise _op_error(e, FactorizationError) from None
+
+
+def lu_linear(x: torch.Tensor, LU: torch.Tensor, perm: torch.Tensor, D: torch.Tensor, c: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W(c)^T + bias for a full-rank layer kept as its packed LU: W(c)[perm] = L diag(D + c) Ũ.
+
+    x (..., k); LU (d, k) in x's dtype (as lu_packed returns it, cast); perm (d,) int64; D, c (m,) in the
+    working dtype (fp32; fp64 for fp64). Two triangular products, one (n, d, k) GEMM's flops, no (d, k)
+    temporary. Gradients flow to x and c only. At c == 0 the result is x W0^T within the LU's rounding.
+    fp16 x runs its products in fp32 (u = x U^T may exceed fp16's range). Returns (..., d) in x's dtype.
+    """
+    try:
+        return torch.ops.loldu.lu_linear_forward(x, LU, perm, D, c, bias)[0]
+    except ValueError as e:
+        raise _op_error(e, ShapeError) from None
+
+
 def delta_weight(PL: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """ΔW = PL diag(c) U, (d, k), in fp32 (fp64 for fp64 factors). Used by merge."""
     try:
@@ -165,7 +209,59 @@ def _ldu_from_pivots_fake(W, pivots):
     return _ldu_fake_shapes(W, pivots.shape[-1])
 
 
-if _backend.COMPILED:
+def _lu_packed_fake(W):
+    from .reference import check_ldu_args
+
+    check_ldu_args(W, min(W.shape[-2:]) if W.dim() in (2, 3) else 1)
+    acc = working_dtype(W.dtype)
+    lead, (d, k) = W.shape[:-2], W.shape[-2:]
+    return (W.new_empty(W.shape, dtype=acc), W.new_empty((*lead, d), dtype=torch.int64),
+            W.new_empty((*lead, min(d, k)), dtype=acc))
+
+
+def _register_lu_linear() -> None:
+    """Fake kernels and the autograd formula of the compiled lu_linear ops (the reference ones decompose
+    into aten ops, CompositeImplicitAutograd, which bring their own)."""
+    from .lu_reference import check_lu_args, check_lu_backward_args, lu_compute_dtype
+
+    @torch.library.register_fake("loldu::lu_linear_forward")
+    def _forward_fake(x, LU, perm, D, c, bias):
+        check_lu_args(x, LU, perm, D, c, bias)
+        d, k = LU.shape
+        return (x.new_empty((*x.shape[:-1], d)),
+                x.new_empty((x.numel() // k, min(d, k)), dtype=lu_compute_dtype(x.dtype)))
+
+    @torch.library.register_fake("loldu::lu_linear_backward")
+    def _backward_fake(grad_y, u, LU, perm, D, c, need_grad_x, need_grad_c):
+        check_lu_backward_args(grad_y, u, LU, perm, D, c)
+        gx = grad_y.new_empty((*grad_y.shape[:-1], LU.shape[1])) if need_grad_x else grad_y.new_empty((0,))
+        return gx, (c.new_empty(c.shape) if need_grad_c else c.new_empty((0,)))
+
+    def setup_context(ctx, inputs, output):
+        x, LU, perm, D, c, _bias = inputs
+        ctx.mark_non_differentiable(output[1])  # u: handed to the backward, never a result
+        ctx.set_materialize_grads(False)
+        ctx.x_shape = x.shape
+        # u only feeds grad_c; without it the backward needs its shape alone (the op checks it).
+        u = output[1] if ctx.needs_input_grad[4] else output[1].new_zeros(()).expand(output[1].shape)
+        ctx.save_for_backward(u, LU, perm, D, c)
+
+    def backward(ctx, grad, _grad_u):
+        u, LU, perm, D, c = ctx.saved_tensors
+        need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        if grad is None or not (need_x or need_c):
+            return None, None, None, None, None, None
+        gx, gc = torch.ops.loldu.lu_linear_backward(grad, u, LU, perm, D, c, need_x, need_c)
+        return (gx.view(ctx.x_shape) if need_x else None), None, None, None, (gc if need_c else None), None
+
+    torch.library.register_autograd("loldu::lu_linear_forward", backward, setup_context=setup_context)
+
+
+# An extension built before the packed-LU ops existed lacks them: it keeps working without them.
+if hasattr(torch.ops.loldu, "lu_packed"):
+    torch.library.register_fake("loldu::lu_packed")(_lu_packed_fake)
+if _backend.COMPILED and hasattr(torch.ops.loldu, "lu_linear_forward"):
+    _register_lu_linear()
     # The compiled adapter_linear_forward is a kernel per device; the reference one decomposes into
     # aten ops (CompositeImplicitAutograd), which bring their own fake kernels and gradients.
     # adapter_linear itself is a composite on both backends.

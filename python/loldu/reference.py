@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from . import form_cost
 from .errors import FactorizationError, ShapeError
+from .lu_reference import lu_linear_backward_reference, lu_linear_forward_reference, lu_packed_reference
 from .op_schemas import SCHEMAS
 from .spec import FORMS
 
@@ -355,7 +356,8 @@ def define_ops() -> None:
 
     adapter_linear, its forward and backward and delta_weight are CompositeImplicitAutograd: they decompose into
     aten ops, so autograd, autocast and fake tensors come from those ops. The factorizations are
-    CompositeExplicitAutograd (no gradient; their fake kernels are registered in ops.py).
+    CompositeExplicitAutograd (no gradient; their fake kernels are registered in ops.py). The full-rank
+    packed-LU ops (lu_packed, lu_linear_forward, lu_linear_backward) follow the same split (lu_reference.py).
     """
     global _LIBRARY
     if _LIBRARY is not None:
@@ -369,4 +371,7 @@ def define_ops() -> None:
     lib.impl("adapter_linear_forward", adapter_linear_forward_reference, "CompositeImplicitAutograd")
     lib.impl("adapter_linear_backward", adapter_linear_backward_reference, "CompositeImplicitAutograd")
     lib.impl("delta_weight", delta_weight_reference, "CompositeImplicitAutograd")
+    lib.impl("lu_packed", lu_packed_reference, "CompositeExplicitAutograd")
+    lib.impl("lu_linear_forward", lu_linear_forward_reference, "CompositeImplicitAutograd")
+    lib.impl("lu_linear_backward", lu_linear_backward_reference, "CompositeImplicitAutograd")
     _LIBRARY = lib
