@@ -40,7 +40,7 @@ struct ConfigKey {
 inline constexpr const char* kPivotingValues[] = {"partial", "none"};
 inline constexpr const char* kFactorDtypeValues[] = {"float32", "float64", "float16", "bfloat16"};
 inline constexpr const char* kFormValues[] = {"auto", "delta", "dense"};
-inline constexpr const char* kFactorStorageValues[] = {"full", "cur"};
+inline constexpr const char* kFactorStorageValues[] = {"full", "cur", "lu"};
 inline constexpr const char* kTaskTypeValues[] = {"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"};
 inline constexpr const char* kParametrizationValues[] = {"paper", "relative"};
 inline constexpr ConfigKey kConfigKeys[] = {
@@ -52,7 +52,7 @@ inline constexpr ConfigKey kConfigKeys[] = {
     {"pivoting", ConfigType::Enum, false, false, false, kPivotingValues, 2},
     {"factor_dtype", ConfigType::Enum, true, false, false, kFactorDtypeValues, 4},
     {"form", ConfigType::Enum, false, false, true, kFormValues, 3},
-    {"factor_storage", ConfigType::Enum, false, false, true, kFactorStorageValues, 2},
+    {"factor_storage", ConfigType::Enum, false, false, true, kFactorStorageValues, 3},
     {"modules_to_save", ConfigType::Names, true, false, true, nullptr, 0},
     {"task_type", ConfigType::EnumAnyCase, true, false, true, kTaskTypeValues, 6},
     {"parametrization", ConfigType::Enum, false, false, true, kParametrizationValues, 2},
