@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from loldu.errors import ExportError
+from loldu.spec import C_ABS_MAX
 
 from .adapter_inputs import C_PREFIX, adapter_feeds
 
@@ -122,6 +123,8 @@ class OrtRunner:
             if len(shape) != len(meta.shape) or any(isinstance(d, int) and d != s for d, s in zip(meta.shape, shape)):
                 raise ExportError(f"{self.path}: input {name!r} has shape {list(shape)} but the model expects "
                                   f"{_fmt_shape(meta.shape)}")
+            if name.startswith(C_PREFIX):
+                _check_c(self.path, name, v)
 
     def _describe(self) -> str:
         items = [f"{n} {_fmt_shape(m.shape)} {m.type}" for n, m in self.inputs.items() if not n.startswith(C_PREFIX)]
@@ -191,6 +194,17 @@ class OrtRunner:
             except AttributeError:  # an onnxruntime without DLPack: one copy through the host
                 outs[name] = torch.from_numpy(ov.numpy()).to(device)
         return outs
+
+
+def _check_c(path: str, name: str, v) -> None:
+    """An adapter's c feed must be finite and within the adapter spec's bound (loldu.spec.C_ABS_MAX):
+    an Inf there would make every output NaN without a word."""
+    c = v.detach().cpu().double() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v, np.float64))
+    bad = ~torch.isfinite(c) | (c.abs() > C_ABS_MAX)
+    if bool(bad.any()):
+        i = int(bad.reshape(-1).nonzero()[0])
+        raise ExportError(f"{path}: input {name!r} holds c = {float(c.reshape(-1)[i]):.4g} at index {i}: an adapter's "
+                          f"coefficients must be finite and at most {C_ABS_MAX:g} in magnitude (the adapter diverged)")
 
 
 def _short(e: Exception) -> str:

@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import re
-import struct
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -44,9 +43,15 @@ import torch.nn as nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .adapter_files import os_reason as _os_reason
+from .adapter_files import read_config_file as _read_config
+from .adapter_files import read_weights as _read_bytes  # the weights file, read once (tests count the calls)
+from .adapter_files import same_copy as _copy_matches
+from .adapter_files import st_metadata as _st_metadata
 from .atomic import STALE_EMPTY_SECONDS, STALE_UNLOCKED_SECONDS, atomic_write, clean_stale_temps
 from .config import TASK_HEADS, LoLDUConfig
 from .errors import AdapterError, LolduWarning
+from .integrity import c_terms_refusal, fingerprint, stale_refusal
 from .layer import weight_matrix
 from .model import add_with, inject_with
 from .spec import (
@@ -59,7 +64,9 @@ from .spec import (
     META_FORMAT,
     META_V1_CONFIG_SHA256,
     READABLE_VERSIONS,
+    SAME_DTYPE,
     SAVED_PREFIX,
+    TENSOR_ALLOWED_DTYPES,
     TENSOR_DTYPES,
     TENSOR_NAMES,
     VERSION_MAX_DIGITS,
@@ -102,20 +109,6 @@ def _as_path(directory, what: str) -> Path:
     if "\0" in str(d):
         raise AdapterError(f"{what}: the adapter directory {str(d)!r} contains a NUL byte, which no file name can hold")
     return d
-
-
-def fingerprint(W: torch.Tensor, pivots: torch.Tensor) -> bytes:
-    """sha256 of W's (d, k) shape, dtype, W[:, :r] and W[pivots, :] (r = len(pivots)), 32 bytes.
-
-    Reads only what the factorization reads, so it costs O((d + k) r), and a base that would give
-    different frozen factors gives a different fingerprint.
-    """
-    h = hashlib.sha256()
-    h.update(f"loldu-fp1|{tuple(W.shape)}|{str(W.dtype)}|".encode())
-    r = pivots.shape[0]
-    for part in (W[:, :r], W.index_select(0, pivots.to(W.device))):
-        h.update(part.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.digest()
 
 
 def _data_hash(tensors: Dict[str, torch.Tensor]) -> str:
@@ -179,9 +172,9 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     weights_bytes = st_save(tensors, metadata={"format": "pt", META_FORMAT: f"{FORMAT}/{FORMAT_VERSION}",
                                                META_CONFIG: config_text,
                                                META_CONFIG_SHA256: hashlib.sha256(config_bytes).hexdigest()})
-    if d.exists() and not d.is_dir():
-        raise AdapterError(f"loldu.save_adapter: {str(d)!r} exists and is not a directory")
     try:
+        if d.exists() and not d.is_dir():
+            raise AdapterError(f"loldu.save_adapter: {str(d)!r} exists and is not a directory")
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AdapterError(f"loldu.save_adapter: cannot create the adapter directory {str(d)!r} "
@@ -206,21 +199,29 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
 
 def _layer_table(state: AdapterState, name: str, what: str) -> Tuple[List[dict], Dict[str, torch.Tensor]]:
     """The `layers` entries and the adapter's own tensors (spec.tensor_table) of adapter `name`;
-    AdapterError naming the layer when its z or sigma holds NaN/Inf."""
+    AdapterError naming the layer when its z or sigma holds NaN/Inf, its c breaks the spec's bound
+    (integrity.c_terms_refusal) or its frozen factors are stale (integrity.stale_refusal). z and
+    sigma are stored in fp64 when a layer trained them in fp64 (the spec's F64), else in fp32."""
+    config = state.config(name)
     entries, z, sigma, piv, fps = [], [], [], [], []
     for n, layer in state.layers:
         W = layer.base_matrix()
         entries.append({"name": n, "kind": layer.kind, "shape": list(W.shape), "dtype": str(W.dtype).replace("torch.", "")})
-        z.append(layer.loldu_z[name].detach().float().cpu())
-        sigma.append(layer.loldu_sigma[name].detach().float().cpu().reshape(()))
+        z.append(layer.loldu_z[name].detach().cpu())
+        sigma.append(layer.loldu_sigma[name].detach().cpu().reshape(()))
         if not (torch.isfinite(z[-1]).all() and torch.isfinite(sigma[-1])):
             raise AdapterError(f"{what}: layer '{n}': adapter {name!r} holds NaN/Inf in z or sigma (training diverged); "
                                "nothing was written (load_adapter would refuse such a file)")
+        why = c_terms_refusal(z[-1], sigma[-1], config.initial_scale, config.parametrization) or stale_refusal(layer)
+        if why is not None:
+            raise AdapterError(f"{what}: layer '{n}': adapter {name!r}: {why}; nothing was written")
         piv.append(layer.loldu_pivots.cpu())
         fps.append(torch.frombuffer(bytearray(fingerprint(W, layer.loldu_pivots)), dtype=torch.uint8))
-    stacked = {"z": torch.stack(z), "sigma": torch.stack(sigma), "pivots": torch.stack(piv),
-               "fingerprint": torch.stack(fps)}
-    return entries, {key: stacked[key].to(TENSOR_DTYPES[key]) for key in TENSOR_NAMES}
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in z + sigma) else torch.float32
+    stacked = {"z": torch.stack([t.to(wide) for t in z]), "sigma": torch.stack([t.to(wide) for t in sigma]),
+               "pivots": torch.stack(piv), "fingerprint": torch.stack(fps)}
+    return entries, {key: stacked[key] if key in SAME_DTYPE else stacked[key].to(TENSOR_DTYPES[key])
+                     for key in TENSOR_NAMES}
 
 
 def _warn_unsaved_trainables(state: AdapterState, what: str) -> None:
@@ -245,37 +246,6 @@ def _remove_legacy_copy(d: Path) -> None:
                 path.unlink()
     except (OSError, ValueError, AttributeError, RecursionError):
         pass
-
-
-def _os_reason(e: OSError) -> str:
-    """'PermissionError: [Errno 13] Permission denied: '/x/y'' in one line."""
-    return " ".join(f"{type(e).__name__}: {e}".split())
-
-
-def _st_metadata(raw: bytes, path: Path) -> dict:
-    if len(raw) < 8:
-        raise AdapterError(f"{path}: truncated safetensors file ({len(raw)} bytes)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > len(raw) - 8:
-        raise AdapterError(f"{path}: safetensors header length {n} exceeds the file size {len(raw)}")
-    try:
-        meta = json.loads(raw[8 : 8 + n]).get("__metadata__", {})
-    except (ValueError, AttributeError) as e:
-        raise AdapterError(f"{path}: corrupted safetensors header ({e})") from None
-    except RecursionError:
-        raise AdapterError(f"{path}: corrupted safetensors header (JSON nested too deeply)") from None
-    if not isinstance(meta, dict):
-        raise AdapterError(f"{path}: corrupted safetensors metadata")
-    return meta
-
-
-def _read_bytes(path: Path) -> bytes:
-    if not path.is_file():
-        raise AdapterError(f"{path}: no such adapter file")
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise AdapterError(f"{path}: cannot read the adapter file ({_os_reason(e)})") from None
 
 
 def _parse_header(text, path: Path) -> dict:
@@ -329,7 +299,7 @@ def _stored_header(raw: bytes, d: Path, wpath: Path) -> Tuple[dict, int, Path]:
     version = _stored_version(meta, wpath)
     cpath = d / (CONFIG_NAME if version >= 3 else LEGACY_CONFIG_NAME)
     if version < 2:
-        config_bytes = _read_bytes(cpath)
+        config_bytes = _read_config(cpath)
         header = _parse_header(config_bytes, cpath)
         if meta.get(META_V1_CONFIG_SHA256) != hashlib.sha256(config_bytes).hexdigest():
             raise AdapterError(f"{wpath}: does not belong to {cpath} (config hash mismatch): the pair is corrupted or mixed up")
@@ -340,11 +310,7 @@ def _stored_header(raw: bytes, d: Path, wpath: Path) -> Tuple[dict, int, Path]:
     if stored is None or meta.get(META_CONFIG_SHA256) != hashlib.sha256(stored).hexdigest():
         raise AdapterError(f"{wpath}: the config stored in the file does not match its hash: the file is corrupted")
     header = _parse_header(text, wpath)
-    try:
-        copy_ok = cpath.read_bytes() == stored
-    except OSError:
-        copy_ok = False
-    if not copy_ok:
+    if not _copy_matches(cpath, stored):
         warnings.warn(f"{cpath}: missing or differs from the config stored in {wpath} (an interrupted save, "
                       "or an edit); using the stored one. The next save_adapter rewrites it.",
                       AdapterWarning, stacklevel=4)
@@ -385,17 +351,29 @@ def _check_table(tensors: Dict[str, torch.Tensor], saved_keys: set, L: int, r: i
     expected = set(TENSOR_NAMES) | saved_keys
     if set(tensors) != expected:
         raise AdapterError(f"{wpath}: expected tensors {sorted(expected)}, found {sorted(tensors)}")
-    for key, (dt, shape) in tensor_table(L, r).items():
+    for key, (_, shape) in tensor_table(L, r).items():
         t = tensors[key]
-        if t.dtype != dt or tuple(t.shape) != shape:
-            raise AdapterError(f"{wpath}: tensor '{key}' is {t.dtype} {tuple(t.shape)}, expected {dt} {shape} "
+        allowed = TENSOR_ALLOWED_DTYPES[key]
+        if t.dtype not in allowed or tuple(t.shape) != shape:
+            want = " or ".join(map(str, allowed))
+            raise AdapterError(f"{wpath}: tensor '{key}' is {t.dtype} {tuple(t.shape)}, expected {want} {shape} "
                                f"({L} layers, rank {r})")
+    if len({tensors[key].dtype for key in SAME_DTYPE}) > 1:
+        raise AdapterError(f"{wpath}: tensors {', '.join(map(repr, SAME_DTYPE))} must share one dtype, found "
+                           + ", ".join(str(tensors[key].dtype) for key in SAME_DTYPE))
 
 
-def _check_values(tensors: Dict[str, torch.Tensor], saved_keys: set, layers: List[dict], r: int, wpath: Path) -> None:
-    """Finite z, sigma and saved floating tensors; r distinct in-range pivot rows per layer."""
+def _check_values(tensors: Dict[str, torch.Tensor], saved_keys: set, layers: List[dict], config: LoLDUConfig,
+                  wpath: Path) -> None:
+    """Finite z, sigma and saved floating tensors; c within the spec's bound; r distinct in-range
+    pivot rows per layer."""
+    r = config.rank
     if not (torch.isfinite(tensors["z"]).all() and torch.isfinite(tensors["sigma"]).all()):
         raise AdapterError(f"{wpath}: z or sigma holds NaN/Inf")
+    for i, e in enumerate(layers):
+        why = c_terms_refusal(tensors["z"][i], tensors["sigma"][i], config.initial_scale, config.parametrization)
+        if why is not None:
+            raise AdapterError(f"{wpath}: layer '{e['name']}': {why}")
     for key in sorted(saved_keys):
         if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
             raise AdapterError(f"{wpath}: saved tensor '{key}' holds NaN/Inf")
@@ -420,7 +398,7 @@ def _read(d: Path) -> AdapterFile:
     if header.get("data_sha256") != _data_hash(tensors):
         raise AdapterError(f"{wpath}: tensor data does not match the hash in {source}: the file is corrupted")
     tensors["pivots"] = tensors["pivots"].long()  # loldu.ldu's index dtype
-    _check_values(tensors, saved_keys, layers, config.rank, wpath)
+    _check_values(tensors, saved_keys, layers, config, wpath)
     return AdapterFile(header, config, tensors, source)
 
 

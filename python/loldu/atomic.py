@@ -11,7 +11,9 @@ A rename after the first (the commit) that still fails does not raise: it is rec
 `AtomicWrite.late` and that target keeps its old content; the caller decides what that means
 (save_adapter: a stale readable copy, with a warning).
 
-Temporary files are named `.<target name>.<writer pid>-<8 random chars>.tmp`, and their writer holds
+Temporary files are named `.<target name>.<writer pid>-<8 random chars>.tmp`, the target name cut to
+its first TEMP_NAME_BYTES bytes so that the whole fits NAME_MAX (255 bytes) for any target name
+that does (the C++ writer names its temporaries the same way), and their writer holds
 an exclusive flock on each while it lives (the kernel drops it when the process dies, SIGKILL
 included). Every write first removes the temporaries of its target names that no process holds
 locked (clean_stale_temps): a live writer's temporary is never removed, so concurrent writers do
@@ -25,7 +27,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple
 
 try:
     import fcntl
@@ -36,6 +38,14 @@ except ImportError:  # pragma: no cover - not POSIX
 STALE_EMPTY_SECONDS = 10.0
 STALE_UNLOCKED_SECONDS = 3600.0
 _TEMP_SUFFIX = ".tmp"
+# The most bytes of the target name a temporary's name keeps: NAME_MAX (255) less the rest of the
+# name ('.' + '.' + a pid of up to 7 digits + '-' + 8 random chars + '.tmp' = 22 bytes).
+TEMP_NAME_BYTES = 233
+
+
+def _temp_stem(target: Path) -> str:
+    """The target's name as its temporaries spell it: its first TEMP_NAME_BYTES bytes."""
+    return os.fsdecode(os.fsencode(target.name)[:TEMP_NAME_BYTES])
 
 
 def _file_mode() -> int:
@@ -48,8 +58,9 @@ def _file_mode() -> int:
 def _temp_patterns(target: Path) -> Tuple["re.Pattern", "re.Pattern"]:
     """Our temporaries' names: `.<name>.<pid>-<8 chars>.tmp` (tempfile.mkstemp's 8 characters of
     [a-z0-9_]), and `.<name>.<8 chars>.tmp` as loldu wrote them before it locked its temporaries."""
-    head, tail = re.escape(f".{target.name}."), r"[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX)
-    return re.compile(head + r"([0-9]+)-" + tail), re.compile(head + tail)
+    tail = r"[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX)
+    return (re.compile(re.escape(f".{_temp_stem(target)}.") + r"([0-9]+)-" + tail),
+            re.compile(re.escape(f".{target.name}.") + tail))
 
 
 def _try_lock(fd: int) -> Optional[bool]:
@@ -138,7 +149,7 @@ def clean_stale_temps(target) -> List[str]:
 
 def _locked_temp(target: Path, mode: int) -> Tuple[int, str]:
     """A new temporary file next to `target`, with `mode`, exclusively flocked: (fd, path)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}-", suffix=_TEMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{_temp_stem(target)}.{os.getpid()}-", suffix=_TEMP_SUFFIX)
     try:
         if fcntl is not None:
             try:  # blocking: a cleaner examining the new (empty) file holds it for a moment only
@@ -236,3 +247,52 @@ def atomic_write(paths: Sequence) -> Iterator[AtomicWrite]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             os.close(fd)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+_FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+class NotRegularFile(OSError):
+    """The path exists but is not a regular file; `kind` says what it is ("a FIFO (named pipe)", ...)."""
+
+    def __init__(self, path, mode: int):
+        self.kind = next((name for test, name in _FILE_TYPES if test(mode)), "not a regular file")
+        super().__init__(errno.EINVAL, f"is {self.kind}, not a regular file", str(path))
+
+
+@contextlib.contextmanager
+def open_regular(path) -> Iterator[Tuple[BinaryIO, int]]:
+    """(file, size) of `path` (symlinks followed) opened for reading, only if it is a regular file.
+
+    os.stat decides before anything is opened, so a FIFO (whose open or read would wait for a
+    writer), a device (/dev/zero reads without end) or a directory is never read: NotRegularFile.
+    The open itself does not block (O_NONBLOCK) and is checked again with fstat, so a file swapped
+    in between is refused too. Other failures raise OSError (FileNotFoundError, ENAMETOOLONG, ...).
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(path, st.st_mode)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(path, st.st_mode)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f, st.st_size
+
+
+def read_regular(path, max_bytes: int) -> bytes:
+    """The whole of the regular file `path` (open_regular), refused with OSError (EFBIG) when it is
+    larger than `max_bytes`, before anything is read."""
+    with open_regular(path) as (f, size):
+        data = f.read(max_bytes + 1) if size <= max_bytes else b""
+        if size > max_bytes or len(data) > max_bytes:  # too large, or grown while read
+            raise OSError(errno.EFBIG, f"{max(size, len(data))} bytes, more than the {max_bytes} such a file may "
+                          "have", str(path))
+        return data

@@ -326,6 +326,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RecursionError as e:
         print(f"loldu {args.command}: error: RecursionError: {_one_line(e)}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(f"loldu {args.command}: error: out of memory (MemoryError)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

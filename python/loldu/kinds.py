@@ -189,6 +189,9 @@ class Conv2dKind(LayerKind):
         return c_rows
 
 
+# The floating-point weight dtypes LoLDU factorizes (float8 and smaller formats are refused by name).
+FACTORIZED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 # Every module kind LoLDU adapts, by name (its wrapper's `kind`). A new kind is one more entry (and its wrapper).
 KINDS: Dict[str, LayerKind] = {kind.name: kind for kind in (LinearKind(), Conv2dKind(), EmbeddingKind(), Conv1DKind())}
 
@@ -229,4 +232,7 @@ def weight_refusal(module: nn.Module) -> Optional[str]:
     if isinstance(w, torch.Tensor) and w.is_meta:
         return ("its weight is on the meta device, with no values to factorize: materialize and load the weights first "
                 "(e.g. model.to_empty(device=...) then load_state_dict)")
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dtype not in FACTORIZED_DTYPES:
+        return (f"its weight is {w.dtype}, which LoLDU cannot factorize (nor check for NaN/Inf): it adapts "
+                f"{', '.join(str(t) for t in FACTORIZED_DTYPES)} weights; dequantize the module's weight first")
     return None

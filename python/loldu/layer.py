@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .config import LoLDUConfig
 from .errors import AdapterError, FactorizationError
+from .integrity import is_fresh, record_factor_source
 from .kinds import KINDS, LayerKind, kind_of, weight_matrix, weight_refusal
 from .ldu import LDUResult
 from .ops import ldu, ldu_from_pivots, working_dtype
@@ -164,10 +165,13 @@ class LoLDULayer(nn.Module):
         the frozen factors (`holds`) keeps them (PL and U, or L11 and U11) in float32, moved like the
         rest; the parts of W0 remembered by merge follow the weight."""
         before = self.store.buffers(self)
+        fresh = is_fresh(self)  # a cast of fresh factors stays fresh; stale ones stay stale
         super()._apply(fn, recurse)
         self.store.keep_held(self, before)
         if self._merged_reads is not None:
             self._merged_reads = tuple(fn(t) for t in self._merged_reads)
+        if fresh:
+            record_factor_source(self)
         return self
 
     def _pivoting(self) -> str:
@@ -206,7 +210,7 @@ class LoLDULayer(nn.Module):
             raise AdapterError(
                 f"load_state_dict: layer '{self.layer_name}' is merged (adapter {self.merged_adapter!r}) and the "
                 "state_dict holds another base weight for it; call loldu.unmerge first (nothing was loaded into it)")
-        if same_kind:
+        if same_kind and is_fresh(self):  # stale factors are re-derived even from the weight they have
             now = _reads(self.base_matrix(), self.loldu_pivots)
             if all(torch.equal(a.to(dev, dt), b) for a, b in zip(_reads(new, self.loldu_pivots), now)):
                 return None

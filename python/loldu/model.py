@@ -18,7 +18,9 @@ from .config import LoLDUConfig
 from .errors import AdapterError
 from .factorize import build_layers, factorize
 from .heads import SavedModule
+from .integrity import c_refusal, stale_refusal
 from .layer import LoLDULayer, weight_refusal
+from .spec import ADAPTER_NAME_PATTERN
 from .state import AdapterState, adapted_layers, unwrap
 from .targets import HEADS, Targets, find_saved, find_targets
 
@@ -29,7 +31,7 @@ __all__ = [  # the verbs, and the names loldu.model has always offered (state, t
     "print_trainable_parameters", "merge", "unmerge", "unload", "merge_and_unload", "disabled", "adapter_ids",
 ]
 
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+_NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
 _SAVED_FLAGS = "_loldu_requires_grad"
 _CALL_CHECK = "_loldu_call_check"
 
@@ -205,6 +207,9 @@ def add_with(model: nn.Module, adapter_name: str, config: Optional[LoLDUConfig] 
                 if not torch.equal(pivots[n].cpu(), layer.loldu_pivots.cpu()):
                     raise AdapterError(f"layer '{n}': stored pivots differ from the injected layer's pivots, so the "
                                        "adapter does not fit its frozen factors")
+                why = stale_refusal(layer)
+                if why is not None:
+                    raise AdapterError(f"layer '{n}': {why}")
     state.add(adapter_name, config, values, saved_values, where=f"{where}: " if where else "")
     return model
 
@@ -270,9 +275,13 @@ def _merge_refusal(layer: LoLDULayer, name: Optional[str] = None) -> Optional[st
         return "its weight is an expanded view (several elements share one memory location), which cannot be written"
     if w.device != layer.loldu_D.device:
         return f"its weight is on {w.device} but its LoLDU factors are on {layer.loldu_D.device}; move the whole model"
-    if name is not None and not bool(torch.isfinite(layer.coefficients(name)).all()):
+    if name is None:
+        return None
+    c = layer.coefficients(name)
+    if not bool(torch.isfinite(c).all()):
         return f"adapter {name!r} has NaN/Inf coefficients c (z or sigma diverged)"
-    return None
+    why = c_refusal(c) or stale_refusal(layer)
+    return None if why is None else f"adapter {name!r}: {why}"
 
 
 def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
@@ -314,15 +323,30 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     done: List[LoLDULayer] = []
     for n, layer in layers:
         try:
-            layer.merge(name)
+            _merge_finite(layer, name)
         except Exception as e:
             for merged in reversed(done):
                 merged.unmerge()
-            raise AdapterError(f"loldu.merge: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}): cannot "
-                               f"write the merged weight ({type(e).__name__}: {' '.join(str(e).split())}); the "
+            why = str(e) if isinstance(e, AdapterError) else (f"cannot write the merged weight ({type(e).__name__}: "
+                                                              f"{' '.join(str(e).split())})")
+            raise AdapterError(f"loldu.merge: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}): {why}; the "
                                f"{len(done)} layer(s) merged before it were unmerged again") from e
         done.append(layer)
     return model
+
+
+def _merge_finite(layer: LoLDULayer, name: str) -> None:
+    """layer.merge(name), undone exactly (its weight as before) when a merged weight element is not
+    finite (the adapter spec's c_check: W0 + ΔW overflowed the weight's dtype)."""
+    w = layer.base_layer.weight
+    before = w.detach().clone()
+    layer.merge(name)
+    if not bool(torch.isfinite(w).all()):
+        layer.unmerge()
+        with torch.no_grad():
+            w.copy_(before)
+        raise AdapterError(f"adapter {name!r}: the merged weight W0 + ΔW holds NaN/Inf (it overflows "
+                           f"{w.dtype}); the weight is unchanged")
 
 
 def _require_unmergeable(layers: Sequence[Tuple[str, LoLDULayer]], what: str) -> None:
@@ -419,13 +443,24 @@ def adapter_ids(model: nn.Module, ids: Union[torch.Tensor, Sequence[Optional[str
     """Mixed batch: row i of every input uses its own adapter, in one forward.
 
     ids: adapter names (None = base model) of length batch, or an int tensor (batch,) indexing
-    loldu.adapter_names(model), -1 = base model. Every adapted layer must see the batch as dim 0.
+    loldu.adapter_names(model), -1 = base model. Every adapted layer must see the batch as dim 0:
+    each checks that its input has as many rows as there are ids, and a model holding a module
+    with batch_first=False (nn.MultiheadAttention, nn.Transformer*, RNNs: (seq, batch, ...)
+    inputs, so a layer may see the batch on dim 1, and with seq == batch no count would differ) is
+    refused.
     """
     state = _state(model)
     names, layers = state.names, state.layers
     if state.saved:
         raise AdapterError(f"loldu.adapter_ids: the model trains saved modules ('{state.saved[0][0]}', "
                            "modules_to_save) per adapter, which cannot be mixed within one batch")
+    seq_first = next(((n, m) for n, m in unwrap(model).named_modules() if getattr(m, "batch_first", True) is False),
+                     None)
+    if seq_first is not None:
+        raise AdapterError(f"loldu.adapter_ids: module '{seq_first[0]}' ({type(seq_first[1]).__name__}) has "
+                           "batch_first=False: it takes (seq, batch, ...) inputs, so adapted layers may see the batch "
+                           "on dim 1 and rows would go to the wrong adapters; per-row adapters need the batch on dim "
+                           "0 everywhere: build the model with batch_first=True")
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise AdapterError(f"loldu.adapter_ids: ids must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")

@@ -33,6 +33,8 @@ META_CONFIG_SHA256: str = SPEC["metadata"]["config_sha256"]
 META_V1_CONFIG_SHA256: str = SPEC["metadata"]["v1_config_sha256"]
 
 LAYER_KINDS: Tuple[str, ...] = tuple(SPEC["layer_kinds"])
+# An adapter's name matches this whole (re.fullmatch).
+ADAPTER_NAME_PATTERN: str = SPEC["adapter_name"]["pattern"]
 
 # -- LoLDUConfig: keys, enums, defaults ------------------------------------------------------------
 CONFIG_KEYS: Dict[str, dict] = SPEC["config"]["keys"]
@@ -74,6 +76,11 @@ FACTOR_TORCH_DTYPES: Dict[str, torch.dtype] = {n: getattr(torch, n) for n in FAC
 SAVED_PREFIX: str = SPEC["tensors"]["saved_prefix"]  # tensor t of saved module m is stored as "saved.<m>.<t>"
 TENSOR_NAMES: Tuple[str, ...] = tuple(t["name"] for t in SPEC["tensors"]["table"])
 TENSOR_DTYPES: Dict[str, torch.dtype] = {t["name"]: TORCH_DTYPES[t["dtype"]] for t in SPEC["tensors"]["table"]}
+# Every dtype a tensor may be stored in (z and sigma: also F64, for layers trained in fp64); those in
+# SAME_DTYPE share one dtype.
+TENSOR_ALLOWED_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {
+    t["name"]: tuple(TORCH_DTYPES[d] for d in t.get("dtypes", [t["dtype"]])) for t in SPEC["tensors"]["table"]}
+SAME_DTYPE: Tuple[str, ...] = tuple(SPEC["tensors"]["same_dtype"])
 
 
 def tensor_shapes(layers: int, rank: int) -> Dict[str, Tuple[int, ...]]:
@@ -91,3 +98,5 @@ def tensor_table(layers: int, rank: int) -> Dict[str, Tuple[torch.dtype, Tuple[i
 # -- coefficients ----------------------------------------------------------------------------------
 COEFFICIENT_FORMULAS: Dict[str, str] = {p: SPEC["coefficients"][p] for p in PARAMETRIZATIONS}
 COEFFICIENT_VECTORS: Tuple[dict, ...] = tuple(SPEC["coefficients"]["vectors"])
+# Every c_i must be finite and at most this in magnitude (SPEC["coefficients"]["c_check"]).
+C_ABS_MAX: float = float(SPEC["coefficients"]["c_abs_max"])

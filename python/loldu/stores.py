@@ -22,6 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .errors import AdapterError
+from .integrity import record_factor_source
 from .kinds import KINDS
 from .ldu import LDUResult
 from .ops import adapter_linear, delta_weight, working_dtype
@@ -85,6 +86,7 @@ class FactorStore:
             layer.register_buffer(key, t.to(factor_dtype).contiguous(), persistent=False)
         layer.register_buffer("loldu_D", factors.D.to(d_dtype, copy=True), persistent=False)
         layer.register_buffer("loldu_pivots", factors.pivots.clone(), persistent=False)
+        record_factor_source(layer)  # what they were derived from: save and merge refuse once W0 changes
 
     def dtype(self, layer) -> torch.dtype:
         """The dtype the factor buffers are stored in."""

@@ -108,6 +108,18 @@ def selector(root: nn.Module, config: LoLDUConfig) -> Callable[[str], bool]:
     return config.matches
 
 
+def _supported(name: str, module: nn.Module) -> str:
+    """check_supported, with a PEFT tuner layer (a LoRA-wrapped Linear: its class is also named
+    Linear) named as what it is."""
+    inner = getattr(module, "base_layer", None)
+    if kind_of(module) is None and type(module).__module__.startswith("peft.") and isinstance(inner, nn.Module):
+        raise AdapterError(
+            f"layer '{name}' is wrapped by PEFT ({type(module).__module__}.{type(module).__name__} around "
+            f"{type(inner).__name__}); LoLDU adapts plain modules: merge the PEFT adapter into the base first "
+            "(peft_model.merge_and_unload(), or unload() to drop it), then inject LoLDU")
+    return check_supported(name, module)
+
+
 def find_targets(root: nn.Module, config: LoLDUConfig) -> Targets:
     """(name, module, kind) of every module `config` targets, outside existing LoLDU layers and saved modules.
 
@@ -118,7 +130,7 @@ def find_targets(root: nn.Module, config: LoLDUConfig) -> Targets:
     and for a target registered under two names.
     """
     selected = selector(root, config)
-    found = [(name, module, check_supported(name, module))
+    found = [(name, module, _supported(name, module))
              for name, module in walk(root, lambda n, m: isinstance(m, (LoLDULayer, SavedModule)))
              if not isinstance(module, (LoLDULayer, SavedModule)) and selected(name)]
     _check_registered_once(root, selected)

@@ -20,6 +20,10 @@ weights:
   own, or one given as `optimizers=`) stays valid, and Trainer then restores its state.
   A checkpoint directory without an adapter file (one the plain Trainer wrote) is handed to
   Trainer's own loader.
+- `train(resume_from_checkpoint=True)` resumes from the newest complete checkpoint-N: one that a
+  kill left incomplete (an empty directory, an adapter without Trainer's trainer_state.json, which
+  Trainer writes last, or a file there that is not a regular file) is skipped with a LolduWarning
+  (`last_complete_checkpoint`); plain Trainer would pick it and refuse it on every resume.
 
 For a `loldu.LoLDUModel` handle (loldu.get_loldu_model), the mixin also makes Trainer read the input
 names, labels and loss arguments off the wrapped model, as Trainer does for PeftModel.
@@ -29,34 +33,90 @@ loads it for inference. See docs/trainer.md.
 """
 import dataclasses
 import inspect
+import json
 import os
+import stat
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from .adapter_io import WEIGHTS_NAME, load_adapter, read_adapter, save_adapter
-from .errors import AdapterError
+from .atomic import read_regular
+from .errors import AdapterError, LolduWarning
 from .model import delete_adapter
 from .state import AdapterState, unwrap
 
 try:
     from transformers import Trainer
-    from transformers.trainer import TRAINING_ARGS_NAME
+    from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from transformers.utils import can_return_loss, find_labels
 except ImportError as _e:  # pragma: no cover - transformers is a test dependency
     raise ImportError("loldu.trainer needs transformers (and accelerate): pip install transformers accelerate") from _e
 
-__all__ = ["LoLDUTrainerMixin", "LoLDUTrainer", "restore_adapter", "is_adapter_checkpoint"]
+__all__ = ["LoLDUTrainerMixin", "LoLDUTrainer", "restore_adapter", "is_adapter_checkpoint", "last_complete_checkpoint"]
 
 # The config field that only chooses how the layers compute (docs/method.md §7), not what z and sigma
 # mean: a checkpoint restores into an adapter that differs in it.
 _COMPUTE_ONLY = ("form",)
 
 
+# The most bytes a trainer_state.json may have to be read while looking for a complete checkpoint.
+_STATE_MAX = 256 << 20
+
+
 def is_adapter_checkpoint(directory) -> bool:
-    """Whether `directory` holds a loldu adapter file (adapter_model.safetensors)."""
-    return os.path.isfile(os.path.join(os.fspath(directory), WEIGHTS_NAME))
+    """Whether `directory` holds a loldu adapter file (adapter_model.safetensors). Anything by that
+    name counts (a FIFO too): loldu's reader then refuses what is not a regular adapter file."""
+    return os.path.lexists(os.path.join(os.fspath(directory), WEIGHTS_NAME))
+
+
+def _incomplete(path: str) -> Optional[str]:
+    """Why checkpoint directory `path` cannot be resumed from, or None: Trainer writes its
+    trainer_state.json last, so without a readable one the save did not finish; an adapter file
+    there must be a regular file."""
+    weights = os.path.join(path, WEIGHTS_NAME)
+    try:
+        if os.path.lexists(weights) and not stat.S_ISREG(os.stat(weights).st_mode):
+            return f"{WEIGHTS_NAME} is not a regular file"
+        state = json.loads(read_regular(os.path.join(path, TRAINER_STATE_NAME), _STATE_MAX))
+    except OSError as e:
+        return f"no readable {TRAINER_STATE_NAME} ({e.strerror or e})"
+    except (ValueError, RecursionError):
+        return f"{TRAINER_STATE_NAME} is not valid JSON"
+    return None if isinstance(state, dict) else f"{TRAINER_STATE_NAME} is not a JSON object"
+
+
+def last_complete_checkpoint(output_dir) -> Optional[str]:
+    """The newest checkpoint-N directory of `output_dir` that a resume can use (None if there is no
+    checkpoint-N at all). Newer ones that a kill left incomplete (`_incomplete`) are skipped with a
+    LolduWarning; AdapterError when every checkpoint is incomplete."""
+    try:
+        names = os.listdir(output_dir)
+    except OSError:
+        return None
+    numbered = []
+    for n in names:
+        head, _, num = n.partition("-")
+        if head == PREFIX_CHECKPOINT_DIR and num.isascii() and num.isdigit() and os.path.isdir(os.path.join(output_dir, n)):
+            numbered.append((int(num), n))
+    skipped = []
+    for _, n in sorted(numbered, reverse=True):
+        path = os.path.join(output_dir, n)
+        why = _incomplete(path)
+        if why is None:
+            if skipped:
+                warnings.warn(f"loldu.trainer: resuming from {path}; skipped the newer incomplete checkpoint(s) "
+                              + ", ".join(f"{p} ({w})" for p, w in skipped) + ": a save was interrupted",
+                              LolduWarning, stacklevel=3)
+            return path
+        skipped.append((n, why))
+    if skipped:
+        raise AdapterError(f"loldu.trainer: no complete checkpoint to resume from in {os.fspath(output_dir)!r}: "
+                           + ", ".join(f"{p} ({w})" for p, w in skipped))
+    return None
 
 
 def restore_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None) -> nn.Module:
@@ -161,6 +221,14 @@ class LoLDUTrainerMixin:
             state = AdapterState.of(self.model)
             raise AdapterError(f"{type(self).__name__}.train: nothing to train, adapter {state.active!r} is frozen "
                                "(loldu.load_adapter loads for inference unless is_trainable=True)")
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if resume is True:  # Trainer would take the newest checkpoint-N, even one a kill left incomplete
+            last = last_complete_checkpoint(self.args.output_dir)
+            if last is not None:
+                if args:
+                    args = (last,) + tuple(args[1:])
+                else:
+                    kwargs["resume_from_checkpoint"] = last
         return super().train(*args, **kwargs)
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:

@@ -1,0 +1,122 @@
+"""Reading an adapter's files without trusting them: only regular files are opened (a FIFO would
+hang the reader, a device such as /dev/zero would read without end), and a file's size is checked
+against what its own header claims before its data is read (a sparse file of gigabytes is refused
+unread). Every failure is an AdapterError naming the file.
+"""
+import contextlib
+import json
+import struct
+from pathlib import Path
+from typing import Iterator, Tuple
+
+from .atomic import NotRegularFile, open_regular
+from .errors import AdapterError
+
+
+def os_reason(e: OSError) -> str:
+    """'PermissionError: [Errno 13] Permission denied: '/x/y'' in one line."""
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+# The most bytes a safetensors header may have (safetensors' own limit), and a config file (format 1).
+_HEADER_MAX = 100_000_000
+_CONFIG_MAX = 64 << 20
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Tuple[object, int]]:
+    """(file, size) of the adapter file `path`, a regular file (loldu.atomic.open_regular: a FIFO or
+    a device there is refused without being read); AdapterError naming it otherwise."""
+    try:
+        with open_regular(path) as opened:
+            yield opened
+    except NotRegularFile as e:
+        extra = "" if e.kind == "a directory" else ": loldu reads adapter files only from regular files"
+        raise AdapterError(f"{path}: no such adapter file ({path.name} is {e.kind}){extra}") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise AdapterError(f"{path}: no such adapter file") from None
+    except MemoryError:
+        raise AdapterError(f"{path}: the adapter file does not fit in memory") from None
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read the adapter file ({os_reason(e)})") from None
+
+
+def read_config_file(path: Path) -> bytes:
+    """A format-1 config file, refused when larger than any config (_CONFIG_MAX) before it is read."""
+    with _opened(path) as (f, size):
+        if size > _CONFIG_MAX:
+            raise AdapterError(f"{path}: {size} bytes, more than a config file may have ({_CONFIG_MAX})")
+        return f.read(_CONFIG_MAX + 1)
+
+
+def _st_header(header: bytes, path: Path) -> dict:
+    """A safetensors header (the JSON after the 8-byte length) as a dict."""
+    try:
+        entries = json.loads(header)
+    except (ValueError, TypeError) as e:
+        raise AdapterError(f"{path}: corrupted safetensors header ({e})") from None
+    except RecursionError:
+        raise AdapterError(f"{path}: corrupted safetensors header (JSON nested too deeply)") from None
+    if not isinstance(entries, dict):
+        raise AdapterError(f"{path}: corrupted safetensors header (not a JSON object)")
+    return entries
+
+
+def st_metadata(raw: bytes, path: Path) -> dict:
+    """The `__metadata__` of the safetensors file `raw` (read from `path`)."""
+    if len(raw) < 8:
+        raise AdapterError(f"{path}: truncated safetensors file ({len(raw)} bytes)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > len(raw) - 8:
+        raise AdapterError(f"{path}: safetensors header length {n} exceeds the file size {len(raw)}")
+    meta = _st_header(raw[8 : 8 + n], path).get("__metadata__", {})
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path}: corrupted safetensors metadata")
+    return meta
+
+
+def _data_length(header: bytes, path: Path) -> int:
+    """The bytes of tensor data a safetensors header describes (its largest data_offsets end)."""
+    entries = _st_header(header, path)
+    ends = [0]
+    for key, e in entries.items():
+        offsets = e.get("data_offsets") if isinstance(e, dict) else None
+        if key != "__metadata__":
+            if not (isinstance(offsets, list) and len(offsets) == 2
+                    and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+                raise AdapterError(f"{path}: corrupted safetensors header (tensor {key!r} has no valid data_offsets)")
+            ends.append(offsets[1])
+    return max(ends)
+
+
+def read_weights(path: Path) -> bytes:
+    """The whole adapter (safetensors) file. Its size is checked against what its own header claims
+    (8 + header length + data length) before the data is read, so a file that is truncated, padded
+    or far larger than its tensors (a sparse file of gigabytes) is refused without reading it."""
+    with _opened(path) as (f, size):
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterError(f"{path}: truncated safetensors file ({len(head)} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise AdapterError(f"{path}: safetensors header length {n} exceeds the file size {size}")
+        if n > _HEADER_MAX:
+            raise AdapterError(f"{path}: safetensors header length {n} exceeds the limit of {_HEADER_MAX} bytes")
+        claimed = 8 + n + _data_length(f.read(n), path)
+        if claimed != size:
+            raise AdapterError(f"{path}: the file has {size} bytes but its safetensors header describes {claimed} "
+                               "(8 + header + tensor data): it is truncated, padded or corrupted")
+        f.seek(0)
+        raw = f.read(size + 1)
+    if len(raw) != size:
+        raise AdapterError(f"{path}: the file changed while it was read ({size} bytes, then {len(raw)})")
+    return raw
+
+
+def same_copy(path: Path, stored: bytes) -> bool:
+    """Whether the readable copy `path` holds exactly `stored`; read only when its size matches."""
+    try:
+        with open_regular(path) as (f, size):
+            return size == len(stored) and f.read(size + 1) == stored
+    except OSError:
+        return False

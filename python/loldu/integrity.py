@@ -1,0 +1,113 @@
+"""Checks that keep an adapter's numbers meaningful: the base weight its frozen factors came from, and
+the bound on its coefficients c (the adapter spec's c_check, loldu/adapter_spec.json).
+
+Fingerprints: the frozen factors are a function of what the factorization reads of W0, W0[:, :r]
+and W0[pivots, :] (docs/method.md §2). An adapter file records a sha256 of exactly that, and so
+does every layer when its factors are installed (at inject, load_state_dict, a change of factor
+storage). A base weight edited in place afterwards (`.data`, `copy_`, a new Parameter) leaves the
+factors stale: the forward still runs, but a file saved now would pair the new weight's
+fingerprint with factors of the old one, and reload as another model. `stale_refusal` says so.
+
+Coefficient bound: every c_i must be finite and |c_i| <= C_ABS_MAX. Without W0 (save, load) D is
+unknown, so the term without D is checked in float64 (`c_terms_refusal`); merge checks c itself.
+"""
+import hashlib
+from typing import Optional, Tuple
+
+import torch
+
+from .spec import C_ABS_MAX
+
+# The attribute of a LoLDU layer that holds the fingerprint of the weight its factors were derived from.
+_SOURCE = "_loldu_factor_source"
+
+
+def fingerprint_reads(shape, cols: torch.Tensor, rows: torch.Tensor) -> bytes:
+    """sha256 of a (d, k) weight's shape, dtype, W[:, :r] (cols) and W[pivots, :] (rows), 32 bytes."""
+    h = hashlib.sha256()
+    h.update(f"loldu-fp1|{tuple(shape)}|{str(cols.dtype)}|".encode())
+    for part in (cols, rows):
+        h.update(part.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+def fingerprint(W: torch.Tensor, pivots: torch.Tensor) -> bytes:
+    """sha256 of W's (d, k) shape, dtype, W[:, :r] and W[pivots, :] (r = len(pivots)), 32 bytes.
+
+    Reads only what the factorization reads, so it costs O((d + k) r), and a base that would give
+    different frozen factors gives a different fingerprint.
+    """
+    r = pivots.shape[0]
+    return fingerprint_reads(W.shape, W[:, :r], W.index_select(0, pivots.to(W.device)))
+
+
+def _reads_now(layer) -> Tuple[tuple, torch.Tensor, torch.Tensor]:
+    """(shape, W0[:, :r], W0[pivots, :]) of the layer's base weight; while merged, as before the merge."""
+    W = layer.base_matrix()
+    merged = getattr(layer, "_merged_reads", None)
+    if merged is not None:
+        return tuple(W.shape), merged[0], merged[1]
+    piv = layer.loldu_pivots
+    return tuple(W.shape), W[:, :piv.shape[0]], W.index_select(0, piv.to(W.device))
+
+
+def _source_now(layer) -> Optional[bytes]:
+    """The fingerprint of what the factorization reads of the layer's base weight now; None (not
+    checked) on meta, or while the layer's factor store keeps its own form of W0 in the weight."""
+    if getattr(layer.store, "owns_weight", False):
+        return None
+    shape, cols, rows = _reads_now(layer)
+    return None if cols.is_meta or rows.is_meta else fingerprint_reads(shape, cols, rows)
+
+
+@torch.no_grad()
+def record_factor_source(layer) -> None:
+    """Remembers the fingerprint of what the layer's frozen factors were just derived from."""
+    setattr(layer, _SOURCE, _source_now(layer))
+
+
+@torch.no_grad()
+def is_fresh(layer) -> bool:
+    """Whether the layer's base weight still reads as it did when its frozen factors were derived."""
+    source = getattr(layer, _SOURCE, None)
+    return source is None or _source_now(layer) in (None, source)
+
+
+def stale_refusal(layer) -> Optional[str]:
+    """Why the layer's frozen factors no longer fit its base weight, or None."""
+    if is_fresh(layer):
+        return None
+    return ("its base weight changed after its frozen factors were derived (an in-place edit such as .data or "
+            "copy_, or a replaced Parameter): the factors are stale, and an adapter saved or merged now would not "
+            "match the model. Load new base weights with model.load_state_dict (which re-derives the factors), or "
+            "re-inject (loldu.unload, then loldu.inject or loldu.load_adapter)")
+
+
+def c_terms_refusal(z: torch.Tensor, sigma, sigma0: float, parametrization: str) -> Optional[str]:
+    """Why adapter values z (r,), sigma () break the c bound, or None: in float64, each term of c
+    that does not involve D (paper: sigma z_i; relative: (sigma / sigma0) z_i) must be finite and
+    at most C_ABS_MAX in magnitude. sigma0 is the config's initial scale rounded to fp32."""
+    z64 = z.detach().to("cpu", torch.float64).reshape(-1)
+    s = torch.as_tensor(sigma).detach().to("cpu", torch.float64).reshape(())
+    if parametrization == "relative":
+        s = s / float(torch.tensor(sigma0, dtype=torch.float32))
+        term = "(sigma / sigma0) * z"
+    else:
+        term = "sigma * z"
+    t = s * z64
+    bad = (~torch.isfinite(t)) | (t.abs() > C_ABS_MAX)
+    if not bool(bad.any()):
+        return None
+    i = int(bad.nonzero()[0])
+    return (f"its coefficient c[{i}] is out of bounds ({term} = {float(t[i]):.4g} at index {i}, sigma = "
+            f"{float(s):.4g}): every |c_i| must be finite and at most {C_ABS_MAX:g} (training diverged, or the "
+            "values were set by hand)")
+
+
+def c_refusal(c: torch.Tensor) -> Optional[str]:
+    """Why coefficients c (as the layer computes them, in its working dtype) break the c bound, or None."""
+    bad = (~torch.isfinite(c)) | (c.abs() > C_ABS_MAX)
+    if not bool(bad.any()):
+        return None
+    i = int(bad.nonzero()[0])
+    return f"its coefficient c[{i}] = {float(c[i]):.4g} is not finite or exceeds |c| <= {C_ABS_MAX:g}"
