@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from loldu.adapter_io import fingerprint, read_adapter
+from loldu.adapter_io import read_adapter
 from loldu.errors import AdapterError, ExportError
 from loldu.layer import coefficients_from
 from loldu.state import AdapterState
@@ -26,7 +26,8 @@ def metadata_json(layers: List[Tuple[str, nn.Module]]) -> str:
     for name, layer in layers:
         rows.append({"layer": name, "input": C_PREFIX + name, "rank": layer.rank,
                      "pivots": layer.loldu_pivots.tolist(),
-                     "fingerprint": fingerprint(layer.base_matrix(), layer.loldu_pivots).hex(),
+                     # W0's, recorded before an "lu" layer's LU (or its copy's recomputed W0) replaced it.
+                     "fingerprint": layer.base_fingerprint().hex(),
                      # fp32 values printed by Python's repr round-trip exactly.
                      "D": [float(v) for v in layer.loldu_D.float().cpu()]})
     return json.dumps({"format": "loldu-onnx-adapter-inputs", "version": 1, "layers": rows})
@@ -92,7 +93,7 @@ def adapter_feeds(source, onnx_model=None, *, adapter_name: Optional[str] = None
             meta = {r["layer"]: r for r in adapter_metadata(onnx_model)}
             _check_layers(sorted(n for n, _ in layers), sorted(meta), "the model's adapter")
             for n, layer in layers:
-                _check_base(meta[n], n, layer.rank, fingerprint(layer.base_matrix(), layer.loldu_pivots).hex(),
+                _check_base(meta[n], n, layer.rank, layer.base_fingerprint().hex(),
                             layer.loldu_pivots.tolist(), "the model's adapter")
         return feeds
     if onnx_model is None:

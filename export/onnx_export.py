@@ -22,7 +22,9 @@ Three forms:
   adapter directory into those inputs, refusing an adapter trained on another base.
 In both unmerged forms the exporter's copy has each adapted layer wrapped in a _WithC module that
 hands the layer the chosen c (computed before any fp16 cast), a constant or a graph input, through
-the layer's public `adapted(x, c)`; a "cur" layer's copy is re-stored as "full" first (`use_storage`).
+the layer's public `adapted(x, c)`; a "cur" or "lu" layer's copy is re-stored as "full" first
+(`use_storage`; an "lu" copy gets W0 = P L D Ũ back, within the LU's rounding, and keeps the recorded
+fingerprint of the W0 it was trained on). Merged, an "lu" layer's W(c) is formed from its LU.
 
 Modules: adapter_inputs (names, metadata, feeds) <- ort_runner (OrtRunner) <- onnx_export -> onnx_graph
 (the op's translation and the exporter run).
@@ -291,7 +293,7 @@ def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: 
     elif adapter_inputs:
         raise ExportError("loldu.export: adapter_inputs=True needs a model with LoLDU layers (loldu.inject or "
                           "loldu.load_adapter first)")
-    for _, layer in layers:  # the copy's "cur" layers keep PL and U: ONNX has no triangular solve
+    for _, layer in layers:  # the copy's "cur" and "lu" layers keep PL and U: ONNX has no triangular solve
         layer.use_storage("full")
     # Recorded before any fp16 cast: D and the fingerprints are those of the trained-on base.
     meta = metadata_json(layers) if adapter_inputs else None

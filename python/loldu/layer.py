@@ -27,12 +27,12 @@ import torch.nn as nn
 
 from .config import LoLDUConfig
 from .errors import AdapterError, FactorizationError
-from .integrity import is_fresh, record_factor_source
+from .integrity import fingerprint, is_fresh, record_factor_source
 from .kinds import KINDS, LayerKind, kind_of, weight_matrix, weight_refusal
 from .ldu import LDUResult
 from .ops import ldu, ldu_from_pivots, working_dtype
 from .precision import Precision
-from .stores import FACTOR_HEADROOM, FACTOR_KEYS, STORES, FactorStore, factor_bytes, holds, make_store
+from .stores import FACTOR_HEADROOM, FACTOR_KEYS, STORES, FactorStore, factor_bytes, holds, lu_refusal, make_store
 
 __all__ = ["FACTOR_HEADROOM", "FACTOR_KEYS", "KINDS", "STORES", "FactorStore", "LayerKind", "LoLDUConv1D",
            "LoLDUConv2d", "LoLDUEmbedding", "LoLDULayer", "LoLDULinear", "check_supported", "coefficients_from",
@@ -72,10 +72,17 @@ def _install_loaded_factors(layer: "LoLDULayer", incompatible_keys) -> None:
     loading, layer._loading = layer._loading, None
     if loading is None:
         return
-    factors, reads = loading
+    factors, reads, W = loading
+    if layer.store.owns_weight:  # the weight got the loaded W0 copied into the LU's tensor: W0 as loaded instead
+        dtype, w = layer.store.dtype(layer), layer.base_layer.weight
+        w.data = KINDS[layer.kind].weight(W, w)
+        layer.store.set_factors(layer, factors, dtype, layer.loldu_D.dtype, stacklevel=4)
+        layer.store.install(layer)
+        return
     now = _reads(layer.base_matrix(), factors.pivots)
     if all(a.device == b.device and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(now, reads)):
         layer.store.set_factors(layer, factors, layer.store.dtype(layer), layer.loldu_D.dtype, stacklevel=4)
+        layer.w0_fingerprint = None  # W0 is in the weight again
 
 
 def coefficients_from(z: torch.Tensor, sigma: torch.Tensor, D: torch.Tensor, sigma0: float,
@@ -129,14 +136,33 @@ class LoLDULayer(nn.Module):
         self._row_ids: Optional[torch.Tensor] = None
         self._row_names: List[str] = []
         # While load_state_dict runs: the factors of the base weight it brings (_load_from_state_dict).
-        self._loading: Optional[Tuple[LDUResult, Tuple[torch.Tensor, torch.Tensor]]] = None
+        self._loading: Optional[Tuple[LDUResult, Tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+        # The fingerprint of W0 (integrity.fingerprint) where the weight no longer holds W0 as it was
+        # trained on ("lu" storage, or W0 recomputed from the LU); None: read from the weight.
+        self.w0_fingerprint: Optional[bytes] = None
         self.register_load_state_dict_post_hook(_install_loaded_factors)
 
     # -- frozen factors -------------------------------------------------------------------------
     @property
     def storage(self) -> str:
-        """The name of the factor store ("full" or "cur")."""
+        """The name of the factor store ("full", "cur" or "lu")."""
         return self.store.name
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """W0's dtype as the model holds it (an "lu" layer may keep its LU in fp32, `holds`)."""
+        return self.store.base_dtype(self)
+
+    def base_fingerprint(self) -> bytes:
+        """integrity.fingerprint of W0 and the pivots: recorded before an "lu" store replaced W0, else read now."""
+        return self.w0_fingerprint or fingerprint(self.base_matrix(), self.loldu_pivots)
+
+    def restore_base(self) -> None:
+        """Gives W0 back to the base weight where the store replaced it ("lu": W0 = P L D Ũ, recomputed
+        within the LU's rounding), before the base module is put back (unload). A merged layer's
+        weight already holds W(c) (merge_and_unload)."""
+        if self.store.owns_weight and self.merged_adapter is None:
+            self.store.release(self)
 
     @property
     def batched_dims(self) -> int:
@@ -152,13 +178,21 @@ class LoLDULayer(nn.Module):
             return
         if self.merged_adapter is not None:  # pragma: no cover - a merged layer has an adapter
             raise AdapterError(f"layer '{self.layer_name}' is merged; unmerge before changing factor_storage")
-        W = self.base_matrix().detach()
-        try:
-            factors = ldu_from_pivots(W, self.loldu_pivots.to(W.device))
-        except FactorizationError as e:  # pragma: no cover - the same W0 was factorized at inject
-            raise AdapterError(f"layer '{self.layer_name}': {e}") from None
+        if store.owns_weight:  # refused below full rank before anything changes
+            why = lu_refusal(self.kind, tuple(self.base_matrix().shape), self.rank)
+            if why is not None:
+                raise AdapterError(f"layer '{self.layer_name}': {why}")
+        factors = self.store.release(self)  # "lu": W0 back in the weight, and the LU's exact factors
+        if factors is None:
+            W = self.base_matrix().detach()
+            try:
+                factors = ldu_from_pivots(W, self.loldu_pivots.to(W.device))
+            except FactorizationError as e:  # pragma: no cover - the same W0 was factorized at inject
+                raise AdapterError(f"layer '{self.layer_name}': {e}") from None
         store.set_factors(self, factors, self._factor_dtype_asked, self.loldu_D.dtype, stacklevel=6)
         self.store = store
+        if self.configs:
+            store.install(self)
 
     def _apply(self, fn, recurse=True):
         """Casts and moves of the module (model.half(), .to(...)). A cast to a dtype that cannot hold
@@ -167,7 +201,7 @@ class LoLDULayer(nn.Module):
         before = self.store.buffers(self)
         fresh = is_fresh(self)  # a cast of fresh factors stays fresh; stale ones stay stale
         super()._apply(fn, recurse)
-        self.store.keep_held(self, before)
+        self.store.keep_held(self, before, fn)
         if self._merged_reads is not None:
             self._merged_reads = tuple(fn(t) for t in self._merged_reads)
         if fresh:
@@ -182,10 +216,34 @@ class LoLDULayer(nn.Module):
         # load_state_dict reaches a module before its children, so this runs before the base weight
         # is loaded: a new base weight is factorized (or refused) here, while the layer is as it was,
         # and its factors are installed once it is loaded (_install_loaded_factors).
-        self._loading = self._factors_of_loaded(state_dict.get(prefix + "base_layer.weight"),
-                                                local_metadata.get("assign_to_params_buffers", False))
+        incoming, perm_key = state_dict.get(prefix + "base_layer.weight"), prefix + "loldu_perm"
+        if perm_key in state_dict and isinstance(incoming, torch.Tensor):
+            self._check_loaded_lu(incoming, state_dict[perm_key], perm_key)
+            self._loading = None
+        else:
+            self._loading = self._factors_of_loaded(incoming, local_metadata.get("assign_to_params_buffers", False))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if self._loading is not None and perm_key in missing_keys:
+            missing_keys.remove(perm_key)  # an "lu" layer loading W0: its perm is derived again
+
+    def _check_loaded_lu(self, incoming: torch.Tensor, perm, perm_key: str) -> None:
+        """A state_dict of an "lu" layer (perm_key marks it) holds the packed LU in its weight entry: it
+        loads only into an "lu" layer holding that same LU (its own state_dict, or one of the same base)."""
+        if not self.store.owns_weight:
+            raise AdapterError(
+                f"load_state_dict: layer '{self.layer_name}': the state_dict holds the packed LU of its base weight "
+                f"(factor_storage='lu', marked by '{perm_key}'), not W0, but this layer stores {self.storage!r}; "
+                "load it into a model injected with factor_storage='lu' (nothing was loaded into it)")
+        w = self.base_layer.weight
+        same = (incoming.shape == w.shape and torch.equal(incoming.detach().to(w.device, w.dtype), w.detach())
+                and isinstance(perm, torch.Tensor) and torch.equal(perm.to(self.loldu_perm.device), self.loldu_perm))
+        if not same:
+            raise AdapterError(
+                f"load_state_dict: layer '{self.layer_name}': the state_dict holds another packed LU for its weight "
+                f"{tuple(self.base_matrix().shape)} (factor_storage='lu'); an LU loads only onto the base it was taken "
+                "from. Load that base's W0 (a state_dict of the plain or 'full' model), which is factorized again, "
+                "or inject again (nothing was loaded into it)")
 
     @torch.no_grad()
     def _factors_of_loaded(self, incoming, assign: bool):
@@ -201,7 +259,7 @@ class LoLDULayer(nn.Module):
         if w.is_meta and not assign:
             return None  # copying into a meta weight is a no-op (torch warns)
         # The weight after loading: `incoming` itself with assign=True, else `incoming` copied into w.
-        dev, dt = (incoming.device, incoming.dtype) if assign else (w.device, w.dtype)
+        dev, dt = (incoming.device, incoming.dtype) if assign else (w.device, self.store.base_dtype(self))
         same_kind = not w.is_meta and (dev, dt) == (w.device, w.dtype)
         new = KINDS[self.kind].matrix(incoming.detach())
         if self.merged_adapter is not None:
@@ -220,7 +278,7 @@ class LoLDULayer(nn.Module):
         except FactorizationError as e:
             raise AdapterError(f"load_state_dict: layer '{self.layer_name}': the state_dict's base weight "
                                f"{tuple(W.shape)} cannot be factorized ({e}); nothing was loaded into it") from None
-        return factors, _reads(W, factors.pivots)
+        return factors, _reads(W, factors.pivots), W
 
     # -- bookkeeping ----------------------------------------------------------------------------
     @property
@@ -260,7 +318,7 @@ class LoLDULayer(nn.Module):
             raise AdapterError(f"layer '{self.layer_name}': adapter {name!r} asks for factor_storage={storage!r} but "
                                f"the layer's adapters share factors stored as {self.storage!r}")
         if not self.configs:
-            self.use_storage(storage)
+            self.use_storage(storage)  # raises (the layer unchanged) where the storage does not fit it
         sigma0 = config.initial_scale
         dev = self.loldu_D.device
         dt = working_dtype(self.loldu_D.dtype)
@@ -274,6 +332,7 @@ class LoLDULayer(nn.Module):
         self._sigma0_as[name] = {t: float(torch.tensor(sigma0, dtype=t))
                                  for t in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
         self.configs[name] = config
+        self.store.install(self)  # "lu": the LU replaces W0 now that the layer joins the model
 
     def delete_adapter(self, name: str) -> None:
         del self.loldu_z[name]
@@ -333,6 +392,10 @@ class LoLDULayer(nn.Module):
         if self.merged_adapter is not None:
             raise AdapterError(f"already merged adapter {self.merged_adapter!r}; unmerge first")
         c = self.coefficients(name).detach().clone()
+        if self.store.owns_weight:  # "lu": the weight gets W(c), the store keeps the LU for unmerge
+            self.store.merge(self, c)
+            self.merged_adapter, self._merged_c = name, c
+            return
         reads = _reads(self.base_matrix(), self.loldu_pivots)
         self._add_to_weight(self.store.delta(self, c, reads), +1)
         self.merged_adapter, self._merged_c, self._merged_reads = name, c, reads
@@ -343,6 +406,10 @@ class LoLDULayer(nn.Module):
         fingerprint) reads, W0[:, :r] and W0[pivots, :], is restored exactly, so the frozen factors
         and saved adapters still fit the base; the rest of W returns within one rounding of its dtype."""
         if self.merged_adapter is None:
+            return
+        if self.store.owns_weight:  # "lu": the LU kept at merge goes back, exactly
+            self.store.unmerge(self)
+            self.merged_adapter, self._merged_c = None, None
             return
         c = self._merged_c.to(self.loldu_D.device)  # a plain attribute: .to(device) did not move it
         self._add_to_weight(self.store.delta(self, c, self._merged_reads), -1, restore=self._merged_reads)
@@ -383,7 +450,7 @@ class LoLDULayer(nn.Module):
         """The output for x with the adapter of coefficients c: (r,), or per row as the kind's c_rows
         lays them out. The store computes it in the precision the policy picks for x (loldu.precision).
         The forward passes the active adapter's c; an export passes the c it chose."""
-        return self.store.adapted(self, x, c, Precision(self.base_layer.weight.dtype, x))
+        return self.store.adapted(self, x, c, Precision(self.store.base_dtype(self), x))
 
     def form(self) -> str:
         """The form the fused op runs (docs/method.md §7): the active adapter's config.form. An explicit

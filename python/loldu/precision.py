@@ -25,6 +25,7 @@ class Precision:
         self.autocast = autocast_enabled(self.device_type)
         self.weight_dtype = weight_dtype
         compute = torch.get_autocast_dtype(self.device_type) if self.autocast else weight_dtype
+        self.compute = compute  # the dtype the layer's output comes in
         self.fp32 = compute == torch.float16
         # The same decision where the branch's products run with autocast off whatever the caller's
         # autocast (the cur store's lookup): there the weight's dtype is the compute dtype.
