@@ -8,10 +8,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <iterator>
 #include <limits>
+#include <regex>
 #include <set>
 #include <stdexcept>
 
@@ -39,6 +41,13 @@ bool number_equals(const json& v, int want) {
 std::string short_repr(const json& v) {
   std::string s = v.dump();
   return s.size() <= 40 ? s : s.substr(0, 20) + "...(" + std::to_string(s.size()) + " characters)";
+}
+
+// A number as messages spell it (inf and nan as such, not JSON's null).
+std::string number_text(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
 }
 
 bool nonempty_strings(const json& v) {
@@ -183,6 +192,60 @@ void copy_rows(const SafetensorsTensor& t, void* dst) {
   if (t.nbytes) std::memcpy(dst, t.data, t.nbytes);
 }
 
+bool dtype_allowed(const spec::TensorSpec& t, const std::string& dtype) {
+  return std::any_of(std::begin(t.dtypes), std::end(t.dtypes), [&](const char* d) { return d && dtype == d; });
+}
+
+std::string allowed_dtypes(const spec::TensorSpec& t) {
+  std::string out;
+  for (const char* d : t.dtypes)
+    if (d) out += (out.empty() ? "" : " or ") + std::string(d);
+  return out;
+}
+
+std::string same_dtype_names() {
+  std::string out;
+  for (const char* n : spec::kSameDtype) out += (out.empty() ? "" : " and ") + std::string(n);
+  return out;
+}
+
+// An F32 or F64 tensor's values (little-endian, as the hosts loldu runs on).
+std::vector<double> as_doubles(const SafetensorsTensor& t) {
+  if (t.dtype == "F64") {
+    std::vector<double> out(t.nbytes / sizeof(double));
+    copy_rows(t, out.data());
+    return out;
+  }
+  std::vector<float> f(t.nbytes / sizeof(float));
+  copy_rows(t, f.data());
+  return std::vector<double>(f.begin(), f.end());
+}
+
+}  // namespace
+
+void check_coefficient_inputs(const AdapterFile& a, const std::string& where) {
+  for (double v : a.z)
+    if (!std::isfinite(v)) throw AdapterError(where + ": z or sigma holds NaN/Inf");
+  for (double v : a.sigma)
+    if (!std::isfinite(v)) throw AdapterError(where + ": z or sigma holds NaN/Inf");
+  // spec::kCAbsMax: W0 (so D) is unknown here; the term of c without D must already be in bounds.
+  const bool relative = a.config.parametrization == "relative";
+  const double s0 = double(a.config.initial_scale());
+  const size_t r = size_t(a.rank());
+  for (size_t i = 0; i < a.layers.size() && (i + 1) * r <= a.z.size() && i < a.sigma.size(); ++i) {
+    const double scale = relative ? a.sigma[i] / s0 : a.sigma[i];
+    for (size_t j = i * r; j < (i + 1) * r; ++j) {
+      const double term = scale * a.z[j];
+      if (!(std::abs(term) <= spec::kCAbsMax))
+        throw AdapterError(where + ": layer '" + a.layers[i].name + "': " + (relative ? "sigma / sigma0 * z" : "sigma * z") +
+                           " = " + number_text(term) + " at rank index " + std::to_string(j - i * r) +
+                           ": c would be non-finite or above the bound " + number_text(spec::kCAbsMax));
+    }
+  }
+}
+
+namespace {
+
 AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& where) {
   SafetensorsFile st = parse_safetensors(bytes, size, where);
   const auto& meta = st.metadata;
@@ -292,27 +355,28 @@ AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& 
   for (const spec::TensorSpec& w : spec::kTensors) {
     const auto& t = st.tensors.at(w.name);
     const std::vector<int64_t> shape = tensor_shape(w, L, r);
-    if (t.dtype != w.dtype || t.shape != shape)
+    if (!dtype_allowed(w, t.dtype) || t.shape != shape)
       throw AdapterError(where + ": tensor '" + w.name + "' is " + t.dtype + " " + tuple_repr(t.shape) + ", expected " +
-                         w.dtype + " " + tuple_repr(shape) + " (" + std::to_string(L) + " layers, rank " +
+                         allowed_dtypes(w) + " " + tuple_repr(shape) + " (" + std::to_string(L) + " layers, rank " +
                          std::to_string(r) + ")");
   }
+  const std::string& shared = st.tensors.at(spec::kSameDtype[0]).dtype;
+  for (const char* name : spec::kSameDtype)
+    if (st.tensors.at(name).dtype != shared)
+      throw AdapterError(where + ": tensor '" + name + "' is " + st.tensors.at(name).dtype + " but '" +
+                         spec::kSameDtype[0] + "' is " + shared + " (" + same_dtype_names() + " share one dtype)");
   if (!header.contains("data_sha256") || !header["data_sha256"].is_string() ||
       header["data_sha256"].get<std::string>() != data_hash(st.tensors))
     throw AdapterError(where + ": tensor data does not match the hash in the config: the file is corrupted");
 
-  out.z.resize(size_t(L * r));
-  out.sigma.resize(size_t(L));
+  out.z_dtype = st.tensors.at("z").dtype;
+  out.z = as_doubles(st.tensors.at("z"));
+  out.sigma = as_doubles(st.tensors.at("sigma"));
   out.pivots.resize(size_t(L * r));
   out.fingerprints.resize(size_t(L));
-  copy_rows(st.tensors.at("z"), out.z.data());
-  copy_rows(st.tensors.at("sigma"), out.sigma.data());
   copy_rows(st.tensors.at("pivots"), out.pivots.data());
   copy_rows(st.tensors.at("fingerprint"), out.fingerprints.data());
-  for (float v : out.z)
-    if (!std::isfinite(v)) throw AdapterError(where + ": z or sigma holds NaN/Inf");
-  for (float v : out.sigma)
-    if (!std::isfinite(v)) throw AdapterError(where + ": z or sigma holds NaN/Inf");
+  check_coefficient_inputs(out, where);
   for (int64_t i = 0; i < L; ++i) {
     const int64_t d = out.layers[size_t(i)].d;
     std::vector<int32_t> row(out.pivots.begin() + i * r, out.pivots.begin() + (i + 1) * r);
@@ -382,13 +446,13 @@ AdapterFile read_adapter(const std::string& dir, std::vector<std::string>* warni
   if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
     throw AdapterError(dir + ": no such adapter directory");
   const std::string wpath = join_path(dir, kAdapterWeightsName);
-  if (::stat(wpath.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) throw AdapterError(wpath + ": no such adapter file");
-  const std::vector<uint8_t> raw = read_file_bytes(wpath);
+  if (::stat(wpath.c_str(), &st) != 0 || S_ISDIR(st.st_mode)) throw AdapterError(wpath + ": no such adapter file");
+  const std::vector<uint8_t> raw = read_safetensors_file(wpath);
   AdapterFile a = parse_adapter(raw.data(), raw.size(), wpath);
   const std::string cpath = join_path(dir, a.format_version >= 3 ? kAdapterConfigName : kLegacyConfigName);
   bool copy_ok = false;
   try {
-    const std::vector<uint8_t> copy = read_file_bytes(cpath);
+    const std::vector<uint8_t> copy = read_file_bytes(cpath, a.config_text.size());  // longer: it differs
     copy_ok = copy.size() == a.config_text.size() && std::equal(copy.begin(), copy.end(), a.config_text.begin(),
                                                                  [](uint8_t x, char y) { return x == uint8_t(y); });
   } catch (const AdapterError&) {
@@ -404,6 +468,14 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
   const int64_t L = int64_t(a.layers.size()), r = a.config.rank;
   if (L == 0) throw AdapterError(what + ": the adapter has no layers");
   if (r < 1) throw AdapterError(what + ": rank must be a positive int, got " + std::to_string(r));
+  // Checked before the config is written: JSON has no NaN or Inf (they would be written as null).
+  if (!std::isfinite(a.config.alpha))
+    throw AdapterError(what + ": invalid config: alpha must be a finite number, got " + number_text(a.config.alpha));
+  if (a.config.sigma0 && !std::isfinite(*a.config.sigma0))
+    throw AdapterError(what + ": invalid config: sigma0 must be a finite number, got " + number_text(*a.config.sigma0));
+  if (!std::regex_match(a.adapter_name, std::regex(spec::kAdapterNamePattern)))
+    throw AdapterError(what + ": adapter name must match " + spec::kAdapterNamePattern +
+                       " (letters, digits, _ or -, as the Python loader requires), got '" + a.adapter_name + "'");
   if (int64_t(a.z.size()) != L * r || int64_t(a.sigma.size()) != L || int64_t(a.pivots.size()) != L * r ||
       int64_t(a.fingerprints.size()) != L)
     throw AdapterError(what + ": z, sigma, pivots, fingerprints must hold (" + std::to_string(L) + ", " +
@@ -411,14 +483,24 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
                        std::to_string(r) + "), (" + std::to_string(L) + ") entries for " + std::to_string(L) +
                        " layers at rank " + std::to_string(r));
   std::map<std::string, SafetensorsTensor> tensors;
-  auto put = [&](const char* name, const void* data, size_t nbytes) {
+  auto put = [&](const char* name, const void* data, size_t nbytes, const std::string& dtype) {
     const spec::TensorSpec& t = tensor_spec(name);
-    tensors[name] = {t.dtype, tensor_shape(t, L, r), static_cast<const uint8_t*>(data), nbytes};
+    tensors[name] = {dtype, tensor_shape(t, L, r), static_cast<const uint8_t*>(data), nbytes};
   };
-  put("z", a.z.data(), a.z.size() * sizeof(float));
-  put("sigma", a.sigma.data(), a.sigma.size() * sizeof(float));
-  put("pivots", a.pivots.data(), a.pivots.size() * sizeof(int32_t));
-  put("fingerprint", a.fingerprints.empty() ? nullptr : a.fingerprints.front().data(), a.fingerprints.size() * 32);
+  // z and sigma in z_dtype: F32 rounds (a value past float's range becomes Inf, refused below).
+  if (!dtype_allowed(tensor_spec("z"), a.z_dtype) || !dtype_allowed(tensor_spec("sigma"), a.z_dtype))
+    throw AdapterError(what + ": z_dtype must be " + allowed_dtypes(tensor_spec("z")) + ", got '" + a.z_dtype + "'");
+  const std::vector<float> z32(a.z.begin(), a.z.end()), sigma32(a.sigma.begin(), a.sigma.end());
+  if (a.z_dtype == "F64") {
+    put("z", a.z.data(), a.z.size() * sizeof(double), "F64");
+    put("sigma", a.sigma.data(), a.sigma.size() * sizeof(double), "F64");
+  } else {
+    put("z", z32.data(), z32.size() * sizeof(float), "F32");
+    put("sigma", sigma32.data(), sigma32.size() * sizeof(float), "F32");
+  }
+  put("pivots", a.pivots.data(), a.pivots.size() * sizeof(int32_t), tensor_spec("pivots").dtype);
+  put("fingerprint", a.fingerprints.empty() ? nullptr : a.fingerprints.front().data(), a.fingerprints.size() * 32,
+      tensor_spec("fingerprint").dtype);
   ordered_json saved = ordered_json::array();
   for (const auto& m : a.saved_modules) {
     saved.push_back({{"name", m.name}, {"tensors", m.tensors}});

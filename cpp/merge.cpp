@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <iterator>
@@ -65,6 +66,12 @@ std::string short_dtype(at::ScalarType t) {
 }
 
 std::string shape_str(at::IntArrayRef s) { return tuple_repr(s.vec()); }
+
+std::string number_text(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
 
 at::Tensor from_bytes(const std::string& dtype, const std::vector<int64_t>& shape, const uint8_t* data, size_t nbytes,
                       const std::string& where) {
@@ -134,10 +141,9 @@ void check_contents(const AdapterFile& a, const std::string& where) {
       int64_t(a.fingerprints.size()) != L)
     throw AdapterError(where + ": z, sigma, pivots and fingerprints do not hold one entry per layer (" +
                        std::to_string(L) + " layers, rank " + std::to_string(r) + ")");
-  for (float v : a.z)
-    if (!std::isfinite(v)) throw AdapterError(where + ": z or sigma holds NaN/Inf");
-  for (float v : a.sigma)
-    if (!std::isfinite(v)) throw AdapterError(where + ": z or sigma holds NaN/Inf");
+  if (a.z_dtype != "F32" && a.z_dtype != "F64")
+    throw AdapterError(where + ": z_dtype must be F32 or F64, got '" + a.z_dtype + "'");
+  check_coefficient_inputs(a, where);
   for (int64_t i = 0; i < L; ++i) {
     std::vector<int32_t> p(a.pivots.begin() + i * r, a.pivots.begin() + (i + 1) * r);
     std::sort(p.begin(), p.end());
@@ -192,6 +198,9 @@ std::vector<LayerCheck> check_layers(const BaseView& view, const AdapterFile& a)
     if (W.size(0) != l.d || W.size(1) != l.k)
       throw AdapterError(layer + " has weight " + shape_str(W.sizes()) + " in the weights but " +
                          shape_str({l.d, l.k}) + " in the file");
+    if (r > std::min(l.d, l.k))
+      throw AdapterError(layer + ": rank " + std::to_string(r) + " exceeds the smaller side of its " +
+                         shape_str({l.d, l.k}) + " weight");
     if (short_dtype(st) != l.dtype)
       throw AdapterError(layer + " has weight dtype torch." + short_dtype(st) + " in the weights but " + l.dtype +
                          " in the file");
@@ -262,13 +271,23 @@ Plan plan_merge(const BaseView& view, const AdapterFile& a, bool keep_base) {
       U = f.U.to(fd).contiguous();
     }
     const at::ScalarType wt = working_dtype(f.D.scalar_type());
-    at::Tensor z = at::from_blob(const_cast<float*>(a.z.data()) + int64_t(i) * r, {r}, at::kFloat).to(wt);
-    at::Tensor sigma = at::scalar_tensor(double(a.sigma[i]), at::kFloat).to(wt);
+    // z and sigma (F32 or F64 in the file) in the working dtype, as the Python layer holds them.
+    at::Tensor z = at::from_blob(const_cast<double*>(a.z.data()) + int64_t(i) * r, {r}, at::kDouble).to(wt);
+    at::Tensor sigma = at::scalar_tensor(a.sigma[i], at::kDouble).to(wt);
     at::Tensor D = f.D.to(wt);
     at::Tensor c = coefficients(z, sigma, D, s0, a.config.parametrization);
+    const std::string layer = where + ": layer '" + a.layers[i].name + "'";
+    // adapter_spec.json's c_check: c finite and within kCAbsMax in the working dtype, the merged weight finite.
+    if (!at::isfinite(c).all().item<bool>() || c.abs().max().item<double>() > spec::kCAbsMax)
+      throw AdapterError(layer + ": its coefficients c (max |c| " + number_text(c.abs().max().item<double>()) + " in " +
+                         short_dtype(wt) + ") are not finite or exceed the bound " + number_text(spec::kCAbsMax) +
+                         "; nothing was merged");
     at::Tensor delta = delta_weight(PL, U, a.config.factor_storage == "full" ? c : c.to(PL.scalar_type()));
     // W + delta in delta's dtype (Python: W.to(delta.dtype) + delta), summed into delta's own buffer.
     at::Tensor merged = delta.add_(l.W.to(delta.scalar_type())).to(l.W.scalar_type());
+    if (!at::isfinite(merged).all().item<bool>())
+      throw AdapterError(layer + ": the merged weight holds NaN/Inf in " + short_dtype(merged.scalar_type()) +
+                         "; nothing was merged");
     plan.writes[l.key] = as_layout(merged, l.weight, l.kind);
     MergeRecord::Layer rec{l.key, l.kind, l.pivots, PL, U, c,
                            l.W.narrow(1, 0, r).clone(), l.W.index_select(0, l.pivots), at::Tensor()};
@@ -350,7 +369,7 @@ void commit(WeightMap& weights, const std::map<std::string, at::Tensor>& writes)
 }  // namespace
 
 WeightMap load_weights(const std::string& path, std::map<std::string, std::string>* metadata) {
-  const std::vector<uint8_t> raw = read_file_bytes(path);
+  const std::vector<uint8_t> raw = read_safetensors_file(path);
   const SafetensorsFile f = parse_safetensors(raw.data(), raw.size(), path);
   WeightMap out;
   for (const auto& kv : f.tensors)
@@ -397,6 +416,9 @@ std::array<uint8_t, 32> fingerprint(const at::Tensor& W, const at::Tensor& pivot
   Sha256 h;
   h.update("loldu-fp1|" + shape_str(W.sizes()) + "|torch." + d->name + "|");
   const int64_t r = pivots.numel();
+  if (r > std::min(W.size(0), W.size(1)))
+    throw ShapeError("loldu::fingerprint: " + std::to_string(r) + " pivots exceed the smaller side of W " +
+                     shape_str(W.sizes()));
   for (const at::Tensor& part : {W.narrow(1, 0, r), W.index_select(0, pivots.to(W.device()))}) {
     at::Tensor c = part.detach().contiguous().cpu();
     h.update(c.const_data_ptr(), size_t(c.nbytes()));
@@ -462,7 +484,7 @@ AdapterFile make_adapter(const WeightMap& weights, const std::vector<std::pair<s
     }
     a.layers.push_back({t.first, t.second, W.size(0), W.size(1), short_dtype(W.scalar_type())});
     at::Tensor D = f.D.to(at::kFloat).contiguous();
-    if (config.parametrization == "relative") a.z.insert(a.z.end(), size_t(r), 0.0f);
+    if (config.parametrization == "relative") a.z.insert(a.z.end(), size_t(r), 0.0);
     else a.z.insert(a.z.end(), D.const_data_ptr<float>(), D.const_data_ptr<float>() + r);
     a.sigma.push_back(s0);
     at::Tensor p = f.pivots.to(at::kInt).contiguous();

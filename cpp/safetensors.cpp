@@ -1,7 +1,9 @@
 // The safetensors format (see loldu/safetensors.h), torch-free.
 #include <loldu/safetensors.h>
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -9,8 +11,11 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 #include <limits>
+#include <new>
 #include <random>
+#include <stdexcept>
 
 #include <loldu/errors.h>
 
@@ -62,16 +67,32 @@ int64_t SafetensorsTensor::numel() const {
   return n;
 }
 
-SafetensorsFile parse_safetensors(const uint8_t* bytes, size_t size, const std::string& where) {
-  if (size < 8) throw AdapterError(where + ": truncated safetensors file (" + std::to_string(size) + " bytes)");
+namespace {
+
+uint64_t header_length(const uint8_t* bytes) {
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = n << 8 | bytes[i];
+  return n;
+}
+
+struct Layout {
+  SafetensorsFile file;                     // data pointers still null
+  std::map<std::string, uint64_t> offsets;  // each tensor's offset from the start of the data
+};
+
+// Every check of parse_safetensors that needs only the header: `bytes` holds the first `have` bytes
+// (at least 8 + the header length when the file is that long) of a file of `size` bytes. The
+// tensors' data pointers are left null.
+Layout parse_layout(const uint8_t* bytes, uint64_t have, uint64_t size, const std::string& where) {
+  if (size < 8 || have < 8) throw AdapterError(where + ": truncated safetensors file (" + std::to_string(size) + " bytes)");
+  const uint64_t n = header_length(bytes);
   if (n > kMaxHeaderBytes)
     throw AdapterError(where + ": safetensors header length " + std::to_string(n) + " exceeds the limit of " +
                        std::to_string(kMaxHeaderBytes) + " bytes");
   if (n > size - 8)
     throw AdapterError(where + ": safetensors header length " + std::to_string(n) + " exceeds the file size " +
                        std::to_string(size));
+  if (n > have - 8) throw std::logic_error("loldu::parse_layout: the header was not read whole");
   const char* text = reinterpret_cast<const char*>(bytes + 8);
   if (n == 0 || text[0] != '{') throw AdapterError(where + ": safetensors header does not start with '{'");
   json header = detail::parse_json(text, text + n, where, "the safetensors header");
@@ -152,10 +173,21 @@ SafetensorsFile parse_safetensors(const uint8_t* bytes, size_t size, const std::
   if (at != data_size)
     throw AdapterError(where + ": safetensors data is " + std::to_string(data_size) + " bytes but the tensors cover " +
                        std::to_string(at) + " (truncated or trailing bytes)");
-  const uint8_t* data = bytes + 8 + n;
-  for (const Range& r : ranges) out.tensors[*r.name].data = data + r.begin;
-  return out;
+  Layout layout;
+  for (const Range& r : ranges) layout.offsets[*r.name] = r.begin;
+  layout.file = std::move(out);
+  return layout;
 }
+
+}  // namespace
+
+SafetensorsFile parse_safetensors(const uint8_t* bytes, size_t size, const std::string& where) {
+  Layout layout = parse_layout(bytes, size, size, where);
+  const uint8_t* data = bytes + 8 + header_length(bytes);
+  for (auto& kv : layout.file.tensors) kv.second.data = data + layout.offsets.at(kv.first);
+  return std::move(layout.file);
+}
+
 
 std::vector<uint8_t> serialize_safetensors(const std::map<std::string, SafetensorsTensor>& tensors,
                                            const std::map<std::string, std::string>& metadata) {
@@ -200,29 +232,202 @@ std::vector<uint8_t> serialize_safetensors(const std::map<std::string, Safetenso
   return out;
 }
 
-std::vector<uint8_t> read_file_bytes(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw AdapterError(path + ": cannot open (" + os_reason() + ")");
-  struct stat st;
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw AdapterError(path + ": not a regular file");
-  }
-  std::vector<uint8_t> out(size_t(st.st_size));
-  size_t got = 0;
-  while (got < out.size()) {
-    const ssize_t k = ::read(fd, out.data() + got, out.size() - got);
-    if (k < 0 && errno == EINTR) continue;
-    if (k <= 0) {
-      const std::string why = k < 0 ? os_reason() : "the file shrank while being read";
-      ::close(fd);
-      throw AdapterError(path + ": cannot read (" + why + ")");
+namespace {
+
+std::string file_kind(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISCHR(m)) return "a character device";
+  if (S_ISBLK(m)) return "a block device";
+  if (S_ISSOCK(m)) return "a socket";
+  return "not a plain file";
+}
+
+// An open descriptor of the regular file at `path` (a symlink to one is fine: model caches use
+// them), with its stat in `st`. The type is checked before opening, since opening a FIFO waits for
+// a writer and a device reads without end; O_NONBLOCK and the second check (same file, still
+// regular) cover a swap between the two calls.
+class RegularFile {
+ public:
+  RegularFile(const std::string& path) : path_(path) {
+    struct stat before;
+    if (::stat(path.c_str(), &before) != 0) throw AdapterError(path + ": cannot open (" + os_reason() + ")");
+    if (!S_ISREG(before.st_mode)) throw AdapterError(path + ": not a regular file (" + file_kind(before.st_mode) + ")");
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd_ < 0) throw AdapterError(path + ": cannot open (" + os_reason() + ")");
+    if (::fstat(fd_, &st_) != 0 || !S_ISREG(st_.st_mode) || st_.st_dev != before.st_dev || st_.st_ino != before.st_ino) {
+      ::close(fd_);
+      throw AdapterError(path + ": not a regular file (replaced while being opened)");
     }
-    got += size_t(k);
   }
-  ::close(fd);
+  RegularFile(const RegularFile&) = delete;
+  RegularFile& operator=(const RegularFile&) = delete;
+  ~RegularFile() { ::close(fd_); }
+  uint64_t size() const { return uint64_t(st_.st_size); }
+
+  // Reads `n` bytes from the current position into `dst`.
+  void read(uint8_t* dst, uint64_t n) {
+    uint64_t got = 0;
+    while (got < n) {
+      const ssize_t k = ::read(fd_, dst + got, size_t(std::min<uint64_t>(n - got, uint64_t(1) << 30)));
+      if (k < 0 && errno == EINTR) continue;
+      if (k <= 0) throw AdapterError(path_ + ": cannot read (" + (k < 0 ? os_reason() : "the file shrank while being read") + ")");
+      got += uint64_t(k);
+    }
+  }
+
+  // A buffer of `n` bytes, or AdapterError when memory runs out (a file may be larger than memory).
+  std::vector<uint8_t> buffer(uint64_t n) const {
+    try {
+      if (n > std::numeric_limits<size_t>::max()) throw std::bad_alloc();
+      return std::vector<uint8_t>(size_t(n));
+    } catch (const std::bad_alloc&) {
+      throw AdapterError(path_ + ": cannot hold its " + std::to_string(n) + " bytes in memory");
+    } catch (const std::length_error&) {
+      throw AdapterError(path_ + ": cannot hold its " + std::to_string(n) + " bytes in memory");
+    }
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  struct stat st_;
+};
+
+}  // namespace
+
+std::vector<uint8_t> read_file_bytes(const std::string& path, uint64_t max_bytes) {
+  RegularFile f(path);
+  if (f.size() > max_bytes)
+    throw AdapterError(path + ": " + std::to_string(f.size()) + " bytes, more than the " + std::to_string(max_bytes) +
+                       " expected");
+  std::vector<uint8_t> out = f.buffer(f.size());
+  f.read(out.data(), out.size());
   return out;
 }
+
+std::vector<uint8_t> read_safetensors_file(const std::string& path) {
+  RegularFile f(path);
+  const uint64_t size = f.size();
+  if (size >= 8) {
+    // The header first: the file's size must be what the header describes before the whole is read.
+    uint8_t prefix[8];
+    f.read(prefix, 8);
+    const uint64_t n = header_length(prefix);
+    std::vector<uint8_t> head;
+    if (n <= kMaxHeaderBytes && n <= size - 8) {
+      head = f.buffer(8 + n);
+      std::memcpy(head.data(), prefix, 8);
+      f.read(head.data() + 8, n);
+    } else {
+      head.assign(prefix, prefix + 8);
+    }
+    parse_layout(head.data(), head.size(), size, path);  // throws unless size == 8 + n + the data described
+    std::vector<uint8_t> out = f.buffer(size);
+    std::memcpy(out.data(), head.data(), head.size());
+    f.read(out.data() + head.size(), size - head.size());
+    return out;
+  }
+  std::vector<uint8_t> out(size_t(size), 0);
+  f.read(out.data(), size);
+  return out;
+}
+
+namespace {
+
+bool all_of_chars(const std::string& s, size_t from, size_t to, bool (*ok)(char)) {
+  for (size_t i = from; i < to; ++i)
+    if (!ok(s[i])) return false;
+  return true;
+}
+
+bool temp_char(char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'; }
+bool digit(char c) { return c >= '0' && c <= '9'; }
+
+// For a directory entry `entry`: 1 when it is a temporary of target `name` in the locked naming
+// (`.<name>.<pid>-<8 chars>.tmp`, its pid in `pid`), 2 in the older unlocked one (`.<name>.<8
+// chars>.tmp`), 0 when it is neither (python/loldu/atomic.py `_temp_patterns`).
+int temp_match(const std::string& entry, const std::string& name, std::string& pid) {
+  const std::string head = "." + name + ".", tail = ".tmp";
+  if (entry.size() < head.size() + 8 + tail.size() || entry.compare(0, head.size(), head) != 0 ||
+      entry.compare(entry.size() - tail.size(), tail.size(), tail) != 0)
+    return 0;
+  const size_t b = head.size(), e = entry.size() - tail.size();  // the middle: "<pid>-<8>" or "<8>"
+  if (!all_of_chars(entry, e - 8, e, temp_char)) return 0;
+  if (e - b == 8) return 2;
+  if (e - b < 10 || entry[e - 9] != '-' || !all_of_chars(entry, b, e - 9, digit)) return 0;
+  pid = entry.substr(b, e - 9 - b);
+  return 1;
+}
+
+bool pid_alive(const std::string& digits) {
+  if (digits.size() > 9) return true;  // no pid this large: not ours to judge, as Python's OverflowError
+  const long pid = std::stol(digits);
+  if (pid == long(::getpid())) return true;
+  return ::kill(pid_t(pid), 0) == 0 || errno != ESRCH;
+}
+
+// Removes the temporaries of `dir`/`name` that killed writers left, by python/loldu/atomic.py's
+// rule (clean_stale_temps), so either language cleans what the other's dead writers left: a file no
+// process holds flocked (its writer is gone: the kernel drops a dead process's lock) and non-empty,
+// or empty with its writer's pid dead or older than 10 s (a live writer may be between creating and
+// locking it); without flock, and for the unlocked older naming, only files older than an hour.
+// Best effort: a file that cannot be examined stays.
+void clean_stale_temps(const std::string& dir, const std::string& name) {
+  constexpr double kStaleEmptySeconds = 10.0, kStaleUnlockedSeconds = 3600.0;
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return;
+  std::vector<std::pair<std::string, std::string>> found;  // (entry, pid)
+  while (const dirent* e = ::readdir(d)) {
+    std::string pid;
+    const int kind = temp_match(e->d_name, name, pid);
+    if (kind) found.emplace_back(e->d_name, kind == 1 ? pid : "");
+  }
+  ::closedir(d);
+  for (const auto& f : found) {
+    const std::string p = dir + "/" + f.first;
+    const int fd = ::open(p.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) continue;
+    struct stat st, now;
+    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+      const double age = double(::time(nullptr) - st.st_mtime);
+      int locked = -1;  // -1: no lock to test (older naming, or no flock here)
+      if (!f.second.empty()) {
+        if (::flock(fd, LOCK_EX | LOCK_NB) == 0) locked = 1;
+        else if (errno == EWOULDBLOCK || errno == EAGAIN || errno == EACCES) locked = 0;
+      }
+      const bool stale = locked == 0   ? false
+                         : locked < 0 ? age > kStaleUnlockedSeconds
+                                      : st.st_size > 0 || age > kStaleEmptySeconds || !pid_alive(f.second);
+      if (stale && ::lstat(p.c_str(), &now) == 0 && now.st_dev == st.st_dev && now.st_ino == st.st_ino)
+        ::unlink(p.c_str());  // still the file examined
+    }
+    ::close(fd);
+  }
+}
+
+// SIGXFSZ ignored while alive: past a file size limit (ulimit -f) write() then fails with EFBIG,
+// which the writer reports and cleans up after, instead of the signal killing the process with
+// its temporary left behind. The disposition is process-wide; it is restored on exit.
+class IgnoreSigxfsz {
+ public:
+  IgnoreSigxfsz() {
+    struct sigaction ign;
+    std::memset(&ign, 0, sizeof ign);
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    ok_ = ::sigaction(SIGXFSZ, &ign, &old_) == 0;
+  }
+  ~IgnoreSigxfsz() {
+    if (ok_) ::sigaction(SIGXFSZ, &old_, nullptr);
+  }
+
+ private:
+  struct sigaction old_;
+  bool ok_ = false;
+};
+
+}  // namespace
 
 void write_file_atomic(const std::string& path, const std::vector<uint8_t>& bytes) {
   const size_t slash = path.rfind('/');
@@ -231,9 +436,9 @@ void write_file_atomic(const std::string& path, const std::vector<uint8_t>& byte
   struct stat st;
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
     throw AdapterError(path + ": a directory is in the way of the file; nothing was written");
-  // `.<name>.<pid>-<8 chars>.tmp`, flocked while written: the temporary-file convention of
-  // python/loldu/adapter_io.py, so that Python's next save to this directory removes what a killed
-  // C++ writer left (this side removes only its own temporary, on failure, and never cleans others').
+  clean_stale_temps(dir, name);
+  // `.<name>.<pid>-<8 chars>.tmp`, flocked while written: python/loldu/atomic.py's convention, so
+  // either language's next write to this target removes what a killed writer of the other left.
   std::random_device rd;
   std::string tmp;
   int fd = -1;
@@ -246,23 +451,36 @@ void write_file_atomic(const std::string& path, const std::vector<uint8_t>& byte
     if (fd < 0 && errno != EEXIST) break;
   }
   if (fd < 0) throw AdapterError(path + ": cannot create a temporary file in " + dir + " (" + os_reason() + ")");
-  ::flock(fd, LOCK_EX);
+  ::flock(fd, LOCK_EX);  // blocking: a cleaner examining the new, empty file holds it for a moment only
+  // The temporary goes on every path out but the rename (unlinked before closing: it stays locked
+  // until it is gone).
+  struct Temporary {
+    const std::string& path;
+    int fd;
+    bool renamed = false;
+    ~Temporary() {
+      if (!renamed) ::unlink(path.c_str());
+      ::close(fd);
+    }
+  } guard{tmp, fd};
+  const IgnoreSigxfsz no_sigxfsz;
   auto fail = [&](const std::string& what) {
-    const std::string why = os_reason();
-    ::unlink(tmp.c_str());
-    ::close(fd);
-    throw AdapterError(path + ": cannot " + what + " (" + why + "); the file there before, if any, is unchanged");
+    throw AdapterError(path + ": cannot " + what + " (" + os_reason() + "); the file there before, if any, is unchanged");
   };
   size_t done = 0;
   while (done < bytes.size()) {
     const ssize_t k = ::write(fd, bytes.data() + done, bytes.size() - done);
     if (k < 0 && errno == EINTR) continue;
-    if (k <= 0) fail("write");
+    if (k < 0) fail("write");
+    if (k == 0) {
+      errno = ENOSPC;
+      fail("write");
+    }
     done += size_t(k);
   }
   if (::fsync(fd) != 0) fail("fsync");
   if (::rename(tmp.c_str(), path.c_str()) != 0) fail("rename the temporary file over it");
-  ::close(fd);
+  guard.renamed = true;
   const int dfd = ::open(dir.c_str(), O_RDONLY | O_CLOEXEC);
   if (dfd >= 0) {
     ::fsync(dfd);

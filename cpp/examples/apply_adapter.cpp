@@ -14,21 +14,55 @@
 //                 MODULE:KIND...
 //       writes a new adapter over the base for the modules given (KIND: linear, conv2d, embedding,
 //       conv1d), with seeded random z and sigma: an adapter written from C++.
-// Exit status: 0 on success, 1 on a refused input (the message names the file and the layer), 2 on
-// bad usage.
+// Exit status: 0 on success, 1 on a refused input (the message names the file and the layer) or any
+// other failure (out of memory included), 2 on bad usage: an unknown flag, or a value out of its
+// range (--swaps 0 to 1e9, --rank 1 to 2^31 - 1, --seed 0 to 2^64 - 1, --alpha a finite number, --name
+// spec::kAdapterNamePattern, as the Python loader requires), with a message naming the flag.
 #include <loldu/loldu.h>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <charconv>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <regex>
 #include <string>
 #include <vector>
 
 namespace {
+
+// A flag's value that does not parse or is out of range: exit 2 with this message.
+struct BadValue {
+  std::string message;
+};
+
+// `text` as an integer in [lo, hi], whole (no sign where lo >= 0, no trailing characters).
+template <class T>
+T integer_flag(const std::string& flag, const std::string& text, T lo, T hi) {
+  T v{};
+  const char* end = text.data() + text.size();
+  const auto res = std::from_chars(text.data(), end, v);
+  if (res.ec != std::errc() || res.ptr != end || v < lo || v > hi)
+    throw BadValue{flag + " must be an integer from " + std::to_string(lo) + " to " + std::to_string(hi) + ", got '" +
+                   text + "'"};
+  return v;
+}
+
+double finite_flag(const std::string& flag, const std::string& text) {
+  char* end = nullptr;
+  errno = 0;
+  const double v = text.empty() ? 0.0 : std::strtod(text.c_str(), &end);
+  if (text.empty() || end != text.c_str() + text.size() || !std::isfinite(v) || errno == ERANGE)
+    throw BadValue{flag + " must be a finite number, got '" + text + "'"};
+  return v;
+}
 
 int usage() {
   std::fprintf(stderr,
@@ -143,10 +177,16 @@ int create(const std::vector<std::string>& args) {
   std::vector<std::pair<std::string, std::string>> targets;
   for (size_t i = 2; i < args.size(); ++i) {
     const bool has_value = i + 1 < args.size();
-    if (args[i] == "--rank" && has_value) config.rank = std::stoll(args[++i]);
-    else if (args[i] == "--alpha" && has_value) config.alpha = std::stod(args[++i]);
-    else if (args[i] == "--seed" && has_value) seed = std::stoull(args[++i]);
-    else if (args[i] == "--name" && has_value) name = args[++i];
+    if (args[i] == "--rank" && has_value) config.rank = integer_flag<int64_t>("--rank", args[++i], 1, INT32_MAX);
+    else if (args[i] == "--alpha" && has_value) config.alpha = finite_flag("--alpha", args[++i]);
+    else if (args[i] == "--seed" && has_value)
+      seed = integer_flag<uint64_t>("--seed", args[++i], 0, std::numeric_limits<uint64_t>::max());
+    else if (args[i] == "--name" && has_value) {
+      name = args[++i];
+      if (!std::regex_match(name, std::regex(loldu::spec::kAdapterNamePattern)))
+        throw BadValue{"--name must match " + std::string(loldu::spec::kAdapterNamePattern) +
+                       " (letters, digits, _ and -, as the Python loader requires), got '" + name + "'"};
+    }
     else if (args[i].find(':') != std::string::npos && args[i][0] != '-')
       targets.emplace_back(args[i].substr(0, args[i].rfind(':')), args[i].substr(args[i].rfind(':') + 1));
     else return usage();
@@ -158,8 +198,9 @@ int create(const std::vector<std::string>& args) {
   at::Generator gen = at::detail::createCPUGenerator(seed);
   const at::Tensor ez = at::randn({int64_t(a.z.size())}, gen, at::kFloat);
   const at::Tensor es = at::randn({int64_t(a.sigma.size())}, gen, at::kFloat);
-  for (size_t i = 0; i < a.z.size(); ++i) a.z[i] *= 1.0f + 0.3f * ez[int64_t(i)].item<float>();
-  for (size_t i = 0; i < a.sigma.size(); ++i) a.sigma[i] *= 1.0f + 0.2f * es[int64_t(i)].item<float>();
+  // Rounded to float: the values the file (z and sigma F32) holds.
+  for (size_t i = 0; i < a.z.size(); ++i) a.z[i] = float(a.z[i] * (1.0f + 0.3f * ez[int64_t(i)].item<float>()));
+  for (size_t i = 0; i < a.sigma.size(); ++i) a.sigma[i] = float(a.sigma[i] * (1.0f + 0.2f * es[int64_t(i)].item<float>()));
   loldu::save_adapter(out, a);
   std::printf("wrote adapter '%s' (%zu layers, rank %lld) to %s\n", name.c_str(), a.layers.size(),
               static_cast<long long>(a.rank()), out.c_str());
@@ -176,7 +217,7 @@ int main(int argc, char** argv) {
       long swaps = 1000;
       bool subtract = false;
       for (size_t i = 4; i < args.size(); ++i) {
-        if (args[i] == "--swaps" && i + 1 < args.size()) swaps = std::stol(args[++i]);
+        if (args[i] == "--swaps" && i + 1 < args.size()) swaps = integer_flag<long>("--swaps", args[++i], 0, 1000000000L);
         else if (args[i] == "--subtract") subtract = true;
         else return usage();
       }
@@ -191,7 +232,11 @@ int main(int argc, char** argv) {
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "apply_adapter: %s\n", e.what_without_backtrace());
     return 1;
-  } catch (const std::invalid_argument& e) {
-    return usage();
+  } catch (const BadValue& e) {
+    std::fprintf(stderr, "apply_adapter: %s\n", e.message.c_str());
+    return 2;
+  } catch (const std::exception& e) {  // out of memory and the like: a failure, not a crash
+    std::fprintf(stderr, "apply_adapter: %s\n", e.what());
+    return 1;
   }
 }

@@ -57,8 +57,9 @@ loldu::AdapterFile random_adapter(const loldu::WeightMap& w, int64_t rank, uint6
   loldu::AdapterFile a = loldu::make_adapter(w, kTargets, config, name);
   at::manual_seed(seed);
   const at::Tensor e = at::randn({int64_t(a.z.size())});
-  for (size_t i = 0; i < a.z.size(); ++i) a.z[i] *= 1.0f + 0.5f * e[int64_t(i)].item<float>();
-  for (size_t i = 0; i < a.sigma.size(); ++i) a.sigma[i] *= 1.0f + 0.1f * float(i + 1);
+  // Rounded to float: the values an F32 file holds, so a file round trip is exact.
+  for (size_t i = 0; i < a.z.size(); ++i) a.z[i] = float(a.z[i] * (1.0f + 0.5f * e[int64_t(i)].item<float>()));
+  for (size_t i = 0; i < a.sigma.size(); ++i) a.sigma[i] = float(a.sigma[i] * (1.0f + 0.1f * float(i + 1)));
   return a;
 }
 

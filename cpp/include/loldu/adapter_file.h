@@ -5,7 +5,7 @@
 // adapter) and loldu_config.json (adapter_config.json in format 2): a byte-identical readable copy
 // of its config text, not needed to read it. The safetensors metadata holds "loldu_format"
 // ("loldu-adapter/<version>"), "loldu_config" (the config JSON text) and "loldu_config_sha256"
-// (sha256 of that text); the tensors are z (L, r) F32, sigma (L,) F32, pivots (L, r) I32,
+// (sha256 of that text); the tensors are z (L, r) and sigma (L,), both F32 or both F64, pivots (L, r) I32,
 // fingerprint (L, 32) U8 and, from version 3, "saved.<module>.<tensor>" for each tensor of each
 // saved module (modules_to_save), in its own dtype. The config text is {"format": "loldu-adapter",
 // "format_version", "adapter_name", "model_class" (optional), "config": {LoLDUConfig}, "data_sha256",
@@ -15,8 +15,9 @@
 // The reader accepts what the Python reader accepts and refuses what it refuses, with an
 // AdapterError naming the file and the field: every hash (config, tensor data) is checked, every
 // tensor's dtype and shape, the config's values (the keys, types and enums of adapter_spec.json;
-// task_type in any case, as Python's str.upper() matches it), z and sigma finite, and each layer's
-// pivots r distinct rows in [0, d). The one check left to Python: that a str target_modules is a
+// task_type in any case, as Python's str.upper() matches it), z and sigma finite, the term of c
+// that needs no base weight (sigma z, or (sigma / sigma0) z for the relative form) finite and within
+// spec::kCAbsMax (adapter_spec.json's c_check), and each layer's pivots r distinct rows in [0, d). The one check left to Python: that a str target_modules is a
 // valid Python regular expression (C++ has no Python regex engine).
 #pragma once
 
@@ -89,8 +90,11 @@ struct AdapterFile {
   std::string model_class;  // the Python model's class name, when recorded ("" otherwise)
   AdapterConfig config;
   std::vector<AdapterLayer> layers;  // L layers, in file order
-  std::vector<float> z;              // (L, r) row-major
-  std::vector<float> sigma;          // (L,)
+  // z and sigma as stored in z_dtype, "F32" (layers trained in fp32 or lower) or "F64" (layers
+  // trained in fp64); the writer stores them in z_dtype, rounding to float for "F32".
+  std::string z_dtype = spec::kTensors[0].dtype;
+  std::vector<double> z;             // (L, r) row-major
+  std::vector<double> sigma;         // (L,)
   std::vector<int32_t> pivots;       // (L, r) row-major
   std::vector<std::array<uint8_t, 32>> fingerprints;  // (L,): sha256 of what the factorization reads
   std::vector<SavedModule> saved_modules;
@@ -101,6 +105,11 @@ struct AdapterFile {
   int64_t rank() const { return config.rank; }
   size_t num_layers() const { return layers.size(); }
 };
+
+// The reader's checks of z and sigma (finite; the term of c without D within spec::kCAbsMax), also
+// run by the writer and by merge on an AdapterFile built in C++. Throws AdapterError naming `where`
+// and the layer.
+void check_coefficient_inputs(const AdapterFile& adapter, const std::string& where);
 
 // Parses adapter_model.safetensors given as bytes; `where` names it in errors. Fully checked.
 AdapterFile parse_adapter(const uint8_t* bytes, size_t size, const std::string& where);

@@ -54,10 +54,19 @@ SafetensorsFile parse_safetensors(const uint8_t* bytes, size_t size, const std::
 std::vector<uint8_t> serialize_safetensors(const std::map<std::string, SafetensorsTensor>& tensors,
                                            const std::map<std::string, std::string>& metadata);
 
-// Whole-file helpers; errors (AdapterError) name the path and the OS reason.
-std::vector<uint8_t> read_file_bytes(const std::string& path);
+// Whole-file helpers; errors (AdapterError) name the path and the OS reason. Only regular files
+// (or symlinks to them) are read: a FIFO, device, socket or directory is refused before it is opened.
+// read_file_bytes refuses a file over `max_bytes`; read_safetensors_file reads the header first
+// and refuses a file whose size is not the 8 + header + data bytes its header describes (every
+// parse_safetensors check of the header, with the same messages) before it allocates the rest.
+std::vector<uint8_t> read_file_bytes(const std::string& path, uint64_t max_bytes = UINT64_MAX);
+std::vector<uint8_t> read_safetensors_file(const std::string& path);
 // Writes to a temporary file in the same directory, fsyncs it and renames it over `path`, so a
-// crash leaves the old file or the new one; the temporary is removed on failure.
+// crash leaves the old file or the new one. The temporary (`.<name>.<pid>-<8 chars>.tmp`, flocked
+// while written) is removed on every error, a file size limit (ulimit -f) included: SIGXFSZ is
+// ignored while writing, so the write fails with EFBIG instead of the signal killing the process.
+// Temporaries that killed writers left (of either language: python/loldu/atomic.py names and
+// locks them alike) are removed first, by that module's rule; a live writer's never are.
 void write_file_atomic(const std::string& path, const std::vector<uint8_t>& bytes);
 
 }  // namespace loldu

@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
   config.rank = 4;
   config.alpha = 2.0;
   loldu::AdapterFile made = loldu::make_adapter(weights, {{"fc", "linear"}}, config, "consumer");
-  for (size_t i = 0; i < made.z.size(); ++i) made.z[i] += 0.25f * float(i + 1);
+  for (size_t i = 0; i < made.z.size(); ++i) made.z[i] = float(made.z[i] + 0.25 * double(i + 1));  // F32 in the file
   made.sigma[0] = 0.75f;
   loldu::save_adapter(argv[1], made);
   const loldu::AdapterFile a = loldu::read_adapter(argv[1]);
