@@ -340,3 +340,63 @@ def test_task_model_adapter_into_bare_weights_names_the_prefix(app, tmp_path):
     res = run(app, tmp_path / "bare.safetensors", tmp_path / "adapter", tmp_path / "out.safetensors", ok=False)
     assert res.returncode == 1 and "prefix 'body.'" in res.stderr, res.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_app_refuses_special_and_oversized_files_without_waiting(app, tmp_path):
+    """A FIFO (as the adapter or the base) and /dev/zero are refused by their type, before they are
+    opened; a sparse 12 GB adapter by its header, before it is read (each under a timeout: a hang fails)."""
+    base = Net()
+    save_base(base, tmp_path / "base.safetensors")
+    run(app, "--create", tmp_path / "base.safetensors", tmp_path / "good", "--rank", 2, "fc1:linear")
+    fifo, zero, big = tmp_path / "fifo", tmp_path / "zero", tmp_path / "big"
+    for d in (fifo, zero, big):
+        d.mkdir()
+    os.mkfifo(fifo / WEIGHTS_NAME)
+    os.symlink("/dev/zero", zero / WEIGHTS_NAME)
+    shutil.copy(tmp_path / "good" / WEIGHTS_NAME, big / WEIGHTS_NAME)
+    os.truncate(big / WEIGHTS_NAME, 12 << 30)
+    for d, why in ((fifo, "not a regular file (a FIFO)"), (zero, "not a regular file (a character device)"),
+                   (big, "trailing bytes")):
+        res = subprocess.run([str(app), "--check", str(d)], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and why in res.stdout, res.stdout + res.stderr
+    os.mkfifo(tmp_path / "base.fifo")
+    res = subprocess.run([str(app), str(tmp_path / "base.fifo"), str(tmp_path / "good"), str(tmp_path / "out.safetensors")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "base.fifo: not a regular file (a FIFO)" in res.stderr
+
+
+def test_app_file_size_limit_fails_cleanly(app, tmp_path):
+    """Under ulimit -f the merge fails with exit 1 (not SIGXFSZ) and leaves no temporary behind."""
+    import resource
+
+    base = Net()
+    save_base(base, tmp_path / "base.safetensors")
+    run(app, "--create", tmp_path / "base.safetensors", tmp_path / "a", "--rank", 2, "fc1:linear")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # the merged file is about 4 KB
+
+    res = subprocess.run([str(app), str(tmp_path / "base.safetensors"), str(tmp_path / "a"), str(out / "m.safetensors")],
+                         capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert res.returncode == 1 and "File too large" in res.stderr, res.stderr
+    assert os.listdir(out) == []
+
+
+def test_app_numbers_and_names_out_of_range_are_usage_errors(app, tmp_path):
+    base = Net()
+    save_base(base, tmp_path / "base.safetensors")
+    b = tmp_path / "base.safetensors"
+    run(app, "--create", b, tmp_path / "a", "--rank", 2, "fc1:linear")
+    cases = [
+        (["--swap", b, tmp_path / "a", tmp_path / "a", "--swaps", "-5"], "--swaps must be an integer from 0"),
+        (["--create", b, tmp_path / "x", "--rank", "99999999999999999999", "fc1:linear"], "--rank must be an integer"),
+        (["--create", b, tmp_path / "x", "--rank", "2", "--seed", "-1", "fc1:linear"], "--seed must be an integer"),
+        (["--create", b, tmp_path / "x", "--rank", "2", "--alpha", "nan", "fc1:linear"], "got 'nan'"),
+        (["--create", b, tmp_path / "x", "--rank", "2", "--name", "../../x", "fc1:linear"], "--name must match"),
+    ]
+    for args, why in cases:
+        res = run(app, *args, ok=False)
+        assert res.returncode == 2 and why in res.stderr, (args, res.returncode, res.stderr)
+    assert not (tmp_path / "x").exists()

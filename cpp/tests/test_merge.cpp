@@ -325,6 +325,69 @@ void test_coefficients_match_the_spec() {
   }
 }
 
+// adapter_spec.json's c_check at merge, the rank against the layer, z and sigma in F64; every refusal
+// leaves the weights as they were.
+void test_merge_bounds() {
+  at::manual_seed(31);
+  // c past the bound although sigma z is in it: z = 0 leaves c = -sigma0 D, with D ~ 1e31.
+  loldu::WeightMap w = {{"fc.weight", at::randn({24, 16}) * 1e31}};
+  loldu::AdapterConfig config;
+  config.rank = 2;
+  config.alpha = 3.0;
+  loldu::AdapterFile a = loldu::make_adapter(w, {{"fc", "linear"}}, config, "big");
+  std::fill(a.z.begin(), a.z.end(), 0.0);
+  const at::Tensor before = w["fc.weight"].clone();
+  std::string msg = loldu_test::error_of([&] { loldu::merge_adapter(w, a); });
+  LOLDU_CHECK(msg.find("layer 'fc': its coefficients c") != std::string::npos && msg.find("exceed the bound 1e+30") != std::string::npos);
+  LOLDU_CHECK(w["fc.weight"].equal(before));
+  // c in bounds, the merged weight not: fp16 weights under a delta of ~1e5.
+  loldu::WeightMap h = {{"fc.weight", at::randn({24, 16}).to(at::kHalf)}};
+  loldu::AdapterFile b = loldu::make_adapter(h, {{"fc", "linear"}}, config, "wide");
+  for (double& v : b.z) v += 1e5;
+  const at::Tensor hb = h["fc.weight"].clone();
+  msg = loldu_test::error_of([&] { loldu::merge_adapter(h, b); });
+  LOLDU_CHECK(msg.find("layer 'fc': the merged weight holds NaN/Inf in float16") != std::string::npos);
+  LOLDU_CHECK(h["fc.weight"].equal(hb));
+  // z = sigma = 3e38: finite, but sigma z overflows; refused before any computation.
+  loldu::AdapterFile inf = loldu::make_adapter(w, {{"fc", "linear"}}, config, "inf");
+  std::fill(inf.z.begin(), inf.z.end(), 3e38);
+  std::fill(inf.sigma.begin(), inf.sigma.end(), 3e38);
+  msg = loldu_test::error_of([&] { loldu::merge_adapter(w, inf); });
+  LOLDU_CHECK(msg.find("layer 'fc': sigma * z") != std::string::npos);
+
+  // Rank above the smaller side: an AdapterError naming the adapter and the layer, not a torch error.
+  loldu::WeightMap n = {{"fc.weight", at::randn({128, 64})}};
+  config.rank = 100;
+  loldu::AdapterFile wide;
+  wide.adapter_name = "wide";
+  wide.config = config;
+  wide.layers = {{"fc", "linear", 128, 64, "float32"}};
+  wide.z.assign(100, 0.5);
+  wide.sigma = {1.0};
+  for (int32_t i = 0; i < 100; ++i) wide.pivots.push_back(i);
+  wide.fingerprints.resize(1);
+  msg = loldu_test::error_of([&] { loldu::check_adapter(n, wide); });
+  LOLDU_CHECK(msg == "adapter 'wide': layer 'fc': rank 100 exceeds the smaller side of its (128, 64) weight");
+  msg = loldu_test::error_of([&] { loldu::fingerprint(n["fc.weight"], at::arange(100)); });
+  LOLDU_CHECK(msg.find("loldu::fingerprint: 100 pivots exceed the smaller side of W (128, 64)") == 0);
+
+  // F64 z and sigma on fp64 weights: kept exactly through a file, merged as the float64 reference.
+  loldu::WeightMap d = model(at::kDouble);
+  loldu::AdapterFile f = random_adapter(d, 3, 33, "f64");
+  f.z_dtype = "F64";
+  const at::Tensor e = at::randn({int64_t(f.z.size())}, at::kDouble);
+  for (size_t i = 0; i < f.z.size(); ++i) f.z[i] *= 1.0 + 1e-9 * e[int64_t(i)].item<double>();  // beyond float
+  const std::string dir = scratch("f64");
+  loldu::save_adapter(dir, f);
+  const loldu::AdapterFile r = loldu::read_adapter(dir);
+  LOLDU_CHECK(r.z_dtype == "F64" && r.z == f.z && r.sigma == f.sigma);
+  loldu::WeightMap merged = d;
+  for (auto& kv : merged) kv.second = kv.second.clone();
+  loldu::merge_adapter(merged, r);
+  const at::Tensor want = reference_merge(d.at("fc.weight"), r, 0);
+  LOLDU_CHECK((merged.at("fc.weight") - want).abs().max().item<double>() < 1e-12 * want.abs().max().item<double>());
+}
+
 }  // namespace
 
 int main() {
@@ -337,5 +400,6 @@ int main() {
   test_refusals_change_nothing();
   test_saved_modules();
   test_files_round_trip();
+  test_merge_bounds();
   return loldu_test::finish("test_merge");
 }
