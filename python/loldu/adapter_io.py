@@ -206,7 +206,8 @@ def _layer_table(state: AdapterState, name: str, what: str) -> Tuple[List[dict],
     entries, z, sigma, piv, fps = [], [], [], [], []
     for n, layer in state.layers:
         W = layer.base_matrix()
-        entries.append({"name": n, "kind": layer.kind, "shape": list(W.shape), "dtype": str(W.dtype).replace("torch.", "")})
+        dtype = str(layer.store.base_dtype(layer)).replace("torch.", "")  # W0's, also where a store keeps W0 as its LU
+        entries.append({"name": n, "kind": layer.kind, "shape": list(W.shape), "dtype": dtype})
         z.append(layer.loldu_z[name].detach().cpu())
         sigma.append(layer.loldu_sigma[name].detach().cpu().reshape(()))
         if not (torch.isfinite(z[-1]).all() and torch.isfinite(sigma[-1])):
@@ -216,7 +217,7 @@ def _layer_table(state: AdapterState, name: str, what: str) -> Tuple[List[dict],
         if why is not None:
             raise AdapterError(f"{what}: layer '{n}': adapter {name!r}: {why}; nothing was written")
         piv.append(layer.loldu_pivots.cpu())
-        fps.append(torch.frombuffer(bytearray(fingerprint(W, layer.loldu_pivots)), dtype=torch.uint8))
+        fps.append(torch.frombuffer(bytearray(layer.base_fingerprint()), dtype=torch.uint8))
     wide = torch.float64 if any(t.dtype == torch.float64 for t in z + sigma) else torch.float32
     stacked = {"z": torch.stack([t.to(wide) for t in z]), "sigma": torch.stack([t.to(wide) for t in sigma]),
                "pivots": torch.stack(piv), "fingerprint": torch.stack(fps)}
@@ -413,17 +414,23 @@ def read_adapter(directory) -> AdapterFile:
     return _read(_as_path(directory, "loldu.read_adapter"))
 
 
-def _check_layer(entry: dict, module_name: str, module: nn.Module, kind: str, W: torch.Tensor,
-                 pivots: torch.Tensor, fp: torch.Tensor, where: str) -> None:
+def _check_layer(entry: dict, module_name: str, kind: str, W: torch.Tensor, pivots: torch.Tensor, fp: torch.Tensor,
+                 where: str, layer=None) -> None:
+    """The file's layer entry against the model's module of weight matrix W; `layer`: the LoLDU layer
+    around it when the model is injected, whose store says W0's dtype and fingerprint (an "lu" store
+    keeps the LU in W0's place)."""
+    dtype = W.dtype if layer is None else layer.store.base_dtype(layer)
     if entry["kind"] != kind:
         raise AdapterError(f"{where}: layer '{module_name}' is a {kind} layer in the model but {entry['kind']} in the file")
     if list(W.shape) != entry["shape"]:
         raise AdapterError(f"{where}: layer '{module_name}' has weight {tuple(W.shape)} in the model but "
                            f"{tuple(entry['shape'])} in the file")
-    if str(W.dtype).replace("torch.", "") != entry["dtype"]:
-        raise AdapterError(f"{where}: layer '{module_name}' has weight dtype {W.dtype} in the model but "
+    if str(dtype).replace("torch.", "") != entry["dtype"]:
+        raise AdapterError(f"{where}: layer '{module_name}' has weight dtype {dtype} in the model but "
                            f"{entry['dtype']} in the file")
-    if fingerprint(W, pivots) != bytes(fp.tolist()):
+    now = fingerprint(W, pivots) if layer is None or not torch.equal(pivots, layer.loldu_pivots.cpu()) else (
+        layer.base_fingerprint())
+    if now != bytes(fp.tolist()):
         raise AdapterError(f"{where}: layer '{module_name}': the base weight's fingerprint differs from the one the "
                            "adapter was trained on (a different base model or checkpoint)")
 
@@ -463,9 +470,11 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike, AdapterFil
             f"layer '{missing[0]}' is in the adapter but the model has no such targeted layer "
             f"({len(missing)} missing){_class_hint(missing, model, header)}"), lambda extra: (
             f"layer '{extra[0]}' is targeted in the model but absent from the adapter ({len(extra)} extra)"))
+        injected = {id(layer.base_layer): layer for _, layer in AdapterState.of(model).layers}
         for n, module, kind in targets:
             i, e = entries[n]
-            _check_layer(e, n, module, kind, weight_matrix(module), pivots[n], tensors["fingerprint"][i], where)
+            _check_layer(e, n, kind, weight_matrix(module), pivots[n], tensors["fingerprint"][i], where,
+                         injected.get(id(module)))
 
     def check_saved(found) -> None:
         """The modules trained beside the adapter must be the file's saved modules."""

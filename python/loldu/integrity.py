@@ -52,10 +52,8 @@ def _reads_now(layer) -> Tuple[tuple, torch.Tensor, torch.Tensor]:
 
 
 def _source_now(layer) -> Optional[bytes]:
-    """The fingerprint of what the factorization reads of the layer's base weight now; None (not
-    checked) on meta, or while the layer's factor store keeps its own form of W0 in the weight."""
-    if getattr(layer.store, "owns_weight", False):
-        return None
+    """The fingerprint of what the factorization reads of the layer's base matrix (as its store serves
+    it: for a store that keeps its own form of W0 in the weight, that form) now; None on meta."""
     shape, cols, rows = _reads_now(layer)
     return None if cols.is_meta or rows.is_meta else fingerprint_reads(shape, cols, rows)
 
@@ -88,7 +86,8 @@ def c_terms_refusal(z: torch.Tensor, sigma, sigma0: float, parametrization: str)
     that does not involve D (paper: sigma z_i; relative: (sigma / sigma0) z_i) must be finite and
     at most C_ABS_MAX in magnitude. sigma0 is the config's initial scale rounded to fp32."""
     z64 = z.detach().to("cpu", torch.float64).reshape(-1)
-    s = torch.as_tensor(sigma).detach().to("cpu", torch.float64).reshape(())
+    s = (sigma.detach().to("cpu", torch.float64).reshape(()) if isinstance(sigma, torch.Tensor)
+         else torch.tensor(float(sigma), dtype=torch.float64))
     if parametrization == "relative":
         s = s / float(torch.tensor(sigma0, dtype=torch.float32))
         term = "(sigma / sigma0) * z"
@@ -106,6 +105,7 @@ def c_terms_refusal(z: torch.Tensor, sigma, sigma0: float, parametrization: str)
 
 def c_refusal(c: torch.Tensor) -> Optional[str]:
     """Why coefficients c (as the layer computes them, in its working dtype) break the c bound, or None."""
+    c = c.detach()
     bad = (~torch.isfinite(c)) | (c.abs() > C_ABS_MAX)
     if not bool(bad.any()):
         return None

@@ -320,33 +320,32 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
         why = _merge_refusal(layer, name)
         if why is not None:
             raise AdapterError(f"loldu.merge: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}): {why}")
+    for n, layer in layers:
+        if not _merges_finite(layer, name):
+            raise AdapterError(f"loldu.merge: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}): adapter "
+                               f"{name!r}: the merged weight W0 + ΔW would hold NaN/Inf (it overflows "
+                               f"{layer.base_layer.weight.dtype}); nothing was merged, the model is unchanged")
     done: List[LoLDULayer] = []
     for n, layer in layers:
         try:
-            _merge_finite(layer, name)
+            layer.merge(name)
         except Exception as e:
             for merged in reversed(done):
                 merged.unmerge()
-            why = str(e) if isinstance(e, AdapterError) else (f"cannot write the merged weight ({type(e).__name__}: "
-                                                              f"{' '.join(str(e).split())})")
-            raise AdapterError(f"loldu.merge: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}): {why}; the "
+            raise AdapterError(f"loldu.merge: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}): cannot "
+                               f"write the merged weight ({type(e).__name__}: {' '.join(str(e).split())}); the "
                                f"{len(done)} layer(s) merged before it were unmerged again") from e
         done.append(layer)
     return model
 
 
-def _merge_finite(layer: LoLDULayer, name: str) -> None:
-    """layer.merge(name), undone exactly (its weight as before) when a merged weight element is not
-    finite (the adapter spec's c_check: W0 + ΔW overflowed the weight's dtype)."""
+@torch.no_grad()
+def _merges_finite(layer: LoLDULayer, name: str) -> bool:
+    """Whether merging adapter `name` leaves every element of the layer's weight finite (the adapter
+    spec's c_check at merge), computed as LoLDULayer.merge computes it, before anything is written."""
     w = layer.base_layer.weight
-    before = w.detach().clone()
-    layer.merge(name)
-    if not bool(torch.isfinite(w).all()):
-        layer.unmerge()
-        with torch.no_grad():
-            w.copy_(before)
-        raise AdapterError(f"adapter {name!r}: the merged weight W0 + ΔW holds NaN/Inf (it overflows "
-                           f"{w.dtype}); the weight is unchanged")
+    delta = layer.store.delta(layer, layer.coefficients(name), layer.factor_reads())
+    return bool(torch.isfinite((layer.base_matrix().to(delta.dtype) + delta).to(w.dtype)).all())
 
 
 def _require_unmergeable(layers: Sequence[Tuple[str, LoLDULayer]], what: str) -> None:
@@ -379,6 +378,7 @@ def _strip(model: nn.Module, keep_heads: bool = False) -> nn.Module:
     state = AdapterState.of(root)
     for name, layer in state.layers:
         parent, _, attr = name.rpartition(".")
+        layer.restore_base()  # W0 back in the weight where the factor store kept its own form there
         setattr(root.get_submodule(parent), attr, layer.base_layer)
     for name, m in state.saved:
         parent, _, attr = name.rpartition(".")
