@@ -244,6 +244,8 @@ def test_factor_bytes_table_values():
     assert factor_bytes(768, 768, 16, "cur") == 16 * 16 * 4 + 16 * 4 + 16 * 8
     assert factor_bytes(768, 3072, 64, "reference") == (768 * 768 + 768 * 64 + 64 * 3072) * 4 + 64 * 4
     assert factor_bytes(4096, 4096, 4096, "cur") < 0.51 * factor_bytes(4096, 4096, 4096, "full")
+    # lu (full rank): the LU takes W0's place; perm (d,) and the pivots int64 + D fp32 beside it.
+    assert factor_bytes(3072, 768, 768, "lu") == 8 * (3072 + 768) + 768 * 4
     with pytest.raises(AdapterError, match="storage must be"):
         factor_bytes(8, 8, 2, "sparse")
     with pytest.raises(AdapterError, match="rank 9 out of range"):

@@ -74,7 +74,9 @@ class LoLDUConfig:
         rank-r branch), "dense" (W = W0 + PL diag(c) U built once per call), or "auto" (the cheaper
         of the two for each call's shape, by the documented cost model). Same outputs and gradients.
     factor_storage: "full" keeps the frozen factors PL (d, r) and U (r, k); "cur" keeps only the two
-        r x r triangles and reads the rest from W0 itself (r^2 numbers instead of r (d + k)).
+        r x r triangles and reads the rest from W0 itself (r^2 numbers instead of r (d + k)); "lu"
+        (rank = min(d, k) of every target, nn.Linear and Conv1D only) keeps the packed LU of W0 in
+        place of W0: the memory and flops of the frozen layer (docs/storage.md).
     modules_to_save: modules (names or suffixes, as target_modules' list form) trained fully and
         stored whole in the adapter file: a task head such as a fresh `classifier`.
     task_type: PEFT's task names; "SEQ_CLS", "TOKEN_CLS" and "QUESTION_ANS" add the usual head

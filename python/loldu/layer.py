@@ -10,8 +10,9 @@ factor store (loldu.stores: which frozen factors it keeps and the branch compute
 one precision policy (loldu.precision: the dtypes the branch runs in). This module keeps the
 bookkeeping: adapters, coefficients, merge and unmerge, forward routing, and load_state_dict.
 
-The base module is kept untouched as `base_layer` (delta form), so disabling, several adapters and
-unloading cost nothing. The frozen factors are non-persistent buffers (stores.FACTOR_KEYS, loldu_D,
+The base module is kept as `base_layer` (delta form), so disabling, several adapters and unloading
+cost nothing; only an "lu" store replaces its weight's data, by the packed LU of W0 (restore_base
+gives W0 back, within the LU's rounding). The frozen factors are non-persistent buffers (stores.FACTOR_KEYS, loldu_D,
 loldu_pivots): they are re-derived from W0, so they stay out of `state_dict()` (which then holds
 only the base weights and every adapter's z and sigma) but still follow `.to()` and DDP's buffer
 broadcast. All adapters of one layer share them; each adapter adds r + 1 numbers.
@@ -101,7 +102,8 @@ class LoLDULayer(nn.Module):
     """Base of the wrappers; a subclass names its kind (a key of KINDS).
 
     `store` (loldu.stores) keeps the frozen factors as buffers of this module: loldu_PL (d, r) and
-    loldu_U (r, k) ("full"), or loldu_LU11 (r, r), the unit triangles L11 and U11 packed ("cur"), in
+    loldu_U (r, k) ("full"), or loldu_LU11 (r, r), the unit triangles L11 and U11 packed ("cur"), or
+    at full rank the packed LU in the base weight itself and loldu_perm (d,) ("lu"), in
     the config's factor dtype, or fp32 where that dtype cannot hold them (`holds`); loldu_D (r,) and
     the pivots (r,) int64 as the factorization returned them (fp32, or fp64 for fp64 weights). The
     storage is the first adapter's factor_storage (every adapter of a layer shares its factors, so
