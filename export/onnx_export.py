@@ -63,11 +63,14 @@ def output_path_problem(path: Path) -> Optional[str]:
     """Why an ONNX file cannot be written at `path` (checked before any work), or None."""
     if path.suffix != ".onnx":
         return "must end in .onnx"
-    if path.is_dir():
-        return "is a directory"
-    if not path.parent.is_dir():
-        return f"cannot be written: directory {str(path.parent)!r} " + (
-            "is not a directory" if path.parent.exists() else "does not exist")
+    try:
+        if path.is_dir():
+            return "is a directory"
+        if not path.parent.is_dir():
+            return f"cannot be written: directory {str(path.parent)!r} " + (
+                "is not a directory" if path.parent.exists() else "does not exist")
+    except OSError as e:  # a name longer than the file system allows (ENAMETOOLONG), a loop of links
+        return f"cannot be written ({type(e).__name__}: {e.strerror or e})"
     return None
 
 

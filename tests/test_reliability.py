@@ -485,6 +485,9 @@ def test_to_onnx_writes_a_250_byte_name(tmp_path):
     out = tmp_path / ("m" * 245 + ".onnx")
     rep = lx.to_onnx(model, inputs(), out, provider="cpu")
     assert Path(rep.path).is_file() and sorted(os.listdir(tmp_path)) == [out.name]
+    with pytest.raises(loldu.ExportError, match="x" * 300 + ".*File name too long"):
+        lx.to_onnx(model, inputs(), tmp_path / ("x" * 300 + ".onnx"), provider="cpu")
+    assert_one_line_error(cli("inspect", tmp_path / ("x" * 300)), "File name too long")
 
 
 # -- 8. adapter_ids and seq-first models --------------------------------------------------------------

@@ -7,6 +7,8 @@ the base weights and the stored pivots, after checking the fingerprint.
 Format 2: adapter_model.safetensors alone is the whole adapter. Its tensors (the tensor table of
 loldu/adapter_spec.json, which the checks read), one row per layer in the order of the config's `layers`:
     z (L, r) fp32 | sigma (L,) fp32 | pivots (L, r) int32 | fingerprint (L, 32) uint8 (sha256)
+(z and sigma in fp64, both, when the layers trained them in fp64; every c_i they give must be
+finite and within the spec's c_abs_max, checked at save and at load).
 Its metadata: `loldu_format` ("loldu-adapter/2"), `loldu_config` (the config JSON text: adapter
 name, LoLDUConfig, per layer name/kind/shape/dtype, and the sha256 of the tensor data) and
 `loldu_config_sha256` (the sha256 of that text), so a flipped bit in the config or the tensors is refused.
@@ -48,7 +50,7 @@ from .adapter_files import read_config_file as _read_config
 from .adapter_files import read_weights as _read_bytes  # the weights file, read once (tests count the calls)
 from .adapter_files import same_copy as _copy_matches
 from .adapter_files import st_metadata as _st_metadata
-from .atomic import STALE_EMPTY_SECONDS, STALE_UNLOCKED_SECONDS, atomic_write, clean_stale_temps
+from .atomic import STALE_EMPTY_SECONDS, STALE_UNLOCKED_SECONDS, atomic_write, clean_stale_temps, read_regular
 from .config import TASK_HEADS, LoLDUConfig
 from .errors import AdapterError, LolduWarning
 from .integrity import c_terms_refusal, fingerprint, stale_refusal
@@ -138,7 +140,8 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     atomic rename; loldu_config.json, a readable copy of its config, follows. Killed at any moment, the
     directory loads as the old adapter or the new one (see the module docstring).
     Returns {file name: size in bytes} of the files written. Raises AdapterError if the model is
-    merged, if a layer's z or sigma holds NaN/Inf (naming the layer), and naming the directory when
+    merged, if a layer's z or sigma holds NaN/Inf or gives a c beyond the spec's bound, or its base
+    weight changed in place after its frozen factors were derived (naming the layer), and naming the directory when
     it cannot be created or written (a directory in the way of a file included); the adapter there
     before, if any, is then unchanged. If adapter_model.safetensors was committed but
     loldu_config.json (the readable copy) then cannot be replaced, the save succeeds with an
@@ -242,9 +245,8 @@ def _remove_legacy_copy(d: Path) -> None:
     holds a format-3 adapter, whose copy is loldu_config.json. Best effort; another tool's file stays."""
     path = d / LEGACY_CONFIG_NAME
     try:
-        if path.is_file() and not path.is_symlink() and path.stat().st_size < (64 << 20):
-            if json.loads(path.read_bytes()).get("format") == FORMAT:
-                path.unlink()
+        if not path.is_symlink() and json.loads(read_regular(path, 64 << 20)).get("format") == FORMAT:
+            path.unlink()
     except (OSError, ValueError, AttributeError, RecursionError):
         pass
 

@@ -42,6 +42,12 @@ class CallCheck:
     the user) cannot be checked and is dropped. loldu.inject / loldu.load_adapter(check_calls=False)
     skip the check.
 
+    A layer is settled by the first forward that calls it, whatever the mode (train or eval): a
+    parent that calls it in one mode and bypasses it in the other (an eval-only fast path) is not
+    caught once settled. Keeping every hook until both modes were seen would cost every forward of
+    a model that only trains; instead loldu.targets refuses the torch.nn parents known to do so
+    (nn.TransformerEncoderLayer's inference fast path) for every subclass.
+
     Under torch.compile / torch.export the hooks do nothing (dynamo traces them as no-ops, so
     fullgraph=True holds); the check then runs at the first eager forward, if any. A parent whose
     forward itself is compiled (its hooks run eagerly, its calls do not) is not checked.
