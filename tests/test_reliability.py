@@ -537,3 +537,17 @@ def test_adapter_names_follow_the_spec_pattern():
     for bad in ("1a", "-a", "a b", "é", "a.b", ""):
         with pytest.raises(AdapterError, match="adapter name"):
             loldu.add_adapter(m, bad)
+
+
+def test_moving_the_model_keeps_the_check_and_merge_finite_check_on_the_device(tmp_path, device):
+    A, _ = _two_bases()
+    m = loldu.inject(copy.deepcopy(A), loldu.LoLDUConfig(rank=4, target_modules=["0"])).to(device)
+    perturb(m)
+    loldu.save_adapter(m, tmp_path / "a")  # a move is not an edit
+    loldu.merge(m)
+    loldu.unmerge(m)
+    with torch.no_grad():
+        m[0].base_layer.weight[:, 0] += 1.0
+    m.cpu()  # moved while stale: still stale
+    with pytest.raises(AdapterError, match=r"layer '0'.*stale"):
+        loldu.save_adapter(m, tmp_path / "b")
