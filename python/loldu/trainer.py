@@ -236,8 +236,10 @@ class LoLDUTrainerMixin:
         if not self.args.should_save:
             return
         save_adapter(self.model, output_dir)  # creates the directory; AdapterError naming it if it cannot
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+        # The processing class, else the collator's tokenizer: what Trainer's own _save writes.
+        processor = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        if processor is not None:
+            processor.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:

@@ -9,6 +9,8 @@ live in the wrapped model's modules, every loldu verb works on the wrapper or on
 it, and attributes it does not define (`config`, `generate`, ...) are the wrapped model's.
 """
 import contextlib
+import inspect
+import sys
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch.nn as nn
@@ -26,11 +28,31 @@ class LoLDUModel(nn.Module):
 
     _loldu_wrapper = True  # loldu.state.unwrap looks through it
 
+    def __new__(cls, base_model=None, *args, **kwargs):
+        # Tools read a model's inputs off its class's forward signature (transformers.Trainer keeps only
+        # the dataset columns it names, finds the labels there and decides whether the model returns a
+        # loss); a wrapper with forward(*args, **kwargs) would show them nothing. So each wrapped class
+        # gets a LoLDUModel subclass whose forward has that class's signature, as PEFT's task classes do.
+        if cls is LoLDUModel and isinstance(base_model, nn.Module):
+            cls = _typed_wrapper(type(base_model))
+        return super().__new__(cls)
+
     def __init__(self, base_model: nn.Module):
         super().__init__()
         if not isinstance(base_model, nn.Module):
             raise AdapterError(f"LoLDUModel: expected a torch.nn.Module, got {type(base_model).__name__}")
         self.base_model = base_model
+
+    def __reduce_ex__(self, protocol):
+        # The typed subclass exists only in the process that made it: pickle the handle as its parts.
+        return _rewrap, (self.base_model, self.training)
+
+    def train(self, mode: bool = True) -> "LoLDUModel":
+        """nn.Module.train; refused (AdapterError) when the plain transformers.Trainer calls it, which would
+        write each checkpoint as the whole model's state dict instead of the adapter (docs/trainer.md)."""
+        if mode:
+            _refuse_plain_trainer(sys._getframe(1))
+        return super().train(mode)
 
     # -- PEFT's constructors --------------------------------------------------------------------------
     @classmethod
@@ -126,6 +148,54 @@ class LoLDUModel(nn.Module):
     def unload(self) -> nn.Module:
         """Returns the plain base model, the adapters removed (unmerged first)."""
         return _model.unload(self.base_model)
+
+
+_TYPED: Dict[type, type] = {}
+
+
+def _typed_wrapper(base_cls: type) -> type:
+    """The LoLDUModel subclass for models of class `base_cls`: its forward has base_cls.forward's signature."""
+    sub = _TYPED.get(base_cls)
+    if sub is None:
+        def forward(self, *args, **kwargs):
+            return self.base_model(*args, **kwargs)
+
+        try:
+            forward.__signature__ = inspect.signature(base_cls.forward)
+        except (TypeError, ValueError):  # a forward without a readable signature: keep (*args, **kwargs)
+            pass
+        forward.__doc__ = base_cls.forward.__doc__
+        sub = _TYPED[base_cls] = type(LoLDUModel.__name__, (LoLDUModel,), {
+            "forward": forward, "__module__": LoLDUModel.__module__, "__qualname__": LoLDUModel.__qualname__})
+    return sub
+
+
+def _rewrap(base_model: nn.Module, training: bool) -> LoLDUModel:
+    wrapper = LoLDUModel(base_model)
+    wrapper.training = training  # the handle's own flag only: base_model's modules kept theirs
+    return wrapper
+
+
+def _refuse_plain_trainer(frame, depth: int = 8) -> None:
+    """AdapterError when a method of a transformers Trainer without loldu's mixin is among the first
+    `depth` callers: it would train, then save every checkpoint as the whole model."""
+    trainer_mod = sys.modules.get("transformers.trainer")
+    if trainer_mod is None:
+        return
+    from .trainer import LoLDUTrainerMixin  # transformers is imported, so loldu.trainer imports
+
+    while frame is not None and depth > 0:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, trainer_mod.Trainer):
+            if isinstance(owner, LoLDUTrainerMixin):
+                return
+            raise AdapterError(
+                f"{type(owner).__name__} is transformers' plain Trainer, which saves a LoLDU model as a whole-model "
+                "state dict (every base weight, under LoLDU's wrapped names) that from_pretrained and "
+                "loldu.load_adapter cannot use; train with loldu.trainer.LoLDUTrainer (the same arguments; for "
+                "another Trainer subclass, mix in loldu.trainer.LoLDUTrainerMixin first): its checkpoints "
+                "are the adapter file (docs/trainer.md)")
+        frame, depth = frame.f_back, depth - 1
 
 
 def get_loldu_model(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default", **kwargs) -> LoLDUModel:
