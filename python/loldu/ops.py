@@ -212,7 +212,7 @@ def _ldu_from_pivots_fake(W, pivots):
 def _lu_packed_fake(W):
     from .reference import check_ldu_args
 
-    check_ldu_args(W, min(W.shape[-2:]) if W.dim() in (2, 3) else 1)
+    check_ldu_args(W, 1)  # the shapes may be symbolic: min(d, k) is no int here
     acc = working_dtype(W.dtype)
     lead, (d, k) = W.shape[:-2], W.shape[-2:]
     return (W.new_empty(W.shape, dtype=acc), W.new_empty((*lead, d), dtype=torch.int64),
