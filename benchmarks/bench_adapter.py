@@ -6,6 +6,8 @@
   dense      the same layer with the dense form forced (docs/method.md §7)
   cur        loldu.inject with factor_storage="cur": only L11, U11 (r x r) kept, the branch read from
              W0's pivot rows (the base output) and leading columns with two triangular solves (§8)
+  lu         loldu.inject with factor_storage="lu" (full rank only; no column below it): the packed LU
+             in place of W0, the layer two triangular products each way (loldu.ops.lu_linear)
   lora       PEFT's LoRA at the same rank (benchmark-only dependency: pip install peft)
   ia3        PEFT's IA3 on the same Linear (a learned scale per output feature, d numbers)
   reference  the paper's released approach: a torch.nn.utils.parametrize parametrization that
@@ -46,7 +48,7 @@ QUICK = {"shapes": "384x384,768x768,1024x1024", "tokens": "512,2048", "ranks": "
 SUBSET = ",".join([f"{s}:{r}:2048" for s in SHAPES.split(",") for r in ("16", "64", "full")]
                   + [f"{s}:{r}:{n}" for s in ("768x768", "1024x1024") for r in ("16", "64", "full")
                      for n in ("512", "8192")])
-METHODS = "base,loldu,cur,lora,ia3,reference"
+METHODS = "base,loldu,cur,lu,lora,ia3,reference"
 
 
 class DenseLoLDU(nn.Module):
@@ -69,12 +71,15 @@ class DenseLoLDU(nn.Module):
 
 
 def build(method: str, d: int, k: int, r: int, dtype, device):
+    """(model, trainable parameters, optimizer), or None where the method does not apply ("lu" below full rank)."""
+    if method == "lu" and r != min(d, k):
+        return None
     lin = nn.Linear(k, d, bias=True).to(device=device, dtype=dtype)
     lin.weight.requires_grad_(False)
     lin.bias.requires_grad_(False)
     model = nn.Sequential(lin)
-    if method in ("loldu", "cur"):
-        storage = "cur" if method == "cur" else "full"
+    if method in ("loldu", "cur", "lu"):
+        storage = "full" if method == "loldu" else method
         loldu.inject(model, loldu.LoLDUConfig(rank=r, target_modules=["0"], factor_storage=storage))
     elif method == "lora":
         import peft
@@ -110,12 +115,27 @@ def step_fn(model, opt, x, form=None):
 def goals(rows) -> list:
     """The targets this benchmark reports against, with the measured values (None: point not run)."""
     def at(d, k, r, n, key):
-        return next((row[key] for row in rows if (row["d"], row["k"], row["r"], row["n"]) == (d, k, r, n)), None)
+        """The value of `key` at (d, k, r, n) (n None: the first row of (d, k, r))."""
+        return next((row.get(key) for row in rows if (row["d"], row["k"], row["r"]) == (d, k, r)
+                     and n in (None, row["n"])), None)
 
     out = []
     gaps = [row["auto_gap"] for row in rows if row.get("auto_gap") is not None]
     if gaps:
         out.append(("auto within 5% of the faster forced form at every point", max(gaps), 0.05))
+    full_rank = sorted({(row["d"], row["k"]) for row in rows if row["r"] == min(row["d"], row["k"])})
+    for d, k in full_rank:
+        m = min(d, k)
+        for n in sorted({row["n"] for row in rows if (row["d"], row["k"], row["r"]) == (d, k, m)}):
+            out.append((f"lu/base at {d}x{k}, r={m}, n={n} <= 1.35", at(d, k, m, n, "lu/base"), 1.35))
+            ref, lu = at(d, k, m, n, "reference_ms"), at(d, k, m, n, "lu_ms")
+            out.append((f"lu/reference at {d}x{k}, r={m}, n={n} <= 1/1.7", None if ref is None or lu is None
+                        else lu / ref, 1 / 1.7))
+            out.append((f"auto/base (the default storage) at {d}x{k}, r={m}, n={n} <= 1.9",
+                        at(d, k, m, n, "auto/base"), 1.9))
+        bytes_lu, bytes_base = at(d, k, m, None, "lu_layer_bytes"), at(d, k, m, None, "base_layer_bytes")
+        out.append((f"lu layer bytes / base layer bytes at {d}x{k} <= 1.05", None if bytes_lu is None else
+                    bytes_lu / bytes_base, 1.05))
     for (d, k, r, n, key, bound) in [(768, 768, 768, 2048, "auto/base", 1.8), (768, 768, 768, 8192, "auto/base", 1.6),
                                      (4096, 4096, 16, 2048, "auto/base", 1.05),
                                      (1024, 1024, 16, 2048, "auto/base", 1.10), (1024, 1024, 64, 2048, "auto/base", 1.10),
@@ -182,23 +202,24 @@ def main():
             ns.append(int(n))
     rows = []
     for (d, k, r), tokens in sorted(grid.items()):
-        built = {m: build(m, d, k, r, dtype, dev) for m in methods}
+        built = {m: b for m in methods if (b := build(m, d, k, r, dtype, dev)) is not None}
         for n in tokens:
             x = torch.randn(n, k, device=dev, dtype=dtype, requires_grad=True)
             steps = {}
             for m, (model, _, opt) in built.items():
                 for col in (FORMS if m == "loldu" else (m,)):
                     steps[col] = step_fn(model, opt, x, col if m == "loldu" else None)
+            here = [col for col in columns if col in steps]
             flops = 4 * n * d * k  # base forward + input gradient
             reps = args.reps or max(3, min(100, int(5e10 / flops)))
-            times = {col: [] for col in columns}
-            for col in columns:  # warm-up (and AdamW state allocation)
+            times = {col: [] for col in here}
+            for col in here:  # warm-up (and AdamW state allocation)
                 steps[col]()
             sync()
             for i in range(reps):
                 # Rotated each repetition: a step right after another model's step finds its own
                 # weights out of cache (up to ~10% at 384 x 384), so every column takes every place.
-                for col in columns[i % len(columns):] + columns[:i % len(columns)]:
+                for col in here[i % len(here):] + here[:i % len(here)]:
                     t0 = clock()
                     steps[col]()
                     sync()
@@ -207,13 +228,16 @@ def main():
             row = {"d": d, "k": k, "r": r, "n": n, "reps": reps}
             if "loldu" in methods:
                 row["auto_form"] = loldu.ops.choose_form(n, d, k, r, dtype, dev.type)
-            for col in columns:
+            for col in here:
                 row[f"{col}_ms"] = med[col] * 1e3
                 if col != "base" and "base" in med:
                     row[f"{col}/base"] = med[col] / med["base"]
             if "loldu" in methods:
                 row["auto_gap"] = med["auto"] / min(med["delta"], med["dense"]) - 1
-            for m, (_, params, opt) in built.items():
+            for m, (model, params, opt) in built.items():
+                # The adapted layer's parameters and buffers (frozen weight, factors, adapter), all counted once.
+                row[f"{m}_layer_bytes"] = sum(t.numel() * t.element_size()
+                                              for t in list(model.parameters()) + list(model.buffers()))
                 row[f"{m}_trainable"] = sum(p.numel() for p in params)
                 row[f"{m}_optim_bytes"] = 0 if opt is None else sum(
                     t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
@@ -227,7 +251,8 @@ def main():
            [c for c in ("auto_form", "auto_gap") if c in rows[0]]
     table = print_table(rows, cols)
     print()
-    pcols = ["d", "k", "r"] + [f"{m}_trainable" for m in methods] + [f"{m}_optim_bytes" for m in methods]
+    pcols = ["d", "k", "r"] + [f"{m}_trainable" for m in methods] + [f"{m}_layer_bytes" for m in methods] + \
+            [f"{m}_optim_bytes" for m in methods]
     seen, prow = set(), []
     for row in rows:
         if (row["d"], row["k"], row["r"]) not in seen:
