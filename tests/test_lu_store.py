@@ -124,8 +124,10 @@ def test_merge_unmerge_disabled_and_merge_and_unload():
         with loldu.disabled(model):
             y0 = model(x)
         assert float((y0 - base(x)).abs().max()) <= 1e-4 * float(base(x).abs().max())
+        planned = layer.merged_matrix("default")  # what merge writes, before writing it
         loldu.merge(model)
         w = layer.base_layer.weight
+        assert torch.equal(planned, w)
         torch.testing.assert_close(w.double(), _oracle_weight(base[0].weight, c), rtol=0, atol=1e-5)
         assert not layer.base_layer._forward_pre_hooks  # a plain merged layer: its own forward runs
         torch.testing.assert_close(model(x), y, rtol=0, atol=1e-4 * float(y.abs().max()))

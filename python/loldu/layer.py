@@ -417,6 +417,16 @@ class LoLDULayer(nn.Module):
         self._add_to_weight(self.store.delta(self, c, self._merged_reads), -1, restore=self._merged_reads)
         self.merged_adapter, self._merged_c, self._merged_reads = None, None, None
 
+    @torch.no_grad()
+    def merged_matrix(self, name: str) -> torch.Tensor:
+        """The (d, k) matrix merge(name) would write, in the weight's dtype, without writing it: W0 + ΔW,
+        or for "lu" W(c) = P L diag(D + c) Ũ in W0's dtype (its weight holds the LU, not W0)."""
+        c = self.coefficients(name).detach()
+        if self.store.owns_weight:
+            return self.store.weight_of(self, c).to(self.base_dtype)
+        delta = self.store.delta(self, c, self.factor_reads())
+        return (self.base_matrix().to(delta.dtype) + delta).to(self.base_layer.weight.dtype)
+
     def _add_to_weight(self, delta: torch.Tensor, sign: int,
                        restore: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
         """W <- W + sign ΔW in ΔW's dtype, cast back; then `restore` (W[:, :r], W[pivots, :]) written exactly."""
