@@ -342,10 +342,8 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
 @torch.no_grad()
 def _merges_finite(layer: LoLDULayer, name: str) -> bool:
     """Whether merging adapter `name` leaves every element of the layer's weight finite (the adapter
-    spec's c_check at merge), computed as LoLDULayer.merge computes it, before anything is written."""
-    w = layer.base_layer.weight
-    delta = layer.store.delta(layer, layer.coefficients(name), layer.factor_reads())
-    return bool(torch.isfinite((layer.base_matrix().to(delta.dtype) + delta).to(w.dtype)).all())
+    spec's c_check at merge), from the matrix LoLDULayer.merge would write, before anything is written."""
+    return bool(torch.isfinite(layer.merged_matrix(name)).all())
 
 
 def _require_unmergeable(layers: Sequence[Tuple[str, LoLDULayer]], what: str) -> None:
