@@ -344,20 +344,33 @@ bool all_of_chars(const std::string& s, size_t from, size_t to, bool (*ok)(char)
 bool temp_char(char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'; }
 bool digit(char c) { return c >= '0' && c <= '9'; }
 
-// For a directory entry `entry`: 1 when it is a temporary of target `name` in the locked naming
-// (`.<name>.<pid>-<8 chars>.tmp`, its pid in `pid`), 2 in the older unlocked one (`.<name>.<8
-// chars>.tmp`), 0 when it is neither (python/loldu/atomic.py `_temp_patterns`).
-int temp_match(const std::string& entry, const std::string& name, std::string& pid) {
-  const std::string head = "." + name + ".", tail = ".tmp";
+// The target's name as its locked temporaries spell it: its first kTempNameBytes bytes, so that
+// `.<stem>.<pid>-<8 chars>.tmp` fits NAME_MAX (255) for any name that does (atomic.py TEMP_NAME_BYTES).
+constexpr size_t kTempNameBytes = 233;
+std::string temp_stem(const std::string& name) { return name.substr(0, kTempNameBytes); }
+
+// Whether `entry` is `.<head>.<middle>.tmp` with an 8-character [a-z0-9_] tail; b and e bound the middle.
+bool temp_shape(const std::string& entry, const std::string& head, size_t& b, size_t& e) {
+  const std::string tail = ".tmp";
   if (entry.size() < head.size() + 8 + tail.size() || entry.compare(0, head.size(), head) != 0 ||
       entry.compare(entry.size() - tail.size(), tail.size(), tail) != 0)
-    return 0;
-  const size_t b = head.size(), e = entry.size() - tail.size();  // the middle: "<pid>-<8>" or "<8>"
-  if (!all_of_chars(entry, e - 8, e, temp_char)) return 0;
-  if (e - b == 8) return 2;
-  if (e - b < 10 || entry[e - 9] != '-' || !all_of_chars(entry, b, e - 9, digit)) return 0;
-  pid = entry.substr(b, e - 9 - b);
-  return 1;
+    return false;
+  b = head.size();
+  e = entry.size() - tail.size();
+  return all_of_chars(entry, e - 8, e, temp_char);
+}
+
+// For a directory entry `entry`: 1 when it is a temporary of target `name` in the locked naming
+// (`.<stem>.<pid>-<8 chars>.tmp`, its pid in `pid`), 2 in the older unlocked one (`.<name>.<8
+// chars>.tmp`), 0 when it is neither (python/loldu/atomic.py `_temp_patterns`).
+int temp_match(const std::string& entry, const std::string& name, std::string& pid) {
+  size_t b = 0, e = 0;
+  if (temp_shape(entry, "." + temp_stem(name) + ".", b, e) && e - b >= 10 && entry[e - 9] == '-' &&
+      all_of_chars(entry, b, e - 9, digit)) {
+    pid = entry.substr(b, e - 9 - b);
+    return 1;
+  }
+  return temp_shape(entry, "." + name + ".", b, e) && e - b == 8 ? 2 : 0;
 }
 
 bool pid_alive(const std::string& digits) {
@@ -437,7 +450,7 @@ void write_file_atomic(const std::string& path, const std::vector<uint8_t>& byte
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
     throw AdapterError(path + ": a directory is in the way of the file; nothing was written");
   clean_stale_temps(dir, name);
-  // `.<name>.<pid>-<8 chars>.tmp`, flocked while written: python/loldu/atomic.py's convention, so
+  // `.<stem>.<pid>-<8 chars>.tmp`, flocked while written: python/loldu/atomic.py's convention, so
   // either language's next write to this target removes what a killed writer of the other left.
   std::random_device rd;
   std::string tmp;
@@ -446,7 +459,7 @@ void write_file_atomic(const std::string& path, const std::vector<uint8_t>& byte
     static const char* chars = "abcdefghijklmnopqrstuvwxyz0123456789";
     std::string tail;
     for (int i = 0; i < 8; ++i) tail += chars[rd() % 36];
-    tmp = dir + "/." + name + "." + std::to_string(::getpid()) + "-" + tail + ".tmp";
+    tmp = dir + "/." + temp_stem(name) + "." + std::to_string(::getpid()) + "-" + tail + ".tmp";
     fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     if (fd < 0 && errno != EEXIST) break;
   }

@@ -400,3 +400,24 @@ def test_app_numbers_and_names_out_of_range_are_usage_errors(app, tmp_path):
         res = run(app, *args, ok=False)
         assert res.returncode == 2 and why in res.stderr, (args, res.returncode, res.stderr)
     assert not (tmp_path / "x").exists()
+
+
+def test_long_output_names_write_and_either_language_cleans_the_others_temporaries(app, tmp_path):
+    """A 250-byte output name (valid: NAME_MAX is 255) is written, since temporaries keep only the name's
+    first 233 bytes; a dead writer's temporary under that naming is removed by the next write of either
+    language."""
+    from loldu.atomic import TEMP_NAME_BYTES, clean_stale_temps
+
+    base = Net()
+    save_base(base, tmp_path / "base.safetensors")
+    run(app, "--create", tmp_path / "base.safetensors", tmp_path / "a", "--rank", 2, "fc1:linear")
+    out = tmp_path / "out"
+    out.mkdir()
+    name = "m" * (250 - len(".safetensors")) + ".safetensors"
+    dead = f".{name[:TEMP_NAME_BYTES]}.9999999-abcd1234.tmp"  # no such pid: a killed writer's leftover
+    (out / dead).write_bytes(b"partial")
+    run(app, tmp_path / "base.safetensors", tmp_path / "a", out / name)
+    assert sorted(os.listdir(out)) == [name]
+    assert set(load_file(out / name)) == set(load_file(tmp_path / "base.safetensors"))
+    (out / dead).write_bytes(b"partial")  # now cleaned by Python, as its own writer does before writing
+    assert clean_stale_temps(out / name) and sorted(os.listdir(out)) == [name]
