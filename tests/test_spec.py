@@ -46,7 +46,7 @@ def test_spec_is_package_data():
 def test_config_module_reexports_the_spec_constants():
     for name in ("STORAGES", "PARAMETRIZATIONS", "FORMS", "TASK_TYPES", "TASK_HEADS", "ALL_LINEAR"):
         assert getattr(config_module, name) is getattr(spec, name), name
-    assert spec.STORAGES == ("full", "cur") and spec.FORMS == ("auto", "delta", "dense")
+    assert spec.STORAGES == ("full", "cur", "lu") and spec.FORMS == ("auto", "delta", "dense")
     assert spec.TASK_HEADS["QUESTION_ANS"] == ("qa_outputs",) and spec.ALL_LINEAR == "all-linear"
 
 
