@@ -1,6 +1,6 @@
 """Truncated LDU: ours against LAPACK, side by side.
 
-Two tables, medians in ms from one run:
+Three tables, medians in ms from one run:
 
 1. vs torch.linalg.lu (`lapack_rows`): at full rank (r = min(d, k), what the paper's code does at
    rank 768) and at r in {16, 64, 128, 256}, ours against torch.linalg.lu on the same matrix (P, L,
@@ -9,7 +9,12 @@ Two tables, medians in ms from one run:
    (B, d, k) of same-shape layers is compared with one torch.linalg.lu call per matrix: the
    batched call on the CPU runs getrf from several OpenMP threads at once, which in torch 2.13 +
    MKL on a 2-core machine printed MKL errors and returned wrong pivots.
-2. large weights at small r (`rows`): ours, the paper's approach (full torch.linalg.lu, then slice,
+2. full rank (`full_rank_rows`): loldu.ops.ldu(W, min(d, k)) and loldu.ops.lu_packed(W) against
+   torch.linalg.lu_factor (one getrf: what full-rank ldu must cost), at torch's default thread count
+   and at 1 thread, the three interleaved; with the packed-LU layer's step (forward + input gradient
+   of loldu.ops.lu_linear at 768 x 768, n = 2048) against the frozen base layer's (x W0^T forward,
+   g W0 backward) at 2 and 1 threads (`lu_step_rows`). Medians, min and max over the repetitions.
+3. large weights at small r (`rows`): ours, the paper's approach (full torch.linalg.lu, then slice,
    timed once per shape since it does not depend on r), the plain-PyTorch sketch of the same
    panel algorithm (loldu.reference), and the read floor: the measured time to gather the
    (d + k) r elements the method must read (W[:, :r] and the r pivot rows).
@@ -17,7 +22,7 @@ Two tables, medians in ms from one run:
 --threads N sets torch's threads; --clock cpu times process CPU time instead of wall time: with
 --threads 1 it is robust to other jobs sharing the cores (the JSON name then says so).
 
-    python benchmarks/bench_ldu.py [--quick] [--device cuda] [--only lapack|truncated] [--threads 1 --clock cpu]
+    python benchmarks/bench_ldu.py [--quick] [--device cuda] [--only lapack|full|truncated] [--threads 1 --clock cpu]
 """
 import argparse
 import statistics
@@ -91,6 +96,75 @@ def lapack_table(cases, dev, sync, clock):
     return rows
 
 
+def spread(fns, reps, clock, sync=None):
+    """(median, min, max) ms of each function, called in turn inside each repetition."""
+    for f in fns:
+        f()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for f, t in zip(fns, times):
+            if sync:
+                sync()
+            t0 = clock()
+            f()
+            if sync:
+                sync()
+            t.append((clock() - t0) * 1e3)
+    return [(statistics.median(t), min(t), max(t)) for t in times]
+
+
+def _thread_counts(*wanted):
+    return list(dict.fromkeys(torch.get_num_threads() if n == 0 else n for n in wanted))
+
+
+FULL_SHAPES = [(768, 768), (768, 3072), (3072, 768), (1024, 1024)]
+
+
+def full_rank_table(shapes, dev, sync, clock, reps):
+    rows = []
+    default = torch.get_num_threads()
+    for threads in _thread_counts(0, 1):
+        torch.set_num_threads(threads)
+        for d, k in shapes:
+            W, m = torch.randn(d, k, device=dev), min(d, k)
+            ours, packed, lu = spread([lambda: loldu.ops.ldu(W, m), lambda: loldu.ops.lu_packed(W),
+                                       lambda: torch.linalg.lu_factor(W)], reps, clock, sync)
+            rows.append({"shape": f"{d}x{k}", "threads": threads, "ldu_ms": ours[0], "lu_packed_ms": packed[0],
+                         "lu_factor_ms": lu[0], "ldu_ratio": ours[0] / lu[0], "packed_ratio": packed[0] / lu[0],
+                         "ldu_min_max": f"{ours[1]:.2f}-{ours[2]:.2f}", "lu_factor_min_max": f"{lu[1]:.2f}-{lu[2]:.2f}"})
+            print(f"  ({d}, {k}) threads={threads}: ldu {ours[0]:.2f} ms, lu_packed {packed[0]:.2f} ms, "
+                  f"lu_factor {lu[0]:.2f} ms, ratios {ours[0] / lu[0]:.2f} / {packed[0] / lu[0]:.2f}", flush=True)
+    torch.set_num_threads(default)
+    return rows
+
+
+def lu_step_table(dev, sync, clock, reps, d=768, k=768, n=2048):
+    """One training step's work on x of the packed-LU layer against the frozen base layer's."""
+    rows = []
+    default = torch.get_num_threads()
+    W = torch.randn(d, k, device=dev)
+    LU, perm, D = loldu.ops.lu_packed(W)
+    c = 0.01 * torch.randn(min(d, k), device=dev)
+    x = torch.randn(n, k, device=dev, requires_grad=True)
+    g = torch.randn(n, d, device=dev)
+
+    def ours():
+        loldu.ops.lu_linear(x, LU, perm, D, c).backward(g)
+
+    def base():
+        torch.nn.functional.linear(x, W).backward(g)
+
+    for threads in _thread_counts(2, 1):
+        torch.set_num_threads(threads)
+        (o, o_min, o_max), (b, b_min, b_max) = spread([ours, base], reps, clock, sync)
+        rows.append({"shape": f"{d}x{k}", "n": n, "threads": threads, "lu_op_ms": o, "base_ms": b, "ratio": o / b,
+                     "lu_op_min_max": f"{o_min:.2f}-{o_max:.2f}", "base_min_max": f"{b_min:.2f}-{b_max:.2f}"})
+        print(f"  lu_linear step ({d}, {k}) n={n} threads={threads}: {o:.2f} ms, base {b:.2f} ms, ratio {o / b:.2f}",
+              flush=True)
+    torch.set_num_threads(default)
+    return rows
+
+
 def median_time(fn, reps, clock, warmup=1, sync=None):
     return interleaved([fn], reps, clock, warmup=warmup, sync=sync)[0][0]
 
@@ -121,7 +195,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few small shapes only")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--only", choices=["lapack", "truncated"], help="run one of the two tables")
+    ap.add_argument("--only", choices=["lapack", "full", "truncated"], help="run one of the three tables")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall time, or process CPU time")
     args = ap.parse_args()
@@ -132,17 +206,25 @@ def main():
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     payload = {"machine": machine(), "build": loldu.build_info(), "threads": torch.get_num_threads(),
                "clock": args.clock}
-    if args.only != "truncated":
+    if args.only in (None, "lapack"):
         cases = LAPACK_CASES[:2] if args.quick else LAPACK_CASES
         rows = lapack_table(cases, dev, sync, clock)
         cols = ["shape", "dtype", "r", "ours_ms", "lapack_lu_ms", "ratio", "ours_min_ms", "lapack_lu_min_ms"]
         payload.update(lapack_rows=rows, lapack_table=print_table(rows, cols))
-    if args.only != "lapack":
+    if args.only in (None, "full"):
+        rows = full_rank_table(FULL_SHAPES[:1] if args.quick else FULL_SHAPES, dev, sync, clock, 9 if args.quick else 21)
+        cols = ["shape", "threads", "ldu_ms", "lu_packed_ms", "lu_factor_ms", "ldu_ratio", "packed_ratio", "ldu_min_max",
+                "lu_factor_min_max"]
+        payload.update(full_rank_rows=rows, full_rank_table=print_table(rows, cols))
+        rows = lu_step_table(dev, sync, clock, 5 if args.quick else 15)
+        cols = ["shape", "n", "threads", "lu_op_ms", "base_ms", "ratio", "lu_op_min_max", "base_min_max"]
+        payload.update(lu_step_rows=rows, lu_step_table=print_table(rows, cols))
+    if args.only in (None, "truncated"):
         rows = truncated_table(SHAPES[:2] if args.quick else SHAPES, dev, sync, clock)
         cols = ["d", "k", "r", "ours_ms", "full_lu_ms", "speedup_vs_full_lu", "pytorch_sketch_ms", "read_floor_ms",
                 "ours_over_floor"]
         payload.update(rows=rows, table=print_table(rows, cols))
-    suffix = (f"_threads{args.threads}" if args.threads else "") + ("_cpuclock" if args.clock == "cpu" else "")
+    suffix = (f"_{args.only}" if args.only else "") + (f"_threads{args.threads}" if args.threads else "") + ("_cpuclock" if args.clock == "cpu" else "")
     write_json(f"bench_ldu_{dev.type}{suffix}", payload)
 
 

@@ -6,15 +6,17 @@
 //   forward   u = x U^T (n, m); yP = (u * (1 + c / D)) L^T; y[:, perm] = yP (+ bias)
 //   backward  h = g[:, perm] L; grad_c = sum_rows(h * u) / D; grad_x = (h * (1 + c / D)) U
 //
-// Each product with a triangle runs in blocks of kBlock rows or columns of the packed array: the
-// off-diagonal part of a block is one GEMM on a view of the packed array (addmm_ into a view of the
-// result), the kBlock x kBlock diagonal block is masked into a small copy. So a product costs about half
-// of a full (n, d, k) GEMM's flops and nothing of size (d, k) is allocated. ATen's GEMMs make the code
+// Each product with a triangle halves it recursively: each half's off-diagonal block is one GEMM on a
+// view of the packed array (addmm_ into a view of the result), and only the diagonal blocks of at most
+// kBlock x kBlock are masked into small copies. So a product costs about half of a full (n, d, k) GEMM's
+// flops, its GEMMs are wide, and nothing of size (d, k) is allocated. ATen's GEMMs make the code
 // device-generic: on CUDA the same views go to cuBLAS.
 // fp16 runs in fp32 (u = x U^T may leave fp16's range): each block of the packed array is converted as
-// it is used, so the temporaries stay (kBlock, k) or (d, kBlock).
+// it is used, so the temporaries stay (kBlock, k) or (d, kBlock) there too.
 #include "ldu_common.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -24,11 +26,11 @@
 namespace loldu {
 namespace {
 
-// Rows or columns of the packed array per block. Measured on a 2-core AMD EPYC at 768 x 768 and
-// 768 x 3072 (fp32, n = 2048, 1 and 2 threads): 128 was the fastest of 64, 128, 192 and 256 by a few
-// percent over 256 and ~10% over 64 (smaller blocks run narrower GEMMs, larger ones waste more of the
-// diagonal block's flops on its zero half).
-constexpr int64_t kBlock = 128;
+// The largest diagonal block the recursion stops at (masked into a dense copy). Measured as the CPU
+// time of one step (forward + input gradient, n = 2048, 1 thread, 2-core AMD EPYC shared with other
+// jobs) at 768 x 768 over the base layer's step: 64 gave 1.42-1.57x, 128 1.55-1.65x, 256 1.68x, 32 and
+// 96 1.72-1.80x (smaller leaves run more, narrower GEMMs; larger ones waste more of their zero half).
+constexpr int64_t kBlock = 64;
 
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kHalf ? at::kFloat : t; }
 
@@ -63,73 +65,132 @@ void check_factor_args(const char* op, const at::Tensor& LU, const at::Tensor& p
                     "; shapes: ", all());
 }
 
-// The packed array's block [r0, r0 + nr) x [c0, c0 + nc) in the compute dtype (a view unless converted).
-at::Tensor block(const at::Tensor& LU, int64_t r0, int64_t nr, int64_t c0, int64_t nc, at::ScalarType cd) {
-  return LU.narrow(0, r0, nr).narrow(1, c0, nc).to(cd);
+// out[:, j] = Y[:, idx[j]] for (n, d) Y. On the CPU a plain row-by-row gather (ATen's index_select along
+// the inner dim was ~3x slower than a GEMM-sized pass: ~4 ms for (2048, 768) fp32 on one core).
+at::Tensor permute_columns(const at::Tensor& Y, const at::Tensor& idx) {
+  if (!Y.is_cpu()) return Y.index_select(1, idx);
+  at::Tensor Yc = Y.contiguous(), ic = idx.contiguous();
+  at::Tensor out = at::empty_like(Yc);
+  const int64_t n = Yc.size(0), d = Yc.size(1);
+  const int64_t* ip = ic.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Yc.scalar_type(), "loldu_permute_columns", [&] {
+    const scalar_t* src = Yc.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, d)), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* s = src + i * d;
+        scalar_t* o = dst + i * d;
+        for (int64_t j = 0; j < d; ++j) o[j] = s[ip[j]];
+      }
+    });
+  });
+  return out;
 }
 
-// out (n, m) = X (n, k) U^T: column block [i0, i1) of out = X[:, i0:i1] triu(A_ii)^T + X[:, i1:] A[i0:i1, i1:]^T.
+// o += X B^T (transposed) or X B (not), B = the packed array's block [r0, r0 + nr) x [c0, c0 + nc). In the
+// compute dtype B is a view and this is one GEMM; otherwise (fp16) B is converted kBlock rows at a time.
+void addmm_block(at::Tensor o, const at::Tensor& X, const at::Tensor& LU, int64_t r0, int64_t nr, int64_t c0,
+                 int64_t nc, bool transposed, at::ScalarType cd) {
+  at::Tensor B = LU.narrow(0, r0, nr).narrow(1, c0, nc);
+  if (LU.scalar_type() == cd) {
+    o.addmm_(X, transposed ? B.t() : B);
+    return;
+  }
+  for (int64_t q = 0; q < nr; q += kBlock) {
+    const int64_t w = std::min(kBlock, nr - q);
+    at::Tensor Bq = B.narrow(0, q, w).to(cd);
+    if (transposed) o.narrow(1, q, w).addmm_(X, Bq.t());
+    else o.addmm_(X.narrow(1, q, w), Bq);
+  }
+}
+
+// The four products with a triangle of the packed array: o (n, w) = X (n, w) op(T), T its (w, w) diagonal
+// block at [p, p + w): T^T of the upper triangle (UpperT, x U^T), T^T of the unit lower one (LowerT, s L^T),
+// T (Lower, g L), T (Upper, h U).
+enum class Tri { UpperT, LowerT, Lower, Upper };
+
+// Recursive halving: o's halves are the halves' own triangles (recursion) plus one GEMM with the
+// off-diagonal block, so the GEMMs are as large as the triangle allows (w/2, w/4, ... wide) and only
+// the kBlock-wide leaves are masked copies, whose zero half costs the only wasted flops.
+void tri_mm(at::Tensor o, const at::Tensor& X, const at::Tensor& LU, int64_t p, int64_t w, Tri kind,
+            at::ScalarType cd) {
+  if (w <= kBlock) {
+    at::Tensor T = LU.narrow(0, p, w).narrow(1, p, w).to(cd);
+    const bool upper = kind == Tri::UpperT || kind == Tri::Upper;
+    if (upper) {
+      T = T.triu();
+    } else {
+      T = T.tril(-1);
+      T.diagonal().fill_(1);
+    }
+    at::mm_out(o, X, kind == Tri::UpperT || kind == Tri::LowerT ? T.t() : T);
+    return;
+  }
+  const int64_t h = (w / 2 + kBlock - 1) / kBlock * kBlock, g = w - h;
+  at::Tensor o1 = o.narrow(1, 0, h), o2 = o.narrow(1, h, g);
+  at::Tensor X1 = X.narrow(1, 0, h), X2 = X.narrow(1, h, g);
+  switch (kind) {
+    case Tri::UpperT:  // [o1 o2] = [X1 X2] [T11 T12; 0 T22]^T
+      tri_mm(o1, X1, LU, p, h, kind, cd);
+      addmm_block(o1, X2, LU, p, h, p + h, g, /*transposed=*/true, cd);
+      tri_mm(o2, X2, LU, p + h, g, kind, cd);
+      break;
+    case Tri::LowerT:  // [o1 o2] = [X1 X2] [T11 0; T21 T22]^T
+      tri_mm(o1, X1, LU, p, h, kind, cd);
+      tri_mm(o2, X2, LU, p + h, g, kind, cd);
+      addmm_block(o2, X1, LU, p + h, g, p, h, /*transposed=*/true, cd);
+      break;
+    case Tri::Lower:  // [o1 o2] = [X1 X2] [T11 0; T21 T22]
+      tri_mm(o1, X1, LU, p, h, kind, cd);
+      addmm_block(o1, X2, LU, p + h, g, p, h, /*transposed=*/false, cd);
+      tri_mm(o2, X2, LU, p + h, g, kind, cd);
+      break;
+    case Tri::Upper:  // [o1 o2] = [X1 X2] [T11 T12; 0 T22]
+      tri_mm(o1, X1, LU, p, h, kind, cd);
+      tri_mm(o2, X2, LU, p + h, g, kind, cd);
+      addmm_block(o2, X1, LU, p, h, p + h, g, /*transposed=*/false, cd);
+      break;
+  }
+}
+
+// u (n, m) = X (n, k) U^T: the (m, m) triangle, then U's columns from m on (k > d) as one GEMM.
 at::Tensor mul_upper_t(const at::Tensor& X, const at::Tensor& LU, at::ScalarType cd) {
   const int64_t d = LU.size(0), k = LU.size(1), m = std::min(d, k);
   at::Tensor out = at::empty({X.size(0), m}, X.options());
-  for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
-    const int64_t w = std::min(kBlock, m - i0), i1 = i0 + w;
-    at::Tensor o = out.narrow(1, i0, w);
-    at::mm_out(o, X.narrow(1, i0, w), block(LU, i0, w, i0, w, cd).triu().t());
-    if (i1 < k) o.addmm_(X.narrow(1, i1, k - i1), block(LU, i0, w, i1, k - i1, cd).t());
-  }
+  tri_mm(out, X.narrow(1, 0, m), LU, 0, m, Tri::UpperT, cd);
+  if (k > m) addmm_block(out, X.narrow(1, m, k - m), LU, 0, m, m, k - m, /*transposed=*/true, cd);
   return out;
 }
 
-// out (n, d) = S (n, m) L^T: column block [i0, i1) of out = S[:, :i0] A[i0:i1, :i0]^T + S[:, i0:i1] unit_tril(A_ii)^T;
-// the rows of L from m on (d > k) are one GEMM.
+// out (n, d) = S (n, m) L^T: the unit (m, m) triangle, then L's rows from m on (d > k) as one GEMM.
 at::Tensor mul_lower_t(const at::Tensor& S, const at::Tensor& LU, at::ScalarType cd) {
   const int64_t d = LU.size(0), k = LU.size(1), m = std::min(d, k);
   at::Tensor out = at::empty({S.size(0), d}, S.options());
-  for (int64_t i0 = 0; i0 < m; i0 += kBlock) {
-    const int64_t w = std::min(kBlock, m - i0);
-    at::Tensor o = out.narrow(1, i0, w);
-    at::Tensor tri = block(LU, i0, w, i0, w, cd).tril(-1);
-    tri.diagonal().fill_(1);
-    at::mm_out(o, S.narrow(1, i0, w), tri.t());
-    if (i0 > 0) o.addmm_(S.narrow(1, 0, i0), block(LU, i0, w, 0, i0, cd).t());
-  }
+  tri_mm(out.narrow(1, 0, m), S, LU, 0, m, Tri::LowerT, cd);
   if (d > m) {
-    at::Tensor o = out.narrow(1, m, d - m);
-    at::mm_out(o, S, block(LU, m, d - m, 0, m, cd).t());
+    at::Tensor o = out.narrow(1, m, d - m).zero_();
+    addmm_block(o, S, LU, m, d - m, 0, m, /*transposed=*/true, cd);
   }
   return out;
 }
 
-// out (n, m) = G (n, d) L: column block [j0, j1) of out = G[:, j0:j1] unit_tril(A_jj) + G[:, j1:] A[j1:, j0:j1].
+// out (n, m) = G (n, d) L: the unit triangle, plus G's columns from m on times L's rows from m on.
 at::Tensor mul_lower(const at::Tensor& G, const at::Tensor& LU, at::ScalarType cd) {
   const int64_t d = LU.size(0), k = LU.size(1), m = std::min(d, k);
   at::Tensor out = at::empty({G.size(0), m}, G.options());
-  for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
-    const int64_t w = std::min(kBlock, m - j0), j1 = j0 + w;
-    at::Tensor o = out.narrow(1, j0, w);
-    at::Tensor tri = block(LU, j0, w, j0, w, cd).tril(-1);
-    tri.diagonal().fill_(1);
-    at::mm_out(o, G.narrow(1, j0, w), tri);
-    if (j1 < d) o.addmm_(G.narrow(1, j1, d - j1), block(LU, j1, d - j1, j0, w, cd));
-  }
+  tri_mm(out, G.narrow(1, 0, m), LU, 0, m, Tri::Lower, cd);
+  if (d > m) addmm_block(out, G.narrow(1, m, d - m), LU, m, d - m, 0, m, /*transposed=*/false, cd);
   return out;
 }
 
-// out (n, k) = H (n, m) U: column block [j0, j1) of out = H[:, :j0] A[:j0, j0:j1] + H[:, j0:j1] triu(A_jj);
-// the columns of U from m on (k > d) are one GEMM.
+// out (n, k) = H (n, m) U: the triangle, then U's columns from m on (k > d) as one GEMM.
 at::Tensor mul_upper(const at::Tensor& H, const at::Tensor& LU, at::ScalarType cd) {
   const int64_t d = LU.size(0), k = LU.size(1), m = std::min(d, k);
   at::Tensor out = at::empty({H.size(0), k}, H.options());
-  for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
-    const int64_t w = std::min(kBlock, m - j0);
-    at::Tensor o = out.narrow(1, j0, w);
-    at::mm_out(o, H.narrow(1, j0, w), block(LU, j0, w, j0, w, cd).triu());
-    if (j0 > 0) o.addmm_(H.narrow(1, 0, j0), block(LU, 0, j0, j0, w, cd));
-  }
+  tri_mm(out.narrow(1, 0, m), H, LU, 0, m, Tri::Upper, cd);
   if (k > m) {
-    at::Tensor o = out.narrow(1, m, k - m);
-    at::mm_out(o, H, block(LU, 0, m, m, k - m, cd));
+    at::Tensor o = out.narrow(1, m, k - m).zero_();
+    addmm_block(o, H, LU, 0, m, m, k - m, /*transposed=*/false, cd);
   }
   return out;
 }
@@ -159,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> lu_linear_forward(const at::Tensor& x, const 
   at::Tensor yP = mul_lower_t(u * (c / D + 1).to(cd), LU, cd);
   // y[:, perm[i]] = yP[:, i], i.e. y = yP[:, perm^-1].
   at::Tensor inv = at::empty_like(perm).scatter_(0, perm, at::arange(d, perm.options()));
-  at::Tensor y = yP.index_select(1, inv);
+  at::Tensor y = permute_columns(yP, inv);
   if (bias) y.add_(*bias);
   auto out_shape = x.sizes().vec();
   out_shape.back() = d;
@@ -187,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> lu_linear_backward(const at::Tensor& grad_y, 
                     "; shapes: ", all());
   at::Tensor grad_x = at::empty({0}, grad_y.options()), grad_c = at::empty({0}, c.options());
   if (!need_grad_x && !need_grad_c) return {grad_x, grad_c};
-  at::Tensor h = mul_lower(grad_y.reshape({-1, d}).to(cd).index_select(1, perm), LU, cd);
+  at::Tensor h = mul_lower(permute_columns(grad_y.reshape({-1, d}).to(cd), perm), LU, cd);
   if (need_grad_c) grad_c = column_dot(u, h).to(c.scalar_type()).div_(D);
   if (need_grad_x) {
     auto shape = grad_y.sizes().vec();
