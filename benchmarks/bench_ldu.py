@@ -224,7 +224,8 @@ def main():
         cols = ["d", "k", "r", "ours_ms", "full_lu_ms", "speedup_vs_full_lu", "pytorch_sketch_ms", "read_floor_ms",
                 "ours_over_floor"]
         payload.update(rows=rows, table=print_table(rows, cols))
-    suffix = (f"_{args.only}" if args.only else "") + (f"_threads{args.threads}" if args.threads else "") + ("_cpuclock" if args.clock == "cpu" else "")
+    suffix = ((f"_{args.only}" if args.only else "") + (f"_threads{args.threads}" if args.threads else "")
+              + ("_cpuclock" if args.clock == "cpu" else ""))
     write_json(f"bench_ldu_{dev.type}{suffix}", payload)
 
 
