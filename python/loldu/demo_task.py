@@ -10,7 +10,7 @@ the head at HEAD_LR.
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,10 +71,12 @@ class TrainLog:
 
 
 def train(model: torch.nn.Module, groups: Sequence[dict], data: Encoded, epochs: int, seed: int,
-          max_steps: Optional[int] = None, desc: Optional[str] = None) -> TrainLog:
+          max_steps: Optional[int] = None, desc: Optional[str] = None,
+          on_epoch: Optional[Callable[[int], None]] = None) -> TrainLog:
     """Trains `model` on `data` with Adam over the parameter groups (each with its own "lr"): `epochs`
     passes in an order drawn from `seed`, stopped after `max_steps` steps if given. Leaves the model in
-    eval mode. `desc` names the progress output (none without it)."""
+    eval mode. `desc` names the progress output (none without it). `on_epoch(k)` runs after the k-th
+    full pass with the model in eval mode (e.g. to score it: how far from converged a budget is)."""
     opt = torch.optim.Adam(groups)
     g = torch.Generator().manual_seed(seed)
     n_rows = len(data[2])
@@ -83,7 +85,7 @@ def train(model: torch.nn.Module, groups: Sequence[dict], data: Encoded, epochs:
     log = TrainLog()
     model.train()
     with Progress(n, desc or "training", "steps", enabled=desc is not None) as p:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             for feeds, y in batches(data, BATCH, torch.randperm(n_rows, generator=g)):
                 if len(log.losses) == n:
                     break
@@ -92,6 +94,10 @@ def train(model: torch.nn.Module, groups: Sequence[dict], data: Encoded, epochs:
                 log.times.append(time.perf_counter() - t0)
                 log.losses.append(loss.item())
                 p.update()
+            if on_epoch is not None:
+                model.eval()
+                on_epoch(epoch + 1)
+                model.train()
     model.eval()
     return log
 
