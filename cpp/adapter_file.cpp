@@ -118,6 +118,14 @@ void check_config_value(const spec::ConfigKey& k, const json& v, const std::stri
       if (v.is_string() ? v.get<std::string>().empty() : !(v.is_array() && (v.empty() || nonempty_strings(v))))
         throw AdapterError(bad + key + " must be None or a list of module names" + got);
       return;
+    case spec::ConfigType::Indexes: {  // layers_to_transform: a layer number or a list of them
+      auto number = [](const json& i) {
+        return i.is_number_integer() && i.get<int64_t>() >= 0 && i.get<int64_t>() < (int64_t{1} << 31);  // as LoLDUConfig
+      };
+      if (!(number(v) || (v.is_array() && std::all_of(v.begin(), v.end(), number))))
+        throw AdapterError(bad + key + " must be None, an int or a list of ints in [0, 2**31)" + got);
+      return;
+    }
     case spec::ConfigType::Enum:
     case spec::ConfigType::EnumAnyCase:
       if (v.is_string()) {
@@ -142,6 +150,13 @@ AdapterConfig parse_config(const json& c, const std::string& where) {
   }
   // Every value present is now of its key's type.
   auto value = [&](const char* key) { return c.contains(key) && !c[key].is_null() ? &c[key] : nullptr; };
+  // PEFT's rules across keys (LoLDUConfig._check_layers); an empty layers_to_transform is none.
+  const json* layers = value("layers_to_transform");
+  if (layers && layers->is_array() && layers->empty()) layers = nullptr;
+  if (value("layers_pattern") && !layers) throw AdapterError(bad + "layers_pattern is given without layers_to_transform");
+  const json& targets = c["target_modules"];
+  if (layers && targets.is_string() && targets.get<std::string>() != spec::kAllLinear)
+    throw AdapterError(bad + "layers_to_transform cannot be used with a regex target_modules");
   AdapterConfig out;
   out.json = c.dump();
   if (auto v = value("rank")) out.rank = v->get<int64_t>();

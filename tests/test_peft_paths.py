@@ -140,3 +140,120 @@ def test_loldu_trainer_adapter_checkpoints_reload(tmp_path, how):
     torch.testing.assert_close(logits(fresh, ids), trained, rtol=0, atol=0)
     again = LoLDUModel.from_pretrained(base(head_seed=2), out / "checkpoint-4")
     torch.testing.assert_close(logits(again, ids), trained, rtol=0, atol=0)
+
+
+# -- 3. PEFT's keywords ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,says", [
+    ({"lora_alpha": 16}, r"alpha= .*sigma0 = alpha / r"), ({"lora_dropout": 0.1}, "no adapter dropout"),
+    ({"bias": "none"}, "modules_to_save"), ({"inference_mode": False}, "is_trainable"),
+    ({"init_lora_weights": True}, "c = 0"), ({"use_dora": True}, "no DoRA"), ({"use_rslora": True}, "sigma0"),
+    ({"fan_in_fan_out": True}, "Conv1D"), ({"target_parameters": ["w"]}, "not bare parameters"),
+    ({"module_to_save": ["classifier"]}, "did you mean modules_to_save"), ({"nonsense": 1}, "not an option")])
+def test_peft_keywords_name_the_loldu_equivalent(kw, says):
+    with pytest.raises(AdapterError, match=says) as e:
+        LoLDUConfig(r=4, target_modules=["query"], **kw)
+    assert next(iter(kw)) in str(e.value) and "layers_to_transform" in str(e.value)  # the options are listed
+
+
+def _names(n_layers=4):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**{**BERT, "num_hidden_layers": n_layers}))
+    return model, [n for n, _ in model.named_modules()]
+
+
+@pytest.mark.parametrize("targets,layers,pattern", [
+    (["query", "value"], 1, None), (["query", "value"], [0, 3], "layer"), (["dense"], [2], ["layers", "layer"]),
+    (["key"], [5], None), (["query"], [1, 2], "nomatch")])
+def test_layers_to_transform_selects_as_peft(targets, layers, pattern):
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    model, names = _names()
+    peft_cfg = LoraConfig(r=2, target_modules=targets, layers_to_transform=layers, layers_pattern=pattern)
+    expected = [n for n in names if n and check_target_module_exists(peft_cfg, n)]
+    config = LoLDUConfig(r=2, target_modules=targets, layers_to_transform=layers, layers_pattern=pattern)
+    assert [n for n in names if n and config.matches(n) and config.in_layers(n)] == expected
+    if not expected:
+        return
+    loldu.inject(model, config)
+    assert [n for n, _ in loldu.adapted_layers(model)] == expected
+
+
+def test_layers_to_transform_with_all_linear_round_trips(tmp_path):
+    model, _ = _names()
+    config = LoLDUConfig(r=2, target_modules="all-linear", layers_to_transform=[0, 2], task_type="SEQ_CLS")
+    loldu.inject(model, config)
+    got = [n for n, _ in loldu.adapted_layers(model)]
+    assert got and all(".layer.0." in n or ".layer.2." in n for n in got) and len(got) == 2 * 6
+    loldu.save_adapter(model, tmp_path)
+    fresh, _ = _names()
+    loldu.load_adapter(fresh, tmp_path)
+    assert [n for n, _ in loldu.adapted_layers(fresh)] == got
+    from loldu.adapter_io import read_adapter
+    assert read_adapter(tmp_path).config.layers_to_transform == [0, 2]
+
+
+@pytest.mark.parametrize("kw,says", [
+    ({"layers_pattern": "layer"}, "without layers_to_transform"), ({"layers_to_transform": [-1]}, "ints in"),
+    ({"layers_to_transform": [True]}, "ints in"), ({"layers_to_transform": 1, "target_modules": r".*query"}, "regex"),
+    ({"layers_to_transform": 1, "layers_pattern": "("}, "regular expression")])
+def test_layer_options_refused(kw, says):
+    with pytest.raises(AdapterError, match=says):
+        LoLDUConfig(**{"r": 2, "target_modules": ["query"], **kw})
+
+
+# -- 4. the suggested learning rate -------------------------------------------------------------------
+
+def test_suggested_lr_is_printed_with_the_parameter_counts(capsys):
+    for param in ("paper", "relative"):
+        config = LoLDUConfig(r=4, target_modules=["query"], parametrization=param)
+        assert config.suggested_lr == 1e-2  # docs/evaluation.md, "Choosing the defaults"
+    loldu.get_loldu_model(base(), LoLDUConfig(r=4, target_modules=["query"])).print_trainable_parameters()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("trainable params:") and out[1].startswith("suggested learning rate: 0.01")
+
+
+# -- 5. small refusals and hints ----------------------------------------------------------------------
+
+def test_regex_target_matching_nothing_says_whole_name():
+    with pytest.raises(AdapterError, match=r"must match a whole module name.*'\.\*query\.\*'"):
+        loldu.inject(base(), LoLDUConfig(r=2, target_modules="query"))
+    with pytest.raises(AdapterError, match="must match a whole module name"):
+        loldu.inject(base(), LoLDUConfig(r=2, target_modules="nothing_like_it"))
+
+
+def _saved_adapter(tmp_path):
+    model = loldu.inject(base(), LoLDUConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    loldu.save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_inspect_accepts_the_adapter_file_and_a_closed_pipe(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from loldu.cli import main
+
+    d = _saved_adapter(tmp_path)
+    assert main(["inspect", str(d / WEIGHTS_NAME)]) == 0
+    assert "bert.encoder.layer.0.attention.self.query" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "nothing.safetensors")]) == 1
+    assert "no such adapter directory" in capsys.readouterr().err
+    # `| head -c 10` closes the pipe after 10 bytes: no traceback, no "Exception ignored".
+    cmd = f"{sys.executable} -m loldu inspect --json {d} | head -c 10"
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert res.stdout == '{\n "direct' and "Traceback" not in res.stderr and "Exception" not in res.stderr, res.stderr
+
+
+def test_export_refuses_a_base_of_another_model_type(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2Model
+
+    from loldu.cli import main
+
+    adapter = _saved_adapter(tmp_path)
+    GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=40, n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    rc = main(["export", "--base", str(tmp_path / "gpt2"), "--adapter", str(adapter), "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "'gpt2' model (GPT2Model)" in err and "BertForSequenceClassification" in err, err
+    assert not (tmp_path / "m.onnx").exists()

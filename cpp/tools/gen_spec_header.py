@@ -19,7 +19,7 @@ SPEC = ROOT / "python" / "loldu" / "adapter_spec.json"
 HEADER = ROOT / "cpp" / "include" / "loldu" / "spec.h"
 
 _TYPES = {"int": "Int", "targets": "Targets", "number": "Number", "bool": "Bool", "enum": "Enum",
-          "enum_any_case": "EnumAnyCase", "names": "Names"}
+          "enum_any_case": "EnumAnyCase", "names": "Names", "indexes": "Indexes"}
 
 
 def _camel(key: str) -> str:

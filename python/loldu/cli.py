@@ -64,6 +64,7 @@ def _load_transformers(directory: Path, adapter: Optional[tuple] = None):
     except ImportError as e:
         raise CliError(f"--base {directory}: loading a model directory needs transformers ({e})") from None
     cls, kwargs = _model_class(transformers, adapter)
+    _require_same_model_type(transformers, directory, cls, adapter)
     verbosity = transformers.logging.get_verbosity()
     if kwargs:  # the head comes from the adapter: transformers' report of a missing (new) head is noise here
         transformers.logging.set_verbosity_error()
@@ -81,6 +82,36 @@ def _load_transformers(directory: Path, adapter: Optional[tuple] = None):
         return {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
 
     return model, (lambda: make(TRACE_SENTENCES)), (lambda: make(CHECK_SENTENCES))
+
+
+def _require_same_model_type(transformers, directory: Path, cls, adapter: Optional[tuple]) -> None:
+    """CliError when the adapter records a model class whose config type is not the directory's: from_pretrained
+    would build a default-config model of the adapter's class and report the weights it does not find."""
+    expected = getattr(cls, "config_class", None)
+    if adapter is None or expected is None or cls is transformers.AutoModel:
+        return
+    try:
+        found = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except Exception:
+        return  # from_pretrained below names what is wrong with the directory
+    if not isinstance(found, expected):
+        archs = ", ".join(getattr(found, "architectures", None) or []) or "no architectures recorded"
+        raise CliError(f"--base {directory}: a {getattr(found, 'model_type', '?')!r} model ({archs}), but the adapter "
+                       f"was trained on {cls.__name__} (model type {getattr(expected, 'model_type', '?')!r}); pass the "
+                       "directory of the base model the adapter was trained on")
+
+
+def _adapter_dir(path: str, flag: str) -> str:
+    """An adapter directory, or the directory of an adapter's own file (adapter_model.safetensors or its config)."""
+    from loldu.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+
+    p = Path(path)
+    if p.is_file() and p.name in (WEIGHTS_NAME, CONFIG_NAME):
+        return str(p.parent)
+    if not p.is_dir():
+        raise CliError(f"{flag}{path}: no such adapter directory"
+                       + (f" (an adapter is a directory holding {WEIGHTS_NAME})" if p.is_file() else ""))
+    return path
 
 
 def _load_spec(spec: str):
@@ -145,8 +176,8 @@ def cmd_export(args) -> int:
         raise CliError(f"--out {args.out}: {problem}")
     if args.adapter_inputs and not args.adapter:
         raise CliError("--adapter-inputs needs --adapter (the adapter fixes which layers take a c input)")
-    if args.adapter and not Path(args.adapter).is_dir():
-        raise CliError(f"--adapter {args.adapter}: no such adapter directory")
+    if args.adapter:
+        args.adapter = _adapter_dir(args.adapter, "--adapter ")
     adapter = None
     if args.adapter:
         from loldu.adapter_io import read_adapter
@@ -224,8 +255,7 @@ def inspect_adapter(directory) -> dict:
 def cmd_inspect(args) -> int:
     import json
 
-    if not Path(args.adapter).is_dir():
-        raise CliError(f"{args.adapter}: no such adapter directory")
+    args.adapter = _adapter_dir(args.adapter, "")
     info = inspect_adapter(args.adapter)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -316,6 +346,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return args.func(args)
     except (CliError, LolduError) as e:
         print(f"loldu {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader went away (`loldu inspect --json dir | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail too
         return 1
     except OSError as e:  # a file-system failure loldu did not name itself (its message names the path)
         print(f"loldu {args.command}: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)

@@ -5,6 +5,7 @@ wrappers) and only reads it. target_modules="all-linear" is expanded once, per m
 names it stands for (all_linear); after that every form is matched by name (selector).
 """
 import difflib
+import re
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -102,10 +103,12 @@ def all_linear(root: nn.Module, config: LoLDUConfig) -> List[str]:
 
 def selector(root: nn.Module, config: LoLDUConfig) -> Callable[[str], bool]:
     """Whether config.target_modules selects the module called `name` in `root`: a list or a regex by
-    name (LoLDUConfig.matches), 'all-linear' by the names all_linear expands it to here."""
-    if config.target_modules == ALL_LINEAR:
-        return frozenset(all_linear(root, config)).__contains__
-    return config.matches
+    name (LoLDUConfig.matches), 'all-linear' by the names all_linear expands it to here; then, with
+    layers_to_transform, only those in the layers it lists."""
+    by_name = frozenset(all_linear(root, config)).__contains__ if config.target_modules == ALL_LINEAR else config.matches
+    if config.layers_to_transform is None:
+        return by_name
+    return lambda name: by_name(name) and config.in_layers(name)  # PEFT's layer filter (LoLDUConfig.in_layers)
 
 
 def _supported(name: str, module: nn.Module) -> str:
@@ -136,6 +139,11 @@ def find_targets(root: nn.Module, config: LoLDUConfig) -> Targets:
     _check_registered_once(root, selected)
     if not found:
         hints = _unmatched(root, config.target_modules) if isinstance(config.target_modules, list) else []
+        if isinstance(config.target_modules, str) and config.target_modules != ALL_LINEAR:
+            hints = [_regex_hint(root, config.target_modules)]
+        if config.layers_to_transform is not None:
+            hints.append(f"with layers_to_transform={config.layers_to_transform} and layers_pattern="
+                         f"{config.layers_pattern} (the layer number is read as LoLDUConfig.in_layers says)")
         raise AdapterError(f"target_modules={config.target_modules!r} matches no module of {type(root).__name__}"
                            + (f" ({'; '.join(hints)})" if hints else ""))
     if isinstance(config.target_modules, list):
@@ -199,6 +207,17 @@ def _unmatched(root: nn.Module, entries: Sequence[str]) -> List[str]:
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         out.append(f"entry {entry!r} matches no module of {type(root).__name__}{hint}")
     return out
+
+
+def _regex_hint(root: nn.Module, pattern: str) -> str:
+    """Why a regex target_modules may match nothing: it must match a whole module name (as PEFT's)."""
+    rx = re.compile(pattern)
+    partial = [n for n, _ in root.named_modules() if n and rx.search(n)]
+    text = "a str target_modules is a regular expression that must match a whole module name (re.fullmatch)"
+    if partial:
+        text += (f"; it matches inside {len(partial)} names, e.g. {partial[0]!r}: write '.*' around it "
+                 f"(e.g. {'.*' + pattern + '.*'!r}) or give a list of names")
+    return text
 
 
 def _warn_unmatched(root: nn.Module, entries: Sequence[str], what: str) -> None:

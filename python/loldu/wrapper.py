@@ -123,7 +123,12 @@ class LoLDUModel(nn.Module):
         return adapter_io.save_adapter(self.base_model, save_directory, adapter_name)
 
     def print_trainable_parameters(self) -> Tuple[int, int]:
-        return _model.print_trainable_parameters(self.base_model)
+        """PEFT's line of parameter counts, then the active adapter's suggested learning rate."""
+        counts = _model.print_trainable_parameters(self.base_model)
+        config = AdapterState.of(self.base_model).config(self.active_adapter)
+        print(f"suggested learning rate: {config.suggested_lr:g} (LoLDUConfig.suggested_lr: one rate for z, sigma and "
+              "the heads; docs/evaluation.md)")
+        return counts
 
     def get_nb_trainable_parameters(self) -> Tuple[int, int]:
         """(trainable, all) parameter counts, as PEFT's method of that name."""

@@ -27,7 +27,7 @@ inline constexpr const char* kLayerKinds[] = {"linear", "conv2d", "embedding", "
 inline constexpr const char* kAdapterNamePattern = "[A-Za-z_][A-Za-z0-9_-]*";
 
 // -- the config (LoLDUConfig) --------------------------------------------------------------------
-enum class ConfigType { Int, Targets, Number, Bool, Enum, EnumAnyCase, Names };
+enum class ConfigType { Int, Targets, Number, Bool, Enum, EnumAnyCase, Names, Indexes };
 struct ConfigKey {
   const char* name;
   ConfigType type;
@@ -56,6 +56,8 @@ inline constexpr ConfigKey kConfigKeys[] = {
     {"modules_to_save", ConfigType::Names, true, false, true, nullptr, 0},
     {"task_type", ConfigType::EnumAnyCase, true, false, true, kTaskTypeValues, 6},
     {"parametrization", ConfigType::Enum, false, false, true, kParametrizationValues, 2},
+    {"layers_to_transform", ConfigType::Indexes, true, false, true, nullptr, 0},
+    {"layers_pattern", ConfigType::Names, true, false, true, nullptr, 0},
 };
 inline constexpr int64_t kDefaultRank = 8;
 inline constexpr double kDefaultAlpha = 1.0;
