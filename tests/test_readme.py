@@ -33,6 +33,18 @@ def test_quick_start_runs(capsys):
     out = capsys.readouterr().out
     assert "trainable params:" in out and "adapter_model.safetensors" in out
     assert "outputs: logits" in out and "max |ORT - PyTorch|" in out
+    assert "suggested learning rate: 0.01" in out
+
+
+def test_quick_start_states_the_install_line_and_the_learning_rate():
+    text = README.read_text()
+    quick = text[text.index("## Quick start"):text.index("## Python API")]
+    assert 'pip install --no-build-isolation ".[hf,export]"' in quick
+    assert "Learning rate: 1e-2" in quick and "lr=config.suggested_lr" in quick
+    # The base is loaded once (transformers' load report and its MISSING-head note appear once).
+    assert len(re.findall(r"(?<!LoLDU)Model\.from_pretrained\(", quick)) == 1
+    import loldu
+    assert loldu.LoLDUConfig(target_modules=["query"]).suggested_lr == 1e-2
 
 
 def test_intro_factorization_example_runs(capsys):
