@@ -28,6 +28,12 @@ ratios to head-only, not the absolute numbers) and peak memory (a fresh process 
 training steps and a test batch: its resource.getrusage(RUSAGE_SELF).ru_maxrss).
 
     python benchmarks/eval_peft.py [--epochs N] [--workers N] [--resume] [--only NAME ...]
+
+--candidates: the defaults' evidence (docs/evaluation.md, "Choosing the defaults"). A few candidate
+configurations (CANDIDATES) each run at every one of their rates with every seed, at a budget where they
+converge (--epochs, 3 by default in this mode) and with ONE learning rate for every trainable parameter,
+head included, as transformers.Trainer applies it; test accuracy is also scored after every epoch.
+Writes results/eval_defaults.json and eval_defaults.md.
 """
 import argparse
 import json
@@ -54,6 +60,15 @@ MAX_STEPS = None  # --steps: a smoke run of the whole pipeline (its numbers mean
 BATCH, MAX_LEN, HEAD_LR = demo_task.BATCH, demo_task.MAX_LEN, demo_task.HEAD_LR  # the demo's budget
 SEEDS = (0, 1, 2)
 DEFAULT_TOL = 1.0  # accuracy points
+ONE_LR = False  # --candidates: the head trained at the method's rate too (as one Trainer learning rate)
+CANDIDATE_EPOCHS = 3
+# name (as in methods()) -> the rates it runs at, every one with every seed.
+CANDIDATES = {
+    "loldu-paper-all-r8-sigma_trained": [3e-3, 1e-2, 3e-2],
+    "loldu-relative-all-r8-sigma_fixed": [3e-3, 1e-2, 3e-2],
+    "lora": [2e-4, 2e-3],
+    "head": [1e-2],
+}
 QV = ["query", "value"]
 
 GRIDS = {
@@ -149,16 +164,19 @@ def run_one(spec, lr, seed, data):
     if spec["kind"] == "head":
         groups = [{"params": head, "lr": lr}]
     else:
-        groups = [{"params": body, "lr": lr}, {"params": head, "lr": HEAD_LR}]
+        groups = [{"params": body, "lr": lr}, {"params": head, "lr": lr if ONE_LR else HEAD_LR}]
     train_data, test_data = data
-    log = train(model, groups, train_data, EPOCHS, seed, MAX_STEPS)
     if MAX_STEPS is not None:  # a smoke run: a slice of the test set
         test_data = tuple(t[:128] for t in test_data)
-    acc = accuracy(predict(model, test_data), test_data[2])
+    acc_epochs = []
+    log = train(model, groups, train_data, EPOCHS, seed, MAX_STEPS,
+                on_epoch=lambda k: acc_epochs.append(accuracy(predict(model, test_data), test_data[2])))
+    acc = acc_epochs[-1]
     with tempfile.TemporaryDirectory(prefix="eval-adapter-") as d:
         nbytes = save(d)
     losses = log.losses
-    return {"lr": lr, "seed": seed, "acc": acc, "finite": all(x == x for x in losses), "loss_first": losses[0],
+    return {"lr": lr, "seed": seed, "acc": acc, "acc_epochs": acc_epochs, "finite": all(x == x for x in losses),
+            "loss_first": losses[0],
             "loss_last": log.mean_loss(False), "step_s": log.step_s, "steps": len(losses),
             "trainable": sum(p.numel() for _, p in named), "adapter_bytes": nbytes}
 
@@ -232,14 +250,14 @@ def worker(args):
     if args.resume and cache.exists():
         for line in cache.read_text().splitlines():
             r = json.loads(line)
-            if r.get("epochs") == EPOCHS and r.get("max_steps") == MAX_STEPS:
+            if r.get("epochs") == EPOCHS and r.get("max_steps") == MAX_STEPS and r.get("one_lr", False) == ONE_LR:
                 done[(r["lr"], r["seed"])] = r
 
     def one(lr, seed):
         r = done.get((lr, seed))
         if r is None:
             r = run_one(spec, lr, seed, data)
-            r["epochs"], r["max_steps"] = EPOCHS, MAX_STEPS
+            r["epochs"], r["max_steps"], r["one_lr"] = EPOCHS, MAX_STEPS, ONE_LR
             if not args.no_cache:
                 with open(cache, "a") as f:
                     f.write(json.dumps(r) + "\n")
@@ -279,6 +297,7 @@ def spawn(name, pairs, pick, threads, log, resume=False):
     options += ["--steps", str(MAX_STEPS)] if MAX_STEPS else []
     options += ["--pick"] if pick else []
     options += ["--resume"] if resume else []
+    options += ["--one-lr"] if ONE_LR else []
     options += ["--pairs", *[json.dumps(p) for p in pairs]]
     t0 = time.perf_counter()
     res = run_child(name, options)
@@ -348,7 +367,7 @@ def parse_args(argv):
     ap.add_argument("--pick", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per method process (default 1)")
     ap.add_argument("--workers", type=int, default=2, help="method processes at once (default 2)")
-    ap.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs per run (default {EPOCHS})")
+    ap.add_argument("--epochs", type=int, help=f"epochs per run (default {EPOCHS}; {CANDIDATE_EPOCHS} with --candidates)")
     ap.add_argument("--steps", type=int, help="cap each run at this many steps (a smoke run of the pipeline)")
     ap.add_argument("--resume", action="store_true", help="reuse the runs already in results/eval_cache/ "
                     "(same epochs), e.g. after an interrupted run")
@@ -358,6 +377,9 @@ def parse_args(argv):
     ap.add_argument("--timing", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--report", action="store_true", help="only rewrite the table and the plots from --out")
+    ap.add_argument("--candidates", action="store_true", help="run only the defaults' candidates (CANDIDATES), "
+                    f"every rate with every seed, one rate for all parameters, {CANDIDATE_EPOCHS} epochs unless --epochs")
+    ap.add_argument("--one-lr", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--memory-steps", type=int, default=8, help="steps of the per-method peak-memory run (default 8)")
     return ap.parse_args(argv)
 
@@ -437,9 +459,12 @@ def run_meta(args, wall_s):
 
 
 def main(argv=None):
-    global EPOCHS, MAX_STEPS
+    global EPOCHS, MAX_STEPS, ONE_LR
     args = parse_args(argv)
-    EPOCHS, MAX_STEPS = args.epochs, args.steps
+    EPOCHS = args.epochs or (CANDIDATE_EPOCHS if args.candidates else EPOCHS)
+    MAX_STEPS, ONE_LR = args.steps, args.one_lr or args.candidates
+    if args.candidates and not args.worker:
+        return run_candidates(args)
     if args.worker:
         return worker(args)
     if args.timing and args.json:
@@ -472,6 +497,55 @@ def main(argv=None):
     write_report(out, args.out)
     log(f"wrote {args.out}, {RESULTS / 'eval_peft.md'} and the plots in {DOC_IMG}")
     return 0
+
+
+def run_candidates(args):
+    """Every candidate at each of its rates with every seed (a fresh process per candidate); writes
+    results/eval_defaults.json and eval_defaults.md, and prints the table."""
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
+
+    names = [n for n in (args.only or CANDIDATES)]
+    log(f"{len(names)} candidates, {args.workers} at a time, {args.threads} thread(s) each, {EPOCHS} epoch(s), "
+        "one learning rate for every trainable parameter")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(args.workers) as pool:
+        futs = {n: pool.submit(spawn, n, [(lr, s) for lr in CANDIDATES[n] for s in SEEDS], False, args.threads,
+                               log, True) for n in names}
+        records = {n: f.result() for n, f in futs.items()}
+    specs = methods()
+    rows = {}
+    for n, rec in records.items():
+        for lr in CANDIDATES[n]:
+            runs = sorted((r for r in rec["runs"] if r["lr"] == lr), key=lambda r: r["seed"])
+            accs = [r["acc"] for r in runs]
+            per_epoch = [statistics.fmean(r["acc_epochs"][k] for r in runs) for k in range(len(runs[0]["acc_epochs"]))]
+            rows[f"{n}@{lr:g}"] = {"method": n, "label": label(n, specs[n]), "lr": lr, "acc_seeds": accs,
+                                   "acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs),
+                                   "acc_mean_by_epoch": per_epoch, "steps": runs[0]["steps"],
+                                   "trainable": runs[0]["trainable"], "adapter_bytes": runs[0]["adapter_bytes"],
+                                   "step_s": statistics.median(r["step_s"] for r in runs)}
+    meta = run_meta(args, round(time.perf_counter() - t_start))
+    meta["one_lr"] = True
+    out = {"meta": meta, "candidates": {n: CANDIDATES[n] for n in names}, "rows": rows}
+    (RESULTS / "eval_defaults.json").write_text(json.dumps(out, indent=1))
+    md = candidates_markdown(out)
+    (RESULTS / "eval_defaults.md").write_text(md)
+    print(md)
+    return 0
+
+
+def candidates_markdown(out):
+    epochs = out["meta"]["epochs"]
+    by_epoch = " / ".join(f"ep {k + 1}" for k in range(epochs))
+    lines = [f"| method | lr | trainable params | test acc % (3 seeds) | mean acc by epoch ({by_epoch}) |",
+             "|---|---:|---:|---:|---|"]
+    for r in out["rows"].values():
+        lines.append(f"| {r['label']} | {r['lr']:g} | {r['trainable']:,} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} | "
+                     + " / ".join(f"{a:.2f}" for a in r["acc_mean_by_epoch"]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def submit_default(pool, param, records, args, log):

@@ -107,6 +107,10 @@ def _as_list(v):
 class LoLDUConfig:
     """Configuration of one LoLDU adapter.
 
+    Defaults: the paper's parametrization, sigma frozen; train with learning rate `suggested_lr`
+    (1e-2 for everything the adapter trains, heads included: about 10x LoRA's habitual rates, at which
+    LoLDU hardly moves; docs/evaluation.md, "Choosing the defaults").
+
     rank: number r of leading LDU components kept per adapted matrix (1 <= r <= min(d, k) of every
         targeted weight; checked per layer at inject time).
     target_modules: which modules to adapt, by their name in `model.named_modules()`. A str is a
