@@ -126,3 +126,17 @@ def test_train_is_fixed_by_the_seed_and_learns():
     short = train(model, [{"params": list(model.classifier.parameters()), "lr": 1e-2}],
                   (ids, torch.ones_like(ids), labels), epochs=1, seed=0, max_steps=2)
     assert len(short.times) == len(short.losses) == 2 and not model.training
+
+
+def test_train_scores_after_each_epoch_in_eval_mode():
+    """on_epoch(k) runs after each full pass, with the model in eval mode."""
+    from loldu.demo_task import BATCH, train
+
+    model = MeanPoolClassifier(_tiny_bert(0), 16, seed=3)
+    ids = torch.randint(1, 50, (2 * BATCH, 5))
+    labels = (ids[:, 0] < 25).long()
+    seen = []
+    log = train(model, [{"params": list(model.parameters()), "lr": 1e-2}], (ids, torch.ones_like(ids), labels),
+                epochs=3, seed=0, on_epoch=lambda k: seen.append((k, model.training)))
+    assert seen == [(1, False), (2, False), (3, False)]
+    assert len(log.losses) == 6 and not model.training
