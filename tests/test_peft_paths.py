@@ -115,6 +115,26 @@ def test_plain_trainer_refused_before_training_injected(tmp_path):
         trainer.train()
 
 
+def test_plain_trainer_check_on_an_injected_model(tmp_path):
+    """The mechanism the injected path needs (loldu.wrapper.arm_plain_trainer_check), armed by hand."""
+    from loldu.wrapper import arm_plain_trainer_check
+
+    tok = tokenizer(tmp_path)
+    data = encoded(tok, texts())
+    model = loldu.inject(base(), LoLDUConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    handle = arm_plain_trainer_check(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(AdapterError, match=r"loldu\.trainer\.LoLDUTrainer"):
+        Trainer(model=model, args=targs(tmp_path / "out"), train_dataset=data,
+                data_collator=DataCollatorWithPadding(tok)).train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    LoLDUTrainer(model=model, args=targs(tmp_path / "ok", max_steps=1, save_steps=1), train_dataset=data,
+                 data_collator=DataCollatorWithPadding(tok)).train()  # the mixin passes
+    model.train()
+    model(input_ids=torch.randint(5, 40, (2, 6)))  # a training forward outside any Trainer passes too
+    handle.remove()
+
+
 @pytest.mark.parametrize("how", ["wrapper", "injected"])
 def test_loldu_trainer_adapter_checkpoints_reload(tmp_path, how):
     tok = tokenizer(tmp_path)

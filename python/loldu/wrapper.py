@@ -13,6 +13,7 @@ import inspect
 import sys
 from typing import Dict, Iterator, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from . import adapter_io
@@ -201,6 +202,16 @@ def _refuse_plain_trainer(frame, depth: int = 8) -> None:
                 "another Trainer subclass, mix in loldu.trainer.LoLDUTrainerMixin first): its checkpoints "
                 "are the adapter file (docs/trainer.md)")
         frame, depth = frame.f_back, depth - 1
+
+
+def arm_plain_trainer_check(root: nn.Module):
+    """For a model injected in place (no LoLDUModel handle to refuse it): a forward pre-hook on `root`
+    that refuses its training forwards under the plain transformers Trainer, before the first step.
+    Returns the hook's handle (remove it when the adapters are unloaded)."""
+    def check(module, args):
+        if module.training and torch.is_grad_enabled():
+            _refuse_plain_trainer(sys._getframe(1))
+    return root.register_forward_pre_hook(check)
 
 
 def get_loldu_model(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default", **kwargs) -> LoLDUModel:
