@@ -1,4 +1,4 @@
-"""Training and scoring on the demo's task, one code path for the demo (examples/demo.py) and the
+"""Training and scoring on the demo's task, one code path for the demo (loldu.demo) and the
 evaluation (benchmarks/eval_peft.py), so that the demo's numbers are the evaluation's numbers at one
 configuration (docs/evaluation.md).
 
