@@ -22,16 +22,17 @@
 #include "json_limits.h"
 
 namespace loldu {
+
+// safetensors.cpp: every check of read_safetensors_file that needs only the header (the file's size
+// against what the header describes included); the tensors' data pointers are null.
+SafetensorsFile read_safetensors_header(const std::string& path);
+
 namespace {
 
 using nlohmann::json;
 using nlohmann::ordered_json;
 
 using spec::kFormat;
-
-// Python's `isinstance(v, int)` (a bool is an int there).
-bool is_py_int(const json& v) { return v.is_number_integer() || v.is_boolean(); }
-int64_t py_int(const json& v) { return v.is_boolean() ? int64_t(v.get<bool>()) : v.get<int64_t>(); }
 
 bool number_equals(const json& v, int want) {
   if (v.is_boolean()) return int(v.get<bool>()) == want;
@@ -261,8 +262,60 @@ void check_coefficient_inputs(const AdapterFile& a, const std::string& where) {
 
 namespace {
 
-AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& where) {
-  SafetensorsFile st = parse_safetensors(bytes, size, where);
+// What the header of an adapter file says, checked: everything but the tensor data (whose hash,
+// values and pivots parse_checked then checks), so a reader can refuse a file before reading its data.
+struct CheckedHeader {
+  AdapterFile adapter;        // layers, config, saved modules; no tensor values yet
+  std::string data_sha256;    // "" when missing or not a string (which no data hash equals)
+};
+
+bool allowed(const char* const* values, size_t n, const std::string& s) {
+  return std::any_of(values, values + n, [&](const char* v) { return s == v; });
+}
+
+// The stored adapter name: absent (null or "", loaded as "default") or matching the spec's pattern.
+void check_adapter_name(const json& header, AdapterFile& out, const std::string& where) {
+  if (!header.contains("adapter_name") || header["adapter_name"].is_null()) return;
+  const json& name = header["adapter_name"];
+  if (name.is_string() && name.get<std::string>().empty()) return;
+  if (!name.is_string() || !std::regex_match(name.get<std::string>(), std::regex(spec::kAdapterNamePattern)))
+    throw AdapterError(where + ": adapter_name " + short_repr(name) + " must be a str matching " +
+                       spec::kAdapterNamePattern + " (letters, digits, _ or -, not starting with a digit or -)");
+  out.adapter_name = name.get<std::string>();
+}
+
+// `layers`: a non-empty list of {name, kind, shape [d, k], dtype}, each kind and dtype one the spec
+// allows and d, k positive ints (a bool is refused, as the Python reader refuses it).
+void check_layers(const json& layers, AdapterFile& out, const std::string& where) {
+  bool ok = layers.is_array() && !layers.empty();
+  for (size_t i = 0; ok && i < layers.size(); ++i) {
+    const json& e = layers[i];
+    auto dim = [](const json& v) { return v.is_number_integer() && v.get<int64_t>() > 0; };
+    ok = e.is_object() && e.contains("name") && e["name"].is_string() && e.contains("kind") && e["kind"].is_string() &&
+         e.contains("dtype") && e["dtype"].is_string() && e.contains("shape") && e["shape"].is_array() &&
+         e["shape"].size() == 2 && dim(e["shape"][0]) && dim(e["shape"][1]);
+    if (ok)
+      out.layers.push_back({e["name"].get<std::string>(), e["kind"].get<std::string>(), e["shape"][0].get<int64_t>(),
+                            e["shape"][1].get<int64_t>(), e["dtype"].get<std::string>()});
+  }
+  if (!ok)
+    throw AdapterError(where + ": 'layers' must be a non-empty list of {name, kind, shape [d, k], dtype} "
+                       "(d and k positive ints)");
+  for (const auto& l : out.layers) {
+    if (!allowed(spec::kLayerKinds, std::size(spec::kLayerKinds), l.kind))
+      throw AdapterError(where + ": layer '" + l.name + "': kind '" + l.kind + "' is not one of " +
+                         join(spec::kLayerKinds, std::size(spec::kLayerKinds)));
+    if (!allowed(spec::kLayerDtypes, std::size(spec::kLayerDtypes), l.dtype))
+      throw AdapterError(where + ": layer '" + l.name + "': dtype '" + l.dtype + "' is not one of " +
+                         join(spec::kLayerDtypes, std::size(spec::kLayerDtypes)) +
+                         " (the base weight dtypes LoLDU adapts)");
+  }
+  std::set<std::string> names;
+  for (const auto& l : out.layers)
+    if (!names.insert(l.name).second) throw AdapterError(where + ": repeated layer names ('" + l.name + "')");
+}
+
+CheckedHeader check_header(const SafetensorsFile& st, const std::string& where) {
   const auto& meta = st.metadata;
   auto fmt = meta.find(spec::kMetaFormat);
   if (fmt == meta.end()) {
@@ -302,38 +355,18 @@ AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& 
                        (header.contains("format_version") ? short_repr(header["format_version"]) : "None") +
                        " is not supported here (the weights file says " + std::to_string(version) + ")");
 
-  AdapterFile out;
+  CheckedHeader checked;
+  AdapterFile& out = checked.adapter;
   out.format_version = version;
   out.source = where;
   out.config_text = text;
   out.config = parse_config(header.contains("config") ? header["config"] : json(), where);
-  if (header.contains("adapter_name") && header["adapter_name"].is_string() &&
-      !header["adapter_name"].get<std::string>().empty())
-    out.adapter_name = header["adapter_name"].get<std::string>();
+  check_adapter_name(header, out, where);
   if (header.contains("model_class") && header["model_class"].is_string())
     out.model_class = header["model_class"].get<std::string>();
-
-  const json layers = header.contains("layers") ? header["layers"] : json();
-  bool ok = layers.is_array() && !layers.empty();
-  if (ok) {
-    for (const json& e : layers) {
-      const bool entry_ok = e.is_object() && e.contains("name") && e["name"].is_string() && e.contains("kind") &&
-                            e["kind"].is_string() && e.contains("dtype") && e["dtype"].is_string() &&
-                            e.contains("shape") && e["shape"].is_array() && e["shape"].size() == 2 &&
-                            is_py_int(e["shape"][0]) && is_py_int(e["shape"][1]) && py_int(e["shape"][0]) > 0 &&
-                            py_int(e["shape"][1]) > 0;
-      if (!entry_ok) {
-        ok = false;
-        break;
-      }
-      out.layers.push_back({e["name"].get<std::string>(), e["kind"].get<std::string>(), py_int(e["shape"][0]),
-                            py_int(e["shape"][1]), e["dtype"].get<std::string>()});
-    }
-  }
-  if (!ok) throw AdapterError(where + ": 'layers' must be a non-empty list of {name, kind, shape [d, k], dtype}");
-  std::set<std::string> names;
-  for (const auto& l : out.layers)
-    if (!names.insert(l.name).second) throw AdapterError(where + ": repeated layer names ('" + l.name + "')");
+  check_layers(header.contains("layers") ? header["layers"] : json(), out, where);
+  if (header.contains("data_sha256") && header["data_sha256"].is_string())
+    checked.data_sha256 = header["data_sha256"].get<std::string>();
 
   // Saved modules (format 3): their tensors are stored as "saved.<module>.<tensor>".
   std::set<std::string> expected;
@@ -380,8 +413,15 @@ AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& 
     if (st.tensors.at(name).dtype != shared)
       throw AdapterError(where + ": tensor '" + name + "' is " + st.tensors.at(name).dtype + " but '" +
                          spec::kSameDtype[0] + "' is " + shared + " (" + same_dtype_names() + " share one dtype)");
-  if (!header.contains("data_sha256") || !header["data_sha256"].is_string() ||
-      header["data_sha256"].get<std::string>() != data_hash(st.tensors))
+  return checked;
+}
+
+AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& where) {
+  const SafetensorsFile st = parse_safetensors(bytes, size, where);
+  CheckedHeader checked = check_header(st, where);
+  AdapterFile& out = checked.adapter;
+  const int64_t L = int64_t(out.layers.size()), r = out.config.rank;
+  if (checked.data_sha256.empty() || checked.data_sha256 != data_hash(st.tensors))
     throw AdapterError(where + ": tensor data does not match the hash in the config: the file is corrupted");
 
   out.z_dtype = st.tensors.at("z").dtype;
@@ -408,7 +448,7 @@ AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& 
       if (!all_finite(src)) throw AdapterError(where + ": saved tensor '" + key + "' holds NaN/Inf");
       out.saved_tensors[key] = OwnedTensor{src.dtype, src.shape, std::vector<uint8_t>(src.data, src.data + src.nbytes)};
     }
-  return out;
+  return std::move(out);
 }
 
 std::string join_path(const std::string& dir, const std::string& name) {
@@ -462,6 +502,13 @@ AdapterFile read_adapter(const std::string& dir, std::vector<std::string>* warni
     throw AdapterError(dir + ": no such adapter directory");
   const std::string wpath = join_path(dir, kAdapterWeightsName);
   if (::stat(wpath.c_str(), &st) != 0 || S_ISDIR(st.st_mode)) throw AdapterError(wpath + ": no such adapter file");
+  // Everything the header says first, so a file whose size matches a wrong tensor table (a sparse
+  // file of gigabytes) is refused before its data is read.
+  try {
+    check_header(read_safetensors_header(wpath), wpath);
+  } catch (const nlohmann::json::exception& e) {
+    throw AdapterError(wpath + ": malformed adapter config (" + e.what() + ")");
+  }
   const std::vector<uint8_t> raw = read_safetensors_file(wpath);
   AdapterFile a = parse_adapter(raw.data(), raw.size(), wpath);
   const std::string cpath = join_path(dir, a.format_version >= 3 ? kAdapterConfigName : kLegacyConfigName);

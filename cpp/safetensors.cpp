@@ -306,6 +306,20 @@ std::vector<uint8_t> read_file_bytes(const std::string& path, uint64_t max_bytes
   return out;
 }
 
+SafetensorsFile read_safetensors_header(const std::string& path) {
+  RegularFile f(path);
+  const uint64_t size = f.size();
+  uint8_t prefix[8] = {0};
+  if (size >= 8) f.read(prefix, 8);
+  const uint64_t n = size >= 8 ? header_length(prefix) : 0;
+  std::vector<uint8_t> head(prefix, prefix + (size >= 8 ? 8 : 0));
+  if (size >= 8 && n <= kMaxHeaderBytes && n <= size - 8) {
+    head.resize(8 + n);
+    f.read(head.data() + 8, n);
+  }
+  return parse_layout(head.data(), head.size(), size, path).file;  // throws unless size == 8 + n + the data
+}
+
 std::vector<uint8_t> read_safetensors_file(const std::string& path) {
   RegularFile f(path);
   const uint64_t size = f.size();

@@ -44,15 +44,18 @@ def injected(seed=0, dtype=torch.float32, **kw):
     return base, model
 
 
-def resign(d: Path, edit) -> None:
-    """Rewrites d's adapter file with `edit(tensors)` applied and every hash recomputed (a file a
-    buggy or hostile writer could produce: only the values checks can refuse it)."""
+def resign(d: Path, edit, edit_header=None) -> None:
+    """Rewrites d's adapter file with `edit(tensors)` (and `edit_header(header)`) applied and every hash
+    recomputed (a file a buggy or hostile writer could produce: only the checks behind the hashes can
+    refuse it)."""
     raw = (d / WEIGHTS_NAME).read_bytes()
     n = int.from_bytes(raw[:8], "little")
     meta = json.loads(raw[8:8 + n])["__metadata__"]
     tensors = st_load(raw)
     edit(tensors)
     header = json.loads(meta[spec.META_CONFIG])
+    if edit_header is not None:
+        edit_header(header)
     header["data_sha256"] = adapter_io._data_hash(tensors)
     text = adapter_io._dumps(header)
     meta[spec.META_CONFIG], meta[spec.META_CONFIG_SHA256] = text, hashlib.sha256(text.encode()).hexdigest()
@@ -551,3 +554,100 @@ def test_moving_the_model_keeps_the_check_and_merge_finite_check_on_the_device(t
     m.cpu()  # moved while stale: still stale
     with pytest.raises(AdapterError, match=r"layer '0'.*stale"):
         loldu.save_adapter(m, tmp_path / "b")
+
+
+# -- The header is checked whole, against the spec, before any tensor data is read ----------------------
+def _set(path: tuple, value):
+    def edit(header):
+        *where, last = path
+        target = header
+        for key in where:
+            target = target[key]
+        target[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("path, value, words", [
+    (("adapter_name",), "1bad", ["adapter_name '1bad'", spec.ADAPTER_NAME_PATTERN]),
+    (("adapter_name",), "a/b", ["adapter_name 'a/b'"]),
+    (("adapter_name",), 5, ["adapter_name 5"]),
+    (("layers", 1, "kind"), "bogus", ["kind 'bogus' is not one of linear"]),
+    (("layers", 1, "dtype"), "float99", ["dtype 'float99' is not one of float32"]),
+    (("layers", 1, "dtype"), "float8_e4m3fn", ["dtype 'float8_e4m3fn'"]),
+    (("layers", 1, "shape"), [32, True], ["'layers' must be", "positive ints"]),
+])
+def test_read_refuses_header_fields_the_spec_forbids(tmp_path, path, value, words):
+    """A later load would refuse each, or worse; read_adapter (and `loldu inspect`) refuse them first."""
+    _, model = injected()
+    loldu.save_adapter(model, tmp_path)
+    layer = json.loads((tmp_path / CONFIG_NAME).read_text())["layers"][1]["name"]
+    resign(tmp_path, lambda t: None, _set(path, value))
+    with pytest.raises(AdapterError) as e:
+        read_adapter(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / WEIGHTS_NAME) + ": ")
+    for w in words + ([f"layer '{layer}'"] if path[-1] in ("kind", "dtype") else []):
+        assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("where", ["layer", "saved tensor", "metadata"])
+def test_a_lone_surrogate_is_refused_with_a_printable_message(tmp_path, where):
+    """JSON's "\\ud800" escape is no character: Python's json takes it, UTF-8 cannot hold it."""
+    torch.manual_seed(1)
+    base = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    model = loldu.inject(copy.deepcopy(base), loldu.LoLDUConfig(rank=2, target_modules=["0"], modules_to_save=["1"]))
+    perturb(model)
+    loldu.save_adapter(model, tmp_path)
+    if where == "layer":
+        resign(tmp_path, lambda t: None, _set(("layers", 0, "name"), "\ud800x"))
+    elif where == "saved tensor":
+        resign(tmp_path, lambda t: None, _set(("saved_modules", 0, "tensors", 1), "\ud800"))
+    else:  # the safetensors header's own JSON
+        raw = (tmp_path / WEIGHTS_NAME).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        head = json.loads(raw[8:8 + n])
+        head["__metadata__"]["note"] = "\udc00"
+        text = json.dumps(head).encode()  # ASCII: the escape stays an escape
+        text += b" " * (-len(text) % 8)
+        (tmp_path / WEIGHTS_NAME).write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    with pytest.raises(AdapterError, match="not valid Unicode") as e:
+        read_adapter(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / WEIGHTS_NAME))
+    str(e.value).encode("utf-8")  # printable: no surrogate in the message
+    with pytest.raises(AdapterError, match="not valid Unicode"):
+        loldu.load_adapter(copy.deepcopy(base), tmp_path)
+    assert_one_line_error(cli("inspect", tmp_path), WEIGHTS_NAME, "not valid Unicode")
+
+
+def sparse_wrong_table(d: Path) -> Path:
+    """A valid adapter's header (its config and hashes intact) over a tensor table that is not the
+    spec's: one tensor z of (1, 2**30) F32, its 4 GiB of data a hole (truncate: no disk used)."""
+    _, model = injected()
+    loldu.save_adapter(model, d)
+    path = d / WEIGHTS_NAME
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8:8 + n])["__metadata__"]
+    text = json.dumps({"__metadata__": meta, "z": {"dtype": "F32", "shape": [1, 2**30],
+                                                   "data_offsets": [0, 2**32]}}).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text)
+    os.truncate(path, 8 + len(text) + 2**32)
+    return path
+
+
+def test_a_sparse_file_with_a_wrong_tensor_table_is_refused_before_its_data_is_read(tmp_path):
+    """Its size matches its header, so only the tensor table can refuse it: from the header, not
+    after reading 4 GiB (a subprocess with a timeout far below what reading them takes)."""
+    path = sparse_wrong_table(tmp_path)
+    r = run_python(f"""
+        import sys
+        from loldu.adapter_io import read_adapter
+        from loldu.errors import AdapterError
+        try:
+            read_adapter({str(tmp_path)!r})
+        except AdapterError as e:
+            print(e)
+            sys.exit(3)
+        """, timeout=20)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout.startswith(str(path)) and "expected tensors" in r.stdout and "found ['z']" in r.stdout, r.stdout

@@ -73,6 +73,8 @@ def _format_part(spec: dict) -> list:
         f"inline constexpr const char* kMetaV1ConfigSha256 = {_str(m['v1_config_sha256'])};  // format 1's only key",
         f"inline constexpr const char* kMetaSafetensorsFormat[2] = {_strings(m['safetensors_format'])};",
         f"inline constexpr const char* kLayerKinds[] = {_strings(spec['layer_kinds'])};",
+        f"// {spec['layer_dtypes_about']}",
+        f"inline constexpr const char* kLayerDtypes[] = {_strings(spec['layer_dtypes'])};",
         f"// {spec['adapter_name']['about']}",
         f"inline constexpr const char* kAdapterNamePattern = {_str(spec['adapter_name']['pattern'])};",
         "",

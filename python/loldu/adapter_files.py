@@ -49,6 +49,17 @@ def read_config_file(path: Path) -> bytes:
         return f.read(_CONFIG_MAX + 1)
 
 
+def require_unicode(value, path: Path, what: str) -> None:
+    """AdapterError naming `path` when a string in the parsed JSON `value` is not valid Unicode: Python's
+    json takes a lone surrogate escape ("\\ud800") that no UTF-8 text, message or terminal can hold
+    (and that the C++ reader's JSON parser refuses)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise AdapterError(f"{path}: {what} holds a string that is not valid Unicode (a lone surrogate such as "
+                           "\\ud800)") from None
+
+
 def _st_header(header: bytes, path: Path) -> dict:
     """A safetensors header (the JSON after the 8-byte length) as a dict."""
     try:
@@ -59,17 +70,24 @@ def _st_header(header: bytes, path: Path) -> dict:
         raise AdapterError(f"{path}: corrupted safetensors header (JSON nested too deeply)") from None
     if not isinstance(entries, dict):
         raise AdapterError(f"{path}: corrupted safetensors header (not a JSON object)")
+    require_unicode(entries, path, "the safetensors header")
     return entries
 
 
-def st_metadata(raw: bytes, path: Path) -> dict:
-    """The `__metadata__` of the safetensors file `raw` (read from `path`)."""
+def st_header(raw: bytes, path: Path) -> dict:
+    """The header of the safetensors file `raw` (read from `path`; its first 8 + header length bytes
+    suffice): {tensor name: {dtype, shape, data_offsets}, "__metadata__": {...}}."""
     if len(raw) < 8:
         raise AdapterError(f"{path}: truncated safetensors file ({len(raw)} bytes)")
     (n,) = struct.unpack("<Q", raw[:8])
     if n > len(raw) - 8:
         raise AdapterError(f"{path}: safetensors header length {n} exceeds the file size {len(raw)}")
-    meta = _st_header(raw[8 : 8 + n], path).get("__metadata__", {})
+    return _st_header(raw[8 : 8 + n], path)
+
+
+def st_metadata(raw: bytes, path: Path) -> dict:
+    """The `__metadata__` of the safetensors file `raw` (read from `path`)."""
+    meta = st_header(raw, path).get("__metadata__", {})
     if not isinstance(meta, dict):
         raise AdapterError(f"{path}: corrupted safetensors metadata")
     return meta
@@ -89,23 +107,38 @@ def _data_length(header: bytes, path: Path) -> int:
     return max(ends)
 
 
+def read_weights_head(path: Path) -> bytes:
+    """The first 8 + header length bytes of the adapter (safetensors) file, its size checked as
+    read_weights checks it: what a reader checks before it reads any tensor data."""
+    with _opened(path) as (f, size):
+        return _checked_head(f, size, path)
+
+
+def _checked_head(f, size: int, path: Path) -> bytes:
+    """8 + header bytes of the open file `f` of `size` bytes, once its size is what its header claims
+    (8 + header length + data length); the file is left positioned after them."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise AdapterError(f"{path}: truncated safetensors file ({len(head)} bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+        raise AdapterError(f"{path}: safetensors header length {n} exceeds the file size {size}")
+    if n > _HEADER_MAX:
+        raise AdapterError(f"{path}: safetensors header length {n} exceeds the limit of {_HEADER_MAX} bytes")
+    header = f.read(n)
+    claimed = 8 + n + _data_length(header, path)
+    if claimed != size:
+        raise AdapterError(f"{path}: the file has {size} bytes but its safetensors header describes {claimed} "
+                           "(8 + header + tensor data): it is truncated, padded or corrupted")
+    return head + header
+
+
 def read_weights(path: Path) -> bytes:
     """The whole adapter (safetensors) file. Its size is checked against what its own header claims
     (8 + header length + data length) before the data is read, so a file that is truncated, padded
     or far larger than its tensors (a sparse file of gigabytes) is refused without reading it."""
     with _opened(path) as (f, size):
-        head = f.read(8)
-        if len(head) < 8:
-            raise AdapterError(f"{path}: truncated safetensors file ({len(head)} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise AdapterError(f"{path}: safetensors header length {n} exceeds the file size {size}")
-        if n > _HEADER_MAX:
-            raise AdapterError(f"{path}: safetensors header length {n} exceeds the limit of {_HEADER_MAX} bytes")
-        claimed = 8 + n + _data_length(f.read(n), path)
-        if claimed != size:
-            raise AdapterError(f"{path}: the file has {size} bytes but its safetensors header describes {claimed} "
-                               "(8 + header + tensor data): it is truncated, padded or corrupted")
+        _checked_head(f, size, path)
         f.seek(0)
         raw = f.read(size + 1)
     if len(raw) != size:

@@ -48,7 +48,10 @@ from safetensors.torch import save as st_save
 from .adapter_files import os_reason as _os_reason
 from .adapter_files import read_config_file as _read_config
 from .adapter_files import read_weights as _read_bytes  # the weights file, read once (tests count the calls)
+from .adapter_files import read_weights_head as _read_head
+from .adapter_files import require_unicode as _require_unicode
 from .adapter_files import same_copy as _copy_matches
+from .adapter_files import st_header as _st_header
 from .adapter_files import st_metadata as _st_metadata
 from .atomic import STALE_EMPTY_SECONDS, STALE_UNLOCKED_SECONDS, atomic_write, clean_stale_temps, read_regular
 from .config import TASK_HEADS, LoLDUConfig
@@ -57,9 +60,12 @@ from .integrity import c_terms_refusal, fingerprint, stale_refusal
 from .layer import weight_matrix
 from .model import add_with, inject_with
 from .spec import (
+    ADAPTER_NAME_PATTERN,
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
+    LAYER_DTYPES,
+    LAYER_KINDS,
     LEGACY_CONFIG_NAME,
     META_CONFIG,
     META_CONFIG_SHA256,
@@ -71,6 +77,7 @@ from .spec import (
     TENSOR_ALLOWED_DTYPES,
     TENSOR_DTYPES,
     TENSOR_NAMES,
+    TORCH_DTYPES,
     VERSION_MAX_DIGITS,
     WEIGHTS_NAME,
     tensor_table,
@@ -258,6 +265,7 @@ def _parse_header(text, path: Path) -> dict:
         raise AdapterError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise AdapterError(f"{path}: not a loldu adapter config (JSON nested too deeply)") from None
+    _require_unicode(header, path, "the adapter config")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         fmt = header.get("format") if isinstance(header, dict) else None
         raise AdapterError(f"{path}: not a loldu adapter config (format {fmt!r})")
@@ -329,16 +337,9 @@ def _checked_header(header: dict, version: int, source: Path) -> Tuple[LoLDUConf
         config = LoLDUConfig.from_dict(header.get("config"))
     except (TypeError, ValueError, ArithmeticError, RecursionError) as e:  # AdapterError is a ValueError
         raise AdapterError(f"{source}: invalid config: {e}") from None
+    _check_adapter_name(header.get("adapter_name"), source)
     layers = header.get("layers")
-    ok = isinstance(layers, list) and layers and all(
-        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("kind"), str)
-        and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list) and len(e["shape"]) == 2
-        and all(isinstance(s, int) and 0 < s < 2 ** 63 for s in e["shape"]) for e in layers)
-    if not ok:
-        raise AdapterError(f"{source}: 'layers' must be a non-empty list of {{name, kind, shape [d, k], dtype}}")
-    names = [e["name"] for e in layers]
-    if len(set(names)) != len(names):
-        raise AdapterError(f"{source}: repeated layer names")
+    _check_layers(layers, source)
     saved = header.get("saved_modules", []) if version >= 3 else []
     ok = isinstance(saved, list) and all(
         isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"] and isinstance(e.get("tensors"), list)
@@ -348,22 +349,59 @@ def _checked_header(header: dict, version: int, source: Path) -> Tuple[LoLDUConf
     return config, layers, saved
 
 
-def _check_table(tensors: Dict[str, torch.Tensor], saved_keys: set, L: int, r: int, wpath: Path) -> None:
-    """The tensor table (spec.tensor_table): exactly the adapter's tensors and the saved modules' ones;
-    the adapter's own with their dtypes and (L layers, rank r) shapes, checked before anything is hashed."""
+def _check_adapter_name(name, source: Path) -> None:
+    """The stored adapter name: absent (None or "", loaded as "default") or matching the spec's pattern."""
+    if name is None or name == "":
+        return
+    if not isinstance(name, str) or not re.fullmatch(ADAPTER_NAME_PATTERN, name):
+        raise AdapterError(f"{source}: adapter_name {name!r} must be a str matching {ADAPTER_NAME_PATTERN} (letters, "
+                           "digits, _ or -, not starting with a digit or -)")
+
+
+def _check_layers(layers, source: Path) -> None:
+    """`layers`: a non-empty list of {name, kind, shape [d, k], dtype} with distinct names, each kind
+    and dtype one the spec allows and d, k positive ints (not bools) below 2**63."""
+    ok = isinstance(layers, list) and layers and all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("kind"), str)
+        and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list) and len(e["shape"]) == 2
+        and all(type(s) is int and 0 < s < 2 ** 63 for s in e["shape"]) for e in layers)
+    if not ok:
+        raise AdapterError(f"{source}: 'layers' must be a non-empty list of {{name, kind, shape [d, k], dtype}} "
+                           "(d and k positive ints)")
+    for e in layers:
+        if e["kind"] not in LAYER_KINDS:
+            raise AdapterError(f"{source}: layer {e['name']!r}: kind {e['kind']!r} is not one of "
+                               f"{', '.join(LAYER_KINDS)}")
+        if e["dtype"] not in LAYER_DTYPES:
+            raise AdapterError(f"{source}: layer {e['name']!r}: dtype {e['dtype']!r} is not one of "
+                               f"{', '.join(LAYER_DTYPES)} (the base weight dtypes LoLDU adapts)")
+    if len({e["name"] for e in layers}) != len(layers):
+        raise AdapterError(f"{source}: repeated layer names")
+
+
+def _check_table(entries: dict, saved_keys: set, L: int, r: int, wpath: Path) -> None:
+    """The tensor table (spec.tensor_table) as the safetensors header `entries` declares it, checked
+    before any tensor data is read: exactly the adapter's tensors and the saved modules' ones; the
+    adapter's own with their dtypes and (L layers, rank r) shapes."""
+    found = [key for key in entries if key != "__metadata__"]
     expected = set(TENSOR_NAMES) | saved_keys
-    if set(tensors) != expected:
-        raise AdapterError(f"{wpath}: expected tensors {sorted(expected)}, found {sorted(tensors)}")
+    if set(found) != expected:
+        raise AdapterError(f"{wpath}: expected tensors {sorted(expected)}, found {sorted(found)}")
+    dtypes = {}
     for key, (_, shape) in tensor_table(L, r).items():
-        t = tensors[key]
+        e = entries[key] if isinstance(entries[key], dict) else {}
+        name, dims = e.get("dtype"), e.get("shape")
+        dtypes[key] = TORCH_DTYPES.get(name, name) if isinstance(name, str) else name
         allowed = TENSOR_ALLOWED_DTYPES[key]
-        if t.dtype not in allowed or tuple(t.shape) != shape:
+        ok_shape = isinstance(dims, list) and all(type(s) is int for s in dims) and tuple(dims) == shape
+        if dtypes[key] not in allowed or not ok_shape:
             want = " or ".join(map(str, allowed))
-            raise AdapterError(f"{wpath}: tensor '{key}' is {t.dtype} {tuple(t.shape)}, expected {want} {shape} "
+            got = tuple(dims) if isinstance(dims, list) else dims
+            raise AdapterError(f"{wpath}: tensor '{key}' is {dtypes[key]} {got}, expected {want} {shape} "
                                f"({L} layers, rank {r})")
-    if len({tensors[key].dtype for key in SAME_DTYPE}) > 1:
+    if len({dtypes[key] for key in SAME_DTYPE}) > 1:
         raise AdapterError(f"{wpath}: tensors {', '.join(map(repr, SAME_DTYPE))} must share one dtype, found "
-                           + ", ".join(str(tensors[key].dtype) for key in SAME_DTYPE))
+                           + ", ".join(str(dtypes[key]) for key in SAME_DTYPE))
 
 
 def _check_values(tensors: Dict[str, torch.Tensor], saved_keys: set, layers: List[dict], config: LoLDUConfig,
@@ -389,15 +427,20 @@ def _check_values(tensors: Dict[str, torch.Tensor], saved_keys: set, layers: Lis
 def _read(d: Path) -> AdapterFile:
     """read_adapter: the weights file read once, every hash checked once."""
     wpath = d / WEIGHTS_NAME
-    raw = _read_bytes(wpath)
-    header, version, source = _stored_header(raw, d, wpath)
+    # Everything the header says is checked before the tensor data is read (a sparse file whose
+    # size matches a wrong tensor table would otherwise be read whole first).
+    head = _read_head(wpath)
+    header, version, source = _stored_header(head, d, wpath)
     config, layers, saved = _checked_header(header, version, source)
     saved_keys = {f"{SAVED_PREFIX}{e['name']}.{t}" for e in saved for t in e["tensors"]}
+    _check_table(_st_header(head, wpath), saved_keys, len(layers), config.rank, wpath)
+    raw = _read_bytes(wpath)
+    if raw[: len(head)] != head:
+        raise AdapterError(f"{wpath}: the file changed while it was read (its header differs)")
     try:
         tensors = st_load(raw)
     except Exception as e:  # safetensors raises its own SafetensorError
         raise AdapterError(f"{wpath}: corrupted safetensors file ({e})") from None
-    _check_table(tensors, saved_keys, len(layers), config.rank, wpath)
     if header.get("data_sha256") != _data_hash(tensors):
         raise AdapterError(f"{wpath}: tensor data does not match the hash in {source}: the file is corrupted")
     tensors["pivots"] = tensors["pivots"].long()  # loldu.ldu's index dtype

@@ -33,6 +33,8 @@ META_CONFIG_SHA256: str = SPEC["metadata"]["config_sha256"]
 META_V1_CONFIG_SHA256: str = SPEC["metadata"]["v1_config_sha256"]
 
 LAYER_KINDS: Tuple[str, ...] = tuple(SPEC["layer_kinds"])
+# A layer's dtype: its base weight's, one LoLDU factorizes (str(torch dtype) without "torch.").
+LAYER_DTYPES: Tuple[str, ...] = tuple(SPEC["layer_dtypes"])
 # An adapter's name matches this whole (re.fullmatch).
 ADAPTER_NAME_PATTERN: str = SPEC["adapter_name"]["pattern"]
 

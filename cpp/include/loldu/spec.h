@@ -23,6 +23,8 @@ inline constexpr const char* kMetaConfigSha256 = "loldu_config_sha256";
 inline constexpr const char* kMetaV1ConfigSha256 = "config_sha256";  // format 1's only key
 inline constexpr const char* kMetaSafetensorsFormat[2] = {"format", "pt"};
 inline constexpr const char* kLayerKinds[] = {"linear", "conv2d", "embedding", "conv1d"};
+// a layer's dtype: its base weight's (str(torch dtype) without "torch."), one LoLDU factorizes
+inline constexpr const char* kLayerDtypes[] = {"float32", "float64", "float16", "bfloat16"};
 // an adapter's name matches pattern whole (Python re.fullmatch; ASCII letters, digits, _ and -, not starting with a digit or -)
 inline constexpr const char* kAdapterNamePattern = "[A-Za-z_][A-Za-z0-9_-]*";
 
