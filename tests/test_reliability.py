@@ -651,3 +651,20 @@ def test_a_sparse_file_with_a_wrong_tensor_table_is_refused_before_its_data_is_r
         """, timeout=20)
     assert r.returncode == 3, r.stderr
     assert r.stdout.startswith(str(path)) and "expected tensors" in r.stdout and "found ['z']" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("storage", ["full", "cur", "lu"])
+def test_refused_load_state_dict_leaves_every_module_as_it_was(storage):
+    """torch loads module by module: the adapted model's pre-hook checks every LoLDU layer first, so a
+    refused layer leaves also the plain modules loaded before it unchanged."""
+    def net():
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+    a, b = net(), net()
+    model = loldu.inject(copy.deepcopy(a), loldu.LoLDUConfig(rank=8, target_modules=["2"], factor_storage=storage))
+    other = loldu.inject(copy.deepcopy(b), loldu.LoLDUConfig(rank=8, target_modules=["2"], factor_storage="lu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(loldu.AdapterError, match="nothing was loaded"):
+        model.load_state_dict(other.state_dict())
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)

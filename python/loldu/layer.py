@@ -139,6 +139,8 @@ class LoLDULayer(nn.Module):
         self._row_names: List[str] = []
         # While load_state_dict runs: the factors of the base weight it brings (_load_from_state_dict).
         self._loading: Optional[Tuple[LDUResult, Tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+        # (id of the state_dict, prefix, prepare_load's result) when the model's pre-hook checked it first.
+        self._prepared: Optional[tuple] = None
         # The fingerprint of W0 (integrity.fingerprint) where the weight no longer holds W0 as it was
         # trained on ("lu" storage, or W0 recomputed from the LU); None: read from the weight.
         self.w0_fingerprint: Optional[bytes] = None
@@ -218,16 +220,27 @@ class LoLDULayer(nn.Module):
         # load_state_dict reaches a module before its children, so this runs before the base weight
         # is loaded: a new base weight is factorized (or refused) here, while the layer is as it was,
         # and its factors are installed once it is loaded (_install_loaded_factors).
-        incoming, perm_key = state_dict.get(prefix + "base_layer.weight"), prefix + "loldu_perm"
-        if perm_key in state_dict and isinstance(incoming, torch.Tensor):
-            self._check_loaded_lu(incoming, state_dict[perm_key], perm_key)
-            self._loading = None
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[:2] == (id(state_dict), prefix):
+            self._loading = prepared[2]  # checked and factorized before anything loaded (prepare_load)
         else:
-            self._loading = self._factors_of_loaded(incoming, local_metadata.get("assign_to_params_buffers", False))
+            self._loading = self.prepare_load(state_dict, prefix, local_metadata.get("assign_to_params_buffers", False))
+        perm_key = prefix + "loldu_perm"
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if self._loading is not None and perm_key in missing_keys:
             missing_keys.remove(perm_key)  # an "lu" layer loading W0: its perm is derived again
+
+    def prepare_load(self, state_dict, prefix: str, assign: bool):
+        """What load_state_dict will install for this layer (`_loading`): the factors of the incoming
+        base weight, or None. Raises AdapterError when the layer cannot take the state_dict; the model's
+        load_state_dict pre-hook (loldu.model) runs this for every layer before any module loads, so a
+        refusal leaves the whole model as it was."""
+        incoming, perm_key = state_dict.get(prefix + "base_layer.weight"), prefix + "loldu_perm"
+        if perm_key in state_dict and isinstance(incoming, torch.Tensor):
+            self._check_loaded_lu(incoming, state_dict[perm_key], perm_key)
+            return None
+        return self._factors_of_loaded(incoming, assign)
 
     def _check_loaded_lu(self, incoming: torch.Tensor, perm, perm_key: str) -> None:
         """A state_dict of an "lu" layer (perm_key marks it) holds the packed LU in its weight entry: it

@@ -34,6 +34,7 @@ __all__ = [  # the verbs, and the names loldu.model has always offered (state, t
 _NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
 _SAVED_FLAGS = "_loldu_requires_grad"
 _CALL_CHECK = "_loldu_call_check"
+_LOAD_CHECK = "_loldu_load_check"  # the load_state_dict pre-hook is registered
 
 
 def _state(model) -> AdapterState:
@@ -76,6 +77,23 @@ def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str, c
     object.__setattr__(root, _SAVED_FLAGS, params)
     if check_calls:
         object.__setattr__(root, _CALL_CHECK, CallCheck(root, list(layers)))
+    if not getattr(root, _LOAD_CHECK, False):
+        root.register_load_state_dict_pre_hook(_prepare_layers_for_load)
+        object.__setattr__(root, _LOAD_CHECK, True)
+
+
+def _prepare_layers_for_load(module: nn.Module, state_dict, prefix, local_metadata, *_) -> None:
+    """load_state_dict pre-hook of an adapted model: every LoLDU layer checks (and factorizes) what the
+    state_dict brings it before any module loads, so a refused layer leaves the whole model as it was
+    (torch loads module by module and would otherwise have loaded the layers before it)."""
+    assign = local_metadata.get("assign_to_params_buffers", False)
+    prepared = []
+    for name, layer in module.named_modules(prefix=prefix.rstrip(".")):
+        if isinstance(layer, LoLDULayer):
+            sub = name + "." if name else ""
+            prepared.append((layer, (id(state_dict), sub, layer.prepare_load(state_dict, sub, assign))))
+    for layer, result in prepared:
+        layer._prepared = result
 
 
 @contextlib.contextmanager
