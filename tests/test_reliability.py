@@ -668,3 +668,14 @@ def test_refused_load_state_dict_leaves_every_module_as_it_was(storage):
         model.load_state_dict(other.state_dict())
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lu_refuses_a_weight_shared_with_another_module():
+    """Tied weights: the LU would replace the other module's weight too; refused by name, model unchanged."""
+    net = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12))
+    net[2].weight = net[0].weight  # tied
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(loldu.AdapterError, match=r"layer '0': its weight is shared with \['2'\]"):
+        loldu.inject(net, loldu.LoLDUConfig(rank=12, target_modules=["0"], factor_storage="lu"))
+    assert isinstance(net[0], nn.Linear) and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    loldu.inject(net, loldu.LoLDUConfig(rank=12, target_modules=["0"]))  # the default store keeps W0: fine

@@ -165,6 +165,8 @@ def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
         check(targets)
     if check_saved is not None:
         check_saved(found_saved)
+    if config.factor_storage == "lu":
+        _refuse_shared_weights(root, targets)
     with _named(where):
         factors = factorize(targets, config, pivots=pivots, progress=progress)
     layers = build_layers(targets, factors, config)
@@ -174,6 +176,22 @@ def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
                                                                        where=prefix)
     commit(model, layers, adapter_name, check_calls, saved, trainable)
     return model
+
+
+def _refuse_shared_weights(root: nn.Module, targets: Targets) -> None:
+    """factor_storage="lu" puts the packed LU in place of a target's weight Parameter: a module sharing
+    that Parameter (a tied LM head, an embedding) would then compute with the LU. Refused by name."""
+    holders: Dict[int, List[str]] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        w = module._parameters.get("weight")
+        if w is not None:
+            holders.setdefault(id(w), []).append(name)
+    for name, module, _ in targets:
+        others = [n for n in holders.get(id(module.weight), []) if n != name]
+        if others:
+            raise AdapterError(f"layer '{name}': its weight is shared with {others} (tied weights); "
+                               "factor_storage='lu' replaces the weight by its packed LU, which the other module would "
+                               "use too. Use factor_storage='full' or 'cur' for it, or untie the weights first")
 
 
 def adapter_names(model: nn.Module) -> List[str]:
