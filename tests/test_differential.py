@@ -6,8 +6,7 @@ shapes, names and values, broken hashes, format tags and truncations. Mutations 
 or a tensor are re-signed (both hashes recomputed), so they reach the checks behind the hashes.
 
 Left out on purpose: a str target_modules that is not a valid Python regular expression, which only
-the Python reader can tell (adapter_file.h says so), and a layer dimension of 2**63 or more, which the
-C++ reader refuses (it does not fit int64, as no torch shape does) and the Python reader still accepts.
+the Python reader can tell (adapter_file.h says so).
 """
 import copy
 import hashlib
@@ -15,6 +14,7 @@ import json
 import re
 import shutil
 import struct
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -156,8 +156,8 @@ def header_mutations(header: dict):
     edits = {
         "format": ["x", None, "LOLDU-ADAPTER"],
         "format_version": [2, 3, 3.0, True, "3", None, 4, 1],
-        "adapter_name": [5, "", None],
-        "model_class": [5, None],
+        "adapter_name": [5, "", None, "1bad", "a/b", "-x", "a b", "\u00e9", "_ok-2", "\ud800x"],
+        "model_class": [5, None, "\udc00", "\U0001f600"],
         "layers": [[], None, "x", {}],
         "saved_modules": [None, [], "x", [{"name": "", "tensors": []}], [{"name": "m", "tensors": [""]}],
                           [{"name": "m"}], [{"name": "m", "tensors": []}, {"name": "m", "tensors": []}]],
@@ -171,8 +171,11 @@ def header_mutations(header: dict):
         h = copy.deepcopy(header)
         h.pop(key, None)
         yield f"header-{key}-missing", h
-    layer_edits = {"kind": ["foo", 5, None], "dtype": [5, "int8"], "name": [5, "", None],
-                   "shape": [[0, 5], [True, 5], ["5", 5], [5], [5, 5, 5], [5.0, 6], [-1, 6], None, [2**62, 6]]}
+    layer_edits = {"kind": ["foo", 5, None, "bogus", "Linear", *spec.LAYER_KINDS],
+                   "dtype": [5, "int8", "float99", "float8_e4m3fn", "torch.float32", *spec.LAYER_DTYPES],
+                   "name": [5, "", None, "\ud800x", "x\udfff", "\ud83d\ude00", "\U0001f600"],
+                   "shape": [[0, 5], [True, 5], [5, True], [32, True], [False, 5], ["5", 5], [5], [5, 5, 5], [5.0, 6],
+                             [-1, 6], None, [2**62, 6], [2**63, 6]]}
     for key, values in layer_edits.items():
         for i, v in enumerate(values):
             h = copy.deepcopy(header)
@@ -184,6 +187,11 @@ def header_mutations(header: dict):
     h = copy.deepcopy(header)
     h["layers"][0]["shape"][0] = 1  # every pivot row out of range
     yield "layer-short", h
+    if header.get("saved_modules"):
+        for i, text in enumerate(["\ud800", "\ud83d\ude00"]):
+            h = copy.deepcopy(header)
+            h["saved_modules"][0]["tensors"][0] = text
+            yield f"saved-tensor-unicode-{i}", h
 
 
 def _convert(record, dtype: str):
@@ -259,6 +267,11 @@ def raw_mutations(raw: bytes, meta: dict, tensors: dict, header: dict):
         yield f"format-tag-{i}", join(m, tensors)
     m = {k: v for k, v in meta.items() if k != spec.META_CONFIG_SHA256}
     yield "meta-no-hash", join(m, tensors)
+    for i, text in enumerate(["\ud800", "a\udc00b", "\U0001f600"]):  # lone surrogates (escaped by json.dumps)
+        yield f"meta-unicode-{i}", join({**meta, "note": text}, tensors)
+        t = copy.deepcopy(tensors)
+        t[text] = ["F32", [1], b"\0\0\0\0"]
+        yield f"tensor-name-unicode-{i}", join(meta, t)
     for cut in (0, 7, 8, 100, len(raw) // 2, len(raw) - 1):
         yield f"truncated-{cut}", raw[:cut]
     yield "trailing", raw + b"\0" * 8
@@ -313,4 +326,25 @@ def test_python_and_cpp_readers_agree_on_every_file(app, tmp_path):  # noqa: F81
     for base in ("plain", "head", "v2"):
         assert any(n.endswith(f"-{base}-valid") for n in accepted), base
     assert any("task_type" in n for n in accepted) and not any(n.endswith("task_type-FOO") for n in accepted)
+    # What the spec forbids in the header is refused at read (not only by a later load), by both.
+    forbidden = ["header-adapter_name-3", "header-adapter_name-4", "layer-kind-3", "layer-dtype-2", "layer-shape-3",
+                 "layer-name-3", "header-model_class-2", "meta-unicode-0", "tensor-name-unicode-0"]
+    for base in ("plain", "head"):
+        for m in forbidden + ["saved-tensor-unicode-0"] * (base == "head"):
+            assert [python[n] for n in dirs if n.endswith(f"-{base}-{m}")] == ["refused"], (base, m)
+        for m in ("header-adapter_name-8", "layer-name-6", "header-model_class-3", "layer-dtype-5"):
+            assert [python[n] for n in dirs if n.endswith(f"-{base}-{m}")] == ["ok"], (base, m)
     shutil.rmtree(tmp_path / "corpus")
+
+
+def test_both_readers_refuse_a_sparse_file_with_a_wrong_tensor_table_unread(app, tmp_path):  # noqa: F811
+    """Its size matches its header (4 GiB of holes): both readers refuse it from the header's tensor
+    table, well within a timeout that reading 4 GiB would exceed."""
+    from test_reliability import sparse_wrong_table
+
+    path = sparse_wrong_table(tmp_path)
+    res = subprocess.run([str(app), "--check", str(tmp_path)], capture_output=True, text=True, timeout=20)
+    assert f"{tmp_path}: refused" in res.stdout, res.stdout + res.stderr
+    assert "expected tensors" in res.stdout + res.stderr and "found ['z']" in res.stdout + res.stderr, res.stdout
+    assert python_verdict(tmp_path) == "refused"
+    assert path.stat().st_blocks * 512 < 1 << 20  # still a hole: nobody wrote the data
