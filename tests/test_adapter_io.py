@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 import warnings
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import loldu
 from loldu import AdapterError, LoLDUConfig
-from loldu.adapter_io import CONFIG_NAME, LEGACY_CONFIG_NAME, WEIGHTS_NAME, AdapterWarning
+from loldu.adapter_io import CONFIG_NAME, LEGACY_CONFIG_NAME, WEIGHTS_NAME, AdapterWarning, read_adapter
 
 
 def trained(base, rank=3, **kw):
@@ -474,3 +475,65 @@ def test_io_save_removes_stale_temporaries_only(tmp_path):
         left = set(os.listdir(tmp_path))
     assert left == {CONFIG_NAME, WEIGHTS_NAME, live, *keep}
     loldu.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+# -- Cost of a read: linear in the number of layers and of saved tensors -------------------------------
+def _synthetic_adapter(d, layers: int, saved: int = 0, rank: int = 4, bad_layer=None):
+    """A valid adapter file written straight from tensors: `layers` 32x16 linear layers at `rank`, and
+    a saved module of `saved` small tensors (no model: a model of 40k layers would dominate the test).
+    bad_layer: (index, what) makes that layer's pivots repeat ("pivots") or its c overflow ("c")."""
+    from safetensors.torch import save as st_save
+
+    from loldu import adapter_io, spec
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    tensors = {"z": torch.randn(layers, rank, generator=g) * 0.1, "sigma": torch.rand(layers, generator=g) + 0.1,
+               "pivots": torch.argsort(torch.rand(layers, 32, generator=g), dim=1)[:, :rank].to(torch.int32),
+               "fingerprint": torch.randint(0, 256, (layers, 32), dtype=torch.uint8, generator=g)}
+    if bad_layer is not None:
+        i, what = bad_layer
+        if what == "pivots":
+            tensors["pivots"][i, 1] = tensors["pivots"][i, 0]
+        else:
+            tensors["z"][i, 2] = 3e38  # sigma z = 3e38 sigma, far past the bound
+    names = [f"blocks.{i}.proj" for i in range(layers)]
+    for j in range(saved):
+        tensors[f"{spec.SAVED_PREFIX}head.t{j}"] = torch.randn(3, generator=g)
+    config = LoLDUConfig(rank=rank, target_modules=names, modules_to_save=["head"] if saved else None)
+    header = {"format": spec.FORMAT, "format_version": spec.FORMAT_VERSION, "adapter_name": "default",
+              "model_class": "Synthetic", "config": config.to_dict(), "data_sha256": adapter_io._data_hash(tensors),
+              "layers": [{"name": n, "kind": "linear", "shape": [32, 16], "dtype": "float32"} for n in names],
+              "saved_modules": [{"name": "head", "tensors": [f"t{j}" for j in range(saved)]}] if saved else []}
+    text = adapter_io._dumps(header)
+    meta = {"format": "pt", spec.META_FORMAT: f"{spec.FORMAT}/{spec.FORMAT_VERSION}", spec.META_CONFIG: text,
+            spec.META_CONFIG_SHA256: hashlib.sha256(text.encode()).hexdigest()}
+    os.makedirs(d, exist_ok=True)
+    (d / WEIGHTS_NAME).write_bytes(st_save(tensors, metadata=meta))
+    (d / CONFIG_NAME).write_text(text)
+    return names
+
+
+@pytest.mark.parametrize("what", ["pivots", "c"])
+def test_a_bad_layer_among_many_is_named(tmp_path, what):
+    """The checks run on the whole (L, r) tensors, and still name the first bad layer."""
+    names = _synthetic_adapter(tmp_path, 300, bad_layer=(217, what))
+    word = "pivots must be 4 distinct rows in [0, 32)" if what == "pivots" else "coefficient c[2] is out of bounds"
+    with pytest.raises(AdapterError, match=f"{WEIGHTS_NAME}: layer '{names[217]}': .*{re.escape(word)}"):
+        read_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["layers", "saved tensors"])
+def test_read_cost_grows_linearly(tmp_path, kind):
+    """Reading 4x the layers (or saved tensors) costs about 4x, far below the 16x of a quadratic step:
+    the per-layer checks are whole-tensor operations (best of 3 reads of each size)."""
+    cost = {}
+    small = 10_000 if kind == "layers" else 5_000  # a saved tensor costs more to write than a layer
+    for n in (small, 4 * small):
+        d = tmp_path / str(n)
+        _synthetic_adapter(d, n, 0) if kind == "layers" else _synthetic_adapter(d, 2, n)
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            read_adapter(d)
+            runs.append(time.perf_counter() - t0)
+        cost[n] = min(runs)
+    assert cost[4 * small] / cost[small] < 8, cost

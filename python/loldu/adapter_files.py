@@ -74,28 +74,16 @@ def _st_header(header: bytes, path: Path) -> dict:
     return entries
 
 
-def st_header(raw: bytes, path: Path) -> dict:
-    """The header of the safetensors file `raw` (read from `path`; its first 8 + header length bytes
-    suffice): {tensor name: {dtype, shape, data_offsets}, "__metadata__": {...}}."""
-    if len(raw) < 8:
-        raise AdapterError(f"{path}: truncated safetensors file ({len(raw)} bytes)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > len(raw) - 8:
-        raise AdapterError(f"{path}: safetensors header length {n} exceeds the file size {len(raw)}")
-    return _st_header(raw[8 : 8 + n], path)
-
-
-def st_metadata(raw: bytes, path: Path) -> dict:
-    """The `__metadata__` of the safetensors file `raw` (read from `path`)."""
-    meta = st_header(raw, path).get("__metadata__", {})
+def metadata_of(entries: dict, path: Path) -> dict:
+    """The `__metadata__` of a parsed safetensors header (read from `path`)."""
+    meta = entries.get("__metadata__", {})
     if not isinstance(meta, dict):
         raise AdapterError(f"{path}: corrupted safetensors metadata")
     return meta
 
 
-def _data_length(header: bytes, path: Path) -> int:
-    """The bytes of tensor data a safetensors header describes (its largest data_offsets end)."""
-    entries = _st_header(header, path)
+def _data_length(entries: dict, path: Path) -> int:
+    """The bytes of tensor data a parsed safetensors header describes (its largest data_offsets end)."""
     ends = [0]
     for key, e in entries.items():
         offsets = e.get("data_offsets") if isinstance(e, dict) else None
@@ -107,16 +95,16 @@ def _data_length(header: bytes, path: Path) -> int:
     return max(ends)
 
 
-def read_weights_head(path: Path) -> bytes:
-    """The first 8 + header length bytes of the adapter (safetensors) file, its size checked as
-    read_weights checks it: what a reader checks before it reads any tensor data."""
+def read_weights_head(path: Path) -> Tuple[bytes, dict]:
+    """(the first 8 + header length bytes, the parsed header) of the adapter (safetensors) file, its
+    size checked as read_weights checks it: what a reader checks before it reads any tensor data."""
     with _opened(path) as (f, size):
         return _checked_head(f, size, path)
 
 
-def _checked_head(f, size: int, path: Path) -> bytes:
-    """8 + header bytes of the open file `f` of `size` bytes, once its size is what its header claims
-    (8 + header length + data length); the file is left positioned after them."""
+def _checked_head(f, size: int, path: Path) -> Tuple[bytes, dict]:
+    """(8 + header bytes, the parsed header) of the open file `f` of `size` bytes, once its size is
+    what its header claims (8 + header length + data length); `f` is left after them."""
     head = f.read(8)
     if len(head) < 8:
         raise AdapterError(f"{path}: truncated safetensors file ({len(head)} bytes)")
@@ -126,11 +114,12 @@ def _checked_head(f, size: int, path: Path) -> bytes:
     if n > _HEADER_MAX:
         raise AdapterError(f"{path}: safetensors header length {n} exceeds the limit of {_HEADER_MAX} bytes")
     header = f.read(n)
-    claimed = 8 + n + _data_length(header, path)
+    entries = _st_header(header, path)
+    claimed = 8 + n + _data_length(entries, path)
     if claimed != size:
         raise AdapterError(f"{path}: the file has {size} bytes but its safetensors header describes {claimed} "
                            "(8 + header + tensor data): it is truncated, padded or corrupted")
-    return head + header
+    return head + header, entries
 
 
 def read_weights(path: Path) -> bytes:

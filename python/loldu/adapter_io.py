@@ -45,14 +45,13 @@ import torch.nn as nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .adapter_files import metadata_of as _metadata_of
 from .adapter_files import os_reason as _os_reason
 from .adapter_files import read_config_file as _read_config
 from .adapter_files import read_weights as _read_bytes  # the weights file, read once (tests count the calls)
 from .adapter_files import read_weights_head as _read_head
 from .adapter_files import require_unicode as _require_unicode
 from .adapter_files import same_copy as _copy_matches
-from .adapter_files import st_header as _st_header
-from .adapter_files import st_metadata as _st_metadata
 from .atomic import STALE_EMPTY_SECONDS, STALE_UNLOCKED_SECONDS, atomic_write, clean_stale_temps, read_regular
 from .config import TASK_HEADS, LoLDUConfig
 from .errors import AdapterError, LolduWarning
@@ -61,6 +60,7 @@ from .layer import weight_matrix
 from .model import add_with, inject_with
 from .spec import (
     ADAPTER_NAME_PATTERN,
+    C_ABS_MAX,
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
@@ -304,9 +304,10 @@ class AdapterFile(tuple):
     tensors = property(lambda self: self[2])
 
 
-def _stored_header(raw: bytes, d: Path, wpath: Path) -> Tuple[dict, int, Path]:
-    """(header, format version, the file the header was read from), its hash checked."""
-    meta = _st_metadata(raw, wpath)
+def _stored_header(entries: dict, d: Path, wpath: Path) -> Tuple[dict, int, Path]:
+    """(header, format version, the file the header was read from) of the weights file whose parsed
+    safetensors header is `entries`, its hash checked."""
+    meta = _metadata_of(entries, wpath)
     version = _stored_version(meta, wpath)
     cpath = d / (CONFIG_NAME if version >= 3 else LEGACY_CONFIG_NAME)
     if version < 2:
@@ -407,21 +408,53 @@ def _check_table(entries: dict, saved_keys: set, L: int, r: int, wpath: Path) ->
 def _check_values(tensors: Dict[str, torch.Tensor], saved_keys: set, layers: List[dict], config: LoLDUConfig,
                   wpath: Path) -> None:
     """Finite z, sigma and saved floating tensors; c within the spec's bound; r distinct in-range
-    pivot rows per layer."""
+    pivot rows per layer. Checked on the whole (L, r) tensors at once (a file may hold 100k layers);
+    the first bad layer is then named, with integrity.c_terms_refusal's message for its c."""
     r = config.rank
-    if not (torch.isfinite(tensors["z"]).all() and torch.isfinite(tensors["sigma"]).all()):
+    z, sigma = tensors["z"], tensors["sigma"]
+    if not (torch.isfinite(z).all() and torch.isfinite(sigma).all()):
         raise AdapterError(f"{wpath}: z or sigma holds NaN/Inf")
-    for i, e in enumerate(layers):
-        why = c_terms_refusal(tensors["z"][i], tensors["sigma"][i], config.initial_scale, config.parametrization)
-        if why is not None:
-            raise AdapterError(f"{wpath}: layer '{e['name']}': {why}")
-    for key in sorted(saved_keys):
-        if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
-            raise AdapterError(f"{wpath}: saved tensor '{key}' holds NaN/Inf")
-    for i, e in enumerate(layers):
-        p = tensors["pivots"][i]
-        if int(p.min()) < 0 or int(p.max()) >= e["shape"][0] or p.unique().numel() != r:
-            raise AdapterError(f"{wpath}: layer '{e['name']}': pivots must be {r} distinct rows in [0, {e['shape'][0]})")
+    first = _first_true(_c_terms_out_of_bounds(z, sigma, config))
+    if first is not None:
+        why = c_terms_refusal(z[first], sigma[first], config.initial_scale, config.parametrization)
+        raise AdapterError(f"{wpath}: layer '{layers[first]['name']}': {why}")
+    floating = [key for key in sorted(saved_keys) if tensors[key].is_floating_point()]
+    if not _all_finite([tensors[key] for key in floating]):
+        bad = next(key for key in floating if not bool(torch.isfinite(tensors[key]).all()))
+        raise AdapterError(f"{wpath}: saved tensor '{bad}' holds NaN/Inf")
+    p = tensors["pivots"]
+    rows = torch.tensor([e["shape"][0] for e in layers], dtype=torch.int64)
+    ordered = p.sort(dim=1).values
+    bad = (ordered[:, 0] < 0) | (ordered[:, -1] >= rows) | (ordered.diff(dim=1) == 0).any(dim=1)
+    first = _first_true(bad)
+    if first is not None:
+        d = layers[first]["shape"][0]
+        raise AdapterError(f"{wpath}: layer '{layers[first]['name']}': pivots must be {r} distinct rows in [0, {d})")
+
+
+def _c_terms_out_of_bounds(z: torch.Tensor, sigma: torch.Tensor, config: LoLDUConfig) -> torch.Tensor:
+    """(L,) bool: the layers whose c breaks the spec's bound, by integrity.c_terms_refusal's float64
+    rule applied to every row of z (L, r) and sigma (L,) at once."""
+    s = sigma.to(torch.float64)
+    if config.parametrization == "relative":
+        s = s / float(torch.tensor(config.initial_scale, dtype=torch.float32))
+    t = s[:, None] * z.to(torch.float64)
+    return ((~torch.isfinite(t)) | (t.abs() > C_ABS_MAX)).any(dim=1)
+
+
+def _all_finite(floating: List[torch.Tensor]) -> bool:
+    """Whether every element of the floating-point tensors is finite: one check per dtype, not per tensor
+    (a saved module may hold many small tensors)."""
+    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+    for t in floating:
+        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    return all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in by_dtype.values())
+
+
+def _first_true(flags: torch.Tensor) -> Optional[int]:
+    """The index of the first True in the 1-d bool tensor `flags`, or None."""
+    hits = flags.nonzero()
+    return int(hits[0, 0]) if hits.numel() else None
 
 
 def _read(d: Path) -> AdapterFile:
@@ -429,11 +462,11 @@ def _read(d: Path) -> AdapterFile:
     wpath = d / WEIGHTS_NAME
     # Everything the header says is checked before the tensor data is read (a sparse file whose
     # size matches a wrong tensor table would otherwise be read whole first).
-    head = _read_head(wpath)
-    header, version, source = _stored_header(head, d, wpath)
+    head, entries = _read_head(wpath)
+    header, version, source = _stored_header(entries, d, wpath)
     config, layers, saved = _checked_header(header, version, source)
     saved_keys = {f"{SAVED_PREFIX}{e['name']}.{t}" for e in saved for t in e["tensors"]}
-    _check_table(_st_header(head, wpath), saved_keys, len(layers), config.rank, wpath)
+    _check_table(entries, saved_keys, len(layers), config.rank, wpath)
     raw = _read_bytes(wpath)
     if raw[: len(head)] != head:
         raise AdapterError(f"{wpath}: the file changed while it was read (its header differs)")
