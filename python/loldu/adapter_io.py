@@ -32,6 +32,7 @@ that still cannot be renamed after the commit leaves the save successful, with a
 (the copy is stale, which load_adapter tolerates).
 """
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -55,12 +56,11 @@ from .adapter_files import same_copy as _copy_matches
 from .atomic import STALE_EMPTY_SECONDS, STALE_UNLOCKED_SECONDS, atomic_write, clean_stale_temps, read_regular
 from .config import TASK_HEADS, LoLDUConfig
 from .errors import AdapterError, LolduWarning
-from .integrity import c_terms_refusal, fingerprint, stale_refusal
+from .integrity import c_terms_refusal, check_values, fingerprint, stale_refusal
 from .layer import weight_matrix
 from .model import add_with, inject_with
 from .spec import (
     ADAPTER_NAME_PATTERN,
-    C_ABS_MAX,
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
@@ -405,58 +405,6 @@ def _check_table(entries: dict, saved_keys: set, L: int, r: int, wpath: Path) ->
                            + ", ".join(str(dtypes[key]) for key in SAME_DTYPE))
 
 
-def _check_values(tensors: Dict[str, torch.Tensor], saved_keys: set, layers: List[dict], config: LoLDUConfig,
-                  wpath: Path) -> None:
-    """Finite z, sigma and saved floating tensors; c within the spec's bound; r distinct in-range
-    pivot rows per layer. Checked on the whole (L, r) tensors at once (a file may hold 100k layers);
-    the first bad layer is then named, with integrity.c_terms_refusal's message for its c."""
-    r = config.rank
-    z, sigma = tensors["z"], tensors["sigma"]
-    if not (torch.isfinite(z).all() and torch.isfinite(sigma).all()):
-        raise AdapterError(f"{wpath}: z or sigma holds NaN/Inf")
-    first = _first_true(_c_terms_out_of_bounds(z, sigma, config))
-    if first is not None:
-        why = c_terms_refusal(z[first], sigma[first], config.initial_scale, config.parametrization)
-        raise AdapterError(f"{wpath}: layer '{layers[first]['name']}': {why}")
-    floating = [key for key in sorted(saved_keys) if tensors[key].is_floating_point()]
-    if not _all_finite([tensors[key] for key in floating]):
-        bad = next(key for key in floating if not bool(torch.isfinite(tensors[key]).all()))
-        raise AdapterError(f"{wpath}: saved tensor '{bad}' holds NaN/Inf")
-    p = tensors["pivots"]
-    rows = torch.tensor([e["shape"][0] for e in layers], dtype=torch.int64)
-    ordered = p.sort(dim=1).values
-    bad = (ordered[:, 0] < 0) | (ordered[:, -1] >= rows) | (ordered.diff(dim=1) == 0).any(dim=1)
-    first = _first_true(bad)
-    if first is not None:
-        d = layers[first]["shape"][0]
-        raise AdapterError(f"{wpath}: layer '{layers[first]['name']}': pivots must be {r} distinct rows in [0, {d})")
-
-
-def _c_terms_out_of_bounds(z: torch.Tensor, sigma: torch.Tensor, config: LoLDUConfig) -> torch.Tensor:
-    """(L,) bool: the layers whose c breaks the spec's bound, by integrity.c_terms_refusal's float64
-    rule applied to every row of z (L, r) and sigma (L,) at once."""
-    s = sigma.to(torch.float64)
-    if config.parametrization == "relative":
-        s = s / float(torch.tensor(config.initial_scale, dtype=torch.float32))
-    t = s[:, None] * z.to(torch.float64)
-    return ((~torch.isfinite(t)) | (t.abs() > C_ABS_MAX)).any(dim=1)
-
-
-def _all_finite(floating: List[torch.Tensor]) -> bool:
-    """Whether every element of the floating-point tensors is finite: one check per dtype, not per tensor
-    (a saved module may hold many small tensors)."""
-    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
-    for t in floating:
-        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
-    return all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in by_dtype.values())
-
-
-def _first_true(flags: torch.Tensor) -> Optional[int]:
-    """The index of the first True in the 1-d bool tensor `flags`, or None."""
-    hits = flags.nonzero()
-    return int(hits[0, 0]) if hits.numel() else None
-
-
 def _read(d: Path) -> AdapterFile:
     """read_adapter: the weights file read once, every hash checked once."""
     wpath = d / WEIGHTS_NAME
@@ -477,8 +425,21 @@ def _read(d: Path) -> AdapterFile:
     if header.get("data_sha256") != _data_hash(tensors):
         raise AdapterError(f"{wpath}: tensor data does not match the hash in {source}: the file is corrupted")
     tensors["pivots"] = tensors["pivots"].long()  # loldu.ldu's index dtype
-    _check_values(tensors, saved_keys, layers, config, wpath)
+    check_values(tensors, saved_keys, layers, config, wpath)
     return AdapterFile(header, config, tensors, source)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector: a read allocates a dict or tensor per layer and saved
+    tensor, none in a cycle, and the collector's passes over them made large reads superlinear."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def read_adapter(directory) -> AdapterFile:
@@ -489,7 +450,8 @@ def read_adapter(directory) -> AdapterFile:
     stored config is ignored with an AdapterWarning); format 1 needs both files. Raises
     AdapterError naming the file on a missing, unreadable, corrupted or mismatched file.
     """
-    return _read(_as_path(directory, "loldu.read_adapter"))
+    with _collector_paused():
+        return _read(_as_path(directory, "loldu.read_adapter"))
 
 
 def _check_layer(entry: dict, module_name: str, kind: str, W: torch.Tensor, pivots: torch.Tensor, fp: torch.Tensor,
@@ -532,7 +494,8 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike, AdapterFil
     if not isinstance(is_trainable, bool):
         raise AdapterError(f"loldu.load_adapter: is_trainable must be a bool, got {is_trainable!r}")
     if not isinstance(directory, AdapterFile):
-        directory = _read(_as_path(directory, "loldu.load_adapter"))
+        with _collector_paused():
+            directory = _read(_as_path(directory, "loldu.load_adapter"))
     header, config, tensors = directory
     where = str(directory.source)
     name = adapter_name or header.get("adapter_name") or "default"

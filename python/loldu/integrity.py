@@ -12,10 +12,11 @@ Coefficient bound: every c_i must be finite and |c_i| <= C_ABS_MAX. Without W0 (
 unknown, so the term without D is checked in float64 (`c_terms_refusal`); merge checks c itself.
 """
 import hashlib
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .errors import AdapterError
 from .spec import C_ABS_MAX
 
 # The attribute of a LoLDU layer that holds the fingerprint of the weight its factors were derived from.
@@ -111,3 +112,55 @@ def c_refusal(c: torch.Tensor) -> Optional[str]:
         return None
     i = int(bad.nonzero()[0])
     return f"its coefficient c[{i}] = {float(c[i]):.4g} is not finite or exceeds |c| <= {C_ABS_MAX:g}"
+
+
+def check_values(tensors: Dict[str, torch.Tensor], saved_keys: set, layers: List[dict], config, wpath) -> None:
+    """An adapter file's values (loldu.adapter_io.read_adapter; `config` its LoLDUConfig, `wpath` the file):
+    finite z, sigma and saved floating tensors; c within the spec's bound; r distinct in-range
+    pivot rows per layer. Checked on the whole (L, r) tensors at once (a file may hold 100k layers);
+    the first bad layer is then named, with c_terms_refusal's message for its c."""
+    r = config.rank
+    z, sigma = tensors["z"], tensors["sigma"]
+    if not (torch.isfinite(z).all() and torch.isfinite(sigma).all()):
+        raise AdapterError(f"{wpath}: z or sigma holds NaN/Inf")
+    first = _first_true(_c_terms_out_of_bounds(z, sigma, config))
+    if first is not None:
+        why = c_terms_refusal(z[first], sigma[first], config.initial_scale, config.parametrization)
+        raise AdapterError(f"{wpath}: layer '{layers[first]['name']}': {why}")
+    floating = [key for key in sorted(saved_keys) if tensors[key].is_floating_point()]
+    if not _all_finite([tensors[key] for key in floating]):
+        bad = next(key for key in floating if not bool(torch.isfinite(tensors[key]).all()))
+        raise AdapterError(f"{wpath}: saved tensor '{bad}' holds NaN/Inf")
+    p = tensors["pivots"]
+    rows = torch.tensor([e["shape"][0] for e in layers], dtype=torch.int64)
+    ordered = p.sort(dim=1).values
+    bad = (ordered[:, 0] < 0) | (ordered[:, -1] >= rows) | (ordered.diff(dim=1) == 0).any(dim=1)
+    first = _first_true(bad)
+    if first is not None:
+        d = layers[first]["shape"][0]
+        raise AdapterError(f"{wpath}: layer '{layers[first]['name']}': pivots must be {r} distinct rows in [0, {d})")
+
+
+def _c_terms_out_of_bounds(z: torch.Tensor, sigma: torch.Tensor, config) -> torch.Tensor:
+    """(L,) bool: the layers whose c breaks the spec's bound, by c_terms_refusal's float64
+    rule applied to every row of z (L, r) and sigma (L,) at once."""
+    s = sigma.to(torch.float64)
+    if config.parametrization == "relative":
+        s = s / float(torch.tensor(config.initial_scale, dtype=torch.float32))
+    t = s[:, None] * z.to(torch.float64)
+    return ((~torch.isfinite(t)) | (t.abs() > C_ABS_MAX)).any(dim=1)
+
+
+def _all_finite(floating: List[torch.Tensor]) -> bool:
+    """Whether every element of the floating-point tensors is finite: one check per dtype, not per tensor
+    (a saved module may hold many small tensors)."""
+    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+    for t in floating:
+        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    return all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in by_dtype.values())
+
+
+def _first_true(flags: torch.Tensor) -> Optional[int]:
+    """The index of the first True in the 1-d bool tensor `flags`, or None."""
+    hits = flags.nonzero()
+    return int(hits[0, 0]) if hits.numel() else None
