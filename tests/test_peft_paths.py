@@ -104,8 +104,6 @@ def test_plain_trainer_refused_before_training_wrapper(tmp_path):
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
-@pytest.mark.xfail(reason="needs the refusal hook in the injected model (loldu.model / LoLDULayer.train)",
-                   strict=False)
 def test_plain_trainer_refused_before_training_injected(tmp_path):
     tok = tokenizer(tmp_path)
     model = loldu.inject(base(), LoLDUConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))

@@ -204,14 +204,17 @@ def _refuse_plain_trainer(frame, depth: int = 8) -> None:
         frame, depth = frame.f_back, depth - 1
 
 
+def _plain_trainer_pre_hook(module: nn.Module, args) -> None:
+    # A module-level function, so that an injected model still pickles (torch.save) with the hook on.
+    if module.training and torch.is_grad_enabled():
+        _refuse_plain_trainer(sys._getframe(1))
+
+
 def arm_plain_trainer_check(root: nn.Module):
     """For a model injected in place (no LoLDUModel handle to refuse it): a forward pre-hook on `root`
     that refuses its training forwards under the plain transformers Trainer, before the first step.
     Returns the hook's handle (remove it when the adapters are unloaded)."""
-    def check(module, args):
-        if module.training and torch.is_grad_enabled():
-            _refuse_plain_trainer(sys._getframe(1))
-    return root.register_forward_pre_hook(check)
+    return root.register_forward_pre_hook(_plain_trainer_pre_hook)
 
 
 def get_loldu_model(model: nn.Module, config: LoLDUConfig, adapter_name: str = "default", **kwargs) -> LoLDUModel:
