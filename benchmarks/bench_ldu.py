@@ -60,8 +60,8 @@ def lapack_lu(W):
     return torch.linalg.lu(W) if W.dim() == 2 else [torch.linalg.lu(w) for w in W]
 
 
-def interleaved(fns, reps, clock, warmup=2, sync=None):
-    """Median and min seconds of each function, the functions called in turn inside each repetition."""
+def _timed(fns, reps, clock, warmup, sync):
+    """Seconds of each function per repetition, the functions called in turn inside each repetition."""
     for _ in range(warmup):
         for f in fns:
             f()
@@ -75,7 +75,12 @@ def interleaved(fns, reps, clock, warmup=2, sync=None):
             if sync:
                 sync()
             t.append(clock() - t0)
-    return [(statistics.median(t), min(t)) for t in times]
+    return times
+
+
+def interleaved(fns, reps, clock, warmup=2, sync=None):
+    """Median and min seconds of each function, the functions called in turn inside each repetition."""
+    return [(statistics.median(t), min(t)) for t in _timed(fns, reps, clock, warmup, sync)]
 
 
 def lapack_table(cases, dev, sync, clock):
@@ -98,19 +103,8 @@ def lapack_table(cases, dev, sync, clock):
 
 def spread(fns, reps, clock, sync=None):
     """(median, min, max) ms of each function, called in turn inside each repetition."""
-    for f in fns:
-        f()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for f, t in zip(fns, times):
-            if sync:
-                sync()
-            t0 = clock()
-            f()
-            if sync:
-                sync()
-            t.append((clock() - t0) * 1e3)
-    return [(statistics.median(t), min(t), max(t)) for t in times]
+    ms = [[v * 1e3 for v in t] for t in _timed(fns, reps, clock, 1, sync)]
+    return [(statistics.median(t), min(t), max(t)) for t in ms]
 
 
 def _thread_counts(*wanted):
