@@ -679,3 +679,19 @@ def test_lu_refuses_a_weight_shared_with_another_module():
         loldu.inject(net, loldu.LoLDUConfig(rank=12, target_modules=["0"], factor_storage="lu"))
     assert isinstance(net[0], nn.Linear) and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     loldu.inject(net, loldu.LoLDUConfig(rank=12, target_modules=["0"]))  # the default store keeps W0: fine
+
+
+def test_a_directory_without_an_adapter_file_says_what_it_holds(tmp_path):
+    """The plain Trainer's output (a whole model), Trainer checkpoints, or whatever else is there."""
+    model = loldu.inject(nn.Sequential(nn.Linear(8, 8)), loldu.LoLDUConfig(rank=2, target_modules=["0"]))
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    (whole / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(loldu.AdapterError, match="holds a whole model .*LoLDUTrainer"):
+        loldu.load_adapter(model, whole)
+    runs = tmp_path / "runs"
+    (runs / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(loldu.AdapterError, match="Trainer checkpoints: pass one of them.*checkpoint-2"):
+        loldu.load_adapter(model, runs)
+    with pytest.raises(loldu.AdapterError, match="the directory is empty"):
+        loldu.load_adapter(model, (tmp_path / "empty").mkdir() or tmp_path / "empty")

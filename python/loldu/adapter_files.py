@@ -23,6 +23,23 @@ _HEADER_MAX = 100_000_000
 _CONFIG_MAX = 64 << 20
 
 
+def _what_is_there(directory: Path) -> str:
+    """A hint for a directory without an adapter file: a whole model (the plain transformers Trainer's
+    or save_pretrained's output), Trainer checkpoints, or what it holds."""
+    try:
+        names = sorted(p.name for p in directory.iterdir())
+    except OSError:
+        return ""
+    if any(n in names for n in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
+        return ("; the directory holds a whole model (as transformers' plain Trainer or save_pretrained writes it), "
+                "not a loldu adapter: adapters come from loldu.save_adapter, LoLDUModel.save_pretrained or "
+                "loldu.trainer.LoLDUTrainer")
+    checkpoints = [n for n in names if n.startswith("checkpoint-")]
+    if checkpoints:
+        return f"; the directory holds Trainer checkpoints: pass one of them, e.g. {directory / checkpoints[-1]}"
+    return f"; the directory holds {names[:8]}" if names else "; the directory is empty"
+
+
 @contextlib.contextmanager
 def _opened(path: Path) -> Iterator[Tuple[object, int]]:
     """(file, size) of the adapter file `path`, a regular file (loldu.atomic.open_regular: a FIFO or
@@ -34,7 +51,7 @@ def _opened(path: Path) -> Iterator[Tuple[object, int]]:
         extra = "" if e.kind == "a directory" else ": loldu reads adapter files only from regular files"
         raise AdapterError(f"{path}: no such adapter file ({path.name} is {e.kind}){extra}") from None
     except (FileNotFoundError, NotADirectoryError):
-        raise AdapterError(f"{path}: no such adapter file") from None
+        raise AdapterError(f"{path}: no such adapter file{_what_is_there(path.parent)}") from None
     except MemoryError:
         raise AdapterError(f"{path}: the adapter file does not fit in memory") from None
     except OSError as e:
