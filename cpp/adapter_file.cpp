@@ -227,7 +227,7 @@ std::string same_dtype_names() {
 
 // An F32 or F64 tensor's values (little-endian, as the hosts loldu runs on).
 std::vector<double> as_doubles(const SafetensorsTensor& t) {
-  if (t.dtype == "F64") {
+  if (t.dtype == tensor_spec("z").dtypes[1]) {  // the wide one (F64)
     std::vector<double> out(t.nbytes / sizeof(double));
     copy_rows(t, out.data());
     return out;
@@ -553,12 +553,12 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
   if (!dtype_allowed(tensor_spec("z"), a.z_dtype) || !dtype_allowed(tensor_spec("sigma"), a.z_dtype))
     throw AdapterError(what + ": z_dtype must be " + allowed_dtypes(tensor_spec("z")) + ", got '" + a.z_dtype + "'");
   const std::vector<float> z32(a.z.begin(), a.z.end()), sigma32(a.sigma.begin(), a.sigma.end());
-  if (a.z_dtype == "F64") {
-    put("z", a.z.data(), a.z.size() * sizeof(double), "F64");
-    put("sigma", a.sigma.data(), a.sigma.size() * sizeof(double), "F64");
+  if (a.z_dtype == tensor_spec("z").dtypes[1]) {  // F64, the wide one
+    put("z", a.z.data(), a.z.size() * sizeof(double), a.z_dtype);
+    put("sigma", a.sigma.data(), a.sigma.size() * sizeof(double), a.z_dtype);
   } else {
-    put("z", z32.data(), z32.size() * sizeof(float), "F32");
-    put("sigma", sigma32.data(), sigma32.size() * sizeof(float), "F32");
+    put("z", z32.data(), z32.size() * sizeof(float), tensor_spec("z").dtype);
+    put("sigma", sigma32.data(), sigma32.size() * sizeof(float), tensor_spec("sigma").dtype);
   }
   put("pivots", a.pivots.data(), a.pivots.size() * sizeof(int32_t), tensor_spec("pivots").dtype);
   put("fingerprint", a.fingerprints.empty() ? nullptr : a.fingerprints.front().data(), a.fingerprints.size() * 32,

@@ -141,8 +141,9 @@ void check_contents(const AdapterFile& a, const std::string& where) {
       int64_t(a.fingerprints.size()) != L)
     throw AdapterError(where + ": z, sigma, pivots and fingerprints do not hold one entry per layer (" +
                        std::to_string(L) + " layers, rank " + std::to_string(r) + ")");
-  if (a.z_dtype != "F32" && a.z_dtype != "F64")
-    throw AdapterError(where + ": z_dtype must be F32 or F64, got '" + a.z_dtype + "'");
+  const spec::TensorSpec& zs = spec::kTensors[0];  // z: the dtypes its values may be stored in
+  if (a.z_dtype != zs.dtypes[0] && a.z_dtype != zs.dtypes[1])
+    throw AdapterError(where + ": z_dtype must be " + zs.dtypes[0] + " or " + zs.dtypes[1] + ", got '" + a.z_dtype + "'");
   check_coefficient_inputs(a, where);
   for (int64_t i = 0; i < L; ++i) {
     std::vector<int32_t> p(a.pivots.begin() + i * r, a.pivots.begin() + (i + 1) * r);
