@@ -343,12 +343,9 @@ def test_loldu_model_handle_trains_evaluates_and_resumes(tmp_path):
 
 
 def test_resumes_a_checkpoint_of_the_plain_trainer(tmp_path):
-    """A checkpoint the plain Trainer wrote (the whole injected model) is loaded by Trainer's own code.
-    loldu now refuses the plain Trainer before training; such checkpoints come from earlier versions or
-    from a model whose refusal hook was removed, as here."""
+    """A checkpoint the plain Trainer wrote (the whole injected model) is loaded by Trainer's own code."""
     make, data = causal_task(n=8)
     model = make()
-    model.__dict__.pop("_loldu_trainer_check").remove()
     Trainer(model=model, args=targs(tmp_path / "out", max_steps=2, save_steps=2), train_dataset=data).train()
     assert "model.safetensors" in os.listdir(tmp_path / "out" / "checkpoint-2")
     begin = AtTrainBegin()

@@ -35,7 +35,6 @@ _NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
 _SAVED_FLAGS = "_loldu_requires_grad"
 _CALL_CHECK = "_loldu_call_check"
 _LOAD_CHECK = "_loldu_load_check"  # the load_state_dict pre-hook is registered
-_TRAINER_CHECK = "_loldu_trainer_check"  # the plain-Trainer refusal (loldu.wrapper), removed by unload
 
 
 def _state(model) -> AdapterState:
@@ -78,10 +77,6 @@ def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str, c
     object.__setattr__(root, _SAVED_FLAGS, params)
     if check_calls:
         object.__setattr__(root, _CALL_CHECK, CallCheck(root, list(layers)))
-    if _TRAINER_CHECK not in root.__dict__:
-        from .wrapper import arm_plain_trainer_check  # wrapper builds on this module
-
-        object.__setattr__(root, _TRAINER_CHECK, arm_plain_trainer_check(root))
     if not getattr(root, _LOAD_CHECK, False):
         root.register_load_state_dict_pre_hook(_prepare_layers_for_load)
         object.__setattr__(root, _LOAD_CHECK, True)
@@ -428,10 +423,9 @@ def _strip(model: nn.Module, keep_heads: bool = False) -> nn.Module:
         for _, m in state.saved:
             for kept, orig in zip(m.current.parameters(), m.original_module.parameters()):
                 kept.requires_grad_(orig.requires_grad)
-    for key in (_CALL_CHECK, _TRAINER_CHECK):
-        hook = root.__dict__.pop(key, None)
-        if hook is not None:
-            hook.remove()
+    check = root.__dict__.pop(_CALL_CHECK, None)
+    if check is not None:
+        check.remove()
     return model
 
 
