@@ -104,8 +104,6 @@ def test_plain_trainer_refused_before_training_wrapper(tmp_path):
     assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
-@pytest.mark.xfail(reason="a model injected in place is not armed with the refusal hook (it would break "
-                          "torch.compile(fullgraph=True) and the call check's hook accounting)", strict=True)
 def test_plain_trainer_refused_before_training_injected(tmp_path):
     tok = tokenizer(tmp_path)
     model = loldu.inject(base(), LoLDUConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))

@@ -488,6 +488,18 @@ class LoLDULayer(nn.Module):
         """Bytes the layer's frozen factor buffers (FACTOR_KEYS, D, pivots) hold (factor_bytes, measured)."""
         return self.store.nbytes(self)
 
+    def train(self, mode: bool = True) -> "LoLDULayer":
+        """Refuses to enter training under transformers' plain Trainer (which would save the whole model,
+        under wrapped names from_pretrained misreads): Trainer calls model.train() before its first step.
+        The walk up the callers runs only when transformers.trainer is imported; never in a forward."""
+        if mode:
+            import sys
+
+            from .wrapper import _refuse_plain_trainer  # wrapper builds on the model editing above this module
+
+            _refuse_plain_trainer(sys._getframe(1), depth=64)
+        return super().train(mode)
+
     def extra_repr(self) -> str:
         return (f"kind={self.kind}, rank={self.rank}, storage={self.storage}, adapters={list(self.loldu_z.keys())}, "
                 f"active={self.active_adapter!r}")
