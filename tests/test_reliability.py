@@ -421,7 +421,9 @@ def test_an_fp64_adapter_round_trips_exactly(tmp_path):
     x = tuple(t.double() if t.is_floating_point() else t for t in inputs())
     loaded = loldu.load_adapter(copy.deepcopy(base), tmp_path / "untrained")
     for a, b in zip(loaded(*x), base(*x)):
-        assert torch.equal(a, b)  # c == 0 exactly: the base model, bit for bit
+        # c == 0 exactly, so only the base products remain; the fused op and nn.Linear may take two GEMM
+        # routes (last-bit differences across CPUs), so bounded at fp64 rounding: z saved as fp32 gave 4.8e-9.
+        assert float((a - b).abs().max()) <= 1e-13 * max(1.0, float(b.abs().max()))
     perturb(model)
     loldu.save_adapter(model, tmp_path / "trained")
     loaded = loldu.load_adapter(copy.deepcopy(base), tmp_path / "trained")
