@@ -26,3 +26,13 @@ def _fresh_seed():
     torch.manual_seed(seed)
     print(f"torch seed: {seed}")
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny matmuls: as fast, and it does not spin against other
+    jobs on a shared CPU. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,12 +27,7 @@ BERT = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_he
 WORDS = [f"w{i}" for i in range(35)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base(head_seed=0):

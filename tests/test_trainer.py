@@ -28,13 +28,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "trainer.md"
 TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: one intra-op thread is as fast, and does not spin against other jobs on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- tiny models and data -------------------------------------------------------------------------
