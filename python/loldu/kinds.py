@@ -14,6 +14,7 @@ be adapted) and three primitives the factor stores (loldu.stores) build every br
 KINDS holds every kind by name; loldu.layer sets each one's `wrapper` (its LoLDU layer class).
 """
 import sys
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
+
+from .errors import LolduWarning
 
 
 class LayerKind:
@@ -236,3 +239,35 @@ def weight_refusal(module: nn.Module) -> Optional[str]:
         return (f"its weight is {w.dtype}, which LoLDU cannot factorize (nor check for NaN/Inf): it adapts "
                 f"{', '.join(str(t) for t in FACTORIZED_DTYPES)} weights; dequantize the module's weight first")
     return None
+
+
+def batched_weights(root: nn.Module):
+    """(parameter name, its module's class, shape, numel) of every weight no kind covers that holds a
+    stack of matrices: a parameter of 3 or more dimensions of a module that is none of KINDS, such as
+    the experts of a transformers 5 mixture of experts (MixtralExperts keeps gate_up_proj (E, 2f, h) and
+    down_proj (E, h, f), one matrix per expert, instead of nn.Linear modules)."""
+    found = []
+    for mname, module in root.named_modules():
+        if kind_of(module) is not None:
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() >= 3 and p.is_floating_point():
+                found.append((f"{mname}.{pname}" if mname else pname, type(module).__name__, tuple(p.shape), p.numel()))
+    return found
+
+
+def warn_batched_weights(root: nn.Module, what: str, stacklevel: int) -> None:
+    """One warning when `what` (the target selection) leaves stacked weights (batched_weights) without an
+    adapter: it names them and their share of the model's parameters, which then stay frozen."""
+    found = batched_weights(root)
+    if not found:
+        return
+    total = sum(p.numel() for p in root.parameters())
+    skipped = sum(n for *_, n in found)
+    classes = sorted({cls for _, cls, _, _ in found})
+    examples = ", ".join(f"'{name}' {shape}" for name, _, shape, _ in found[:2])
+    warnings.warn(f"loldu: {what} leaves out {len(found)} stacked weight tensors of {', '.join(classes)} "
+                  f"({examples}, ...: mixture-of-experts experts, one matrix per expert, which are no module LoLDU "
+                  f"adapts): {skipped:,} of the model's {total:,} parameters "
+                  f"({100 * skipped / max(total, 1):.1f}%) get no adapter and stay frozen", LolduWarning,
+                  stacklevel=stacklevel + 1)

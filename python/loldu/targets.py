@@ -16,6 +16,7 @@ from .callcheck import runs
 from .config import ALL_LINEAR, TASK_HEADS, LoLDUConfig
 from .errors import AdapterError, LolduWarning
 from .heads import SavedModule
+from .kinds import warn_batched_weights
 from .layer import LoLDULayer, check_supported, kind_of
 
 # (name, module, kind) of the modules an adapter goes onto; what inject_with/add_with give `check`.
@@ -150,6 +151,7 @@ def find_targets(root: nn.Module, config: LoLDUConfig) -> Targets:
         _warn_unmatched(root, config.target_modules, "target_modules")
     if config.target_modules == ALL_LINEAR:
         _warn_unsaved_heads(root, config, found)
+        warn_batched_weights(root, "target_modules='all-linear'", stacklevel=4)
     for name, _, _ in found:
         _check_not_bypassed(root, name, config, len(found))
     return found
