@@ -147,6 +147,19 @@ def _normalize_inputs(example_inputs) -> Tuple[List[str], List[torch.Tensor], bo
     return [k for k, _ in items], [v for _, v in items], by_kw
 
 
+def token_inputs(config, batch: int, length: int, seed: int) -> Dict[str, torch.Tensor]:
+    """{input_ids, attention_mask} of `batch` rows of `length` token ids drawn (seeded) from a transformers
+    config's vocabulary: example inputs for a model directory without a usable tokenizer."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        raise ExportError(f"loldu.export: the model's config ({type(config).__name__}) has no vocab_size to draw "
+                          "example token ids from")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def _flatten_outputs(out) -> Tuple[List[str], List[torch.Tensor]]:
     if isinstance(out, torch.Tensor):
         return ["output"], [out]
@@ -266,6 +279,9 @@ def _prepare(model: nn.Module, merge: bool, adapter_inputs: bool, adapter_name: 
     layer exports (None: its own forward, no adapter), notes, adapter-inputs metadata)."""
     work = copy.deepcopy(model)
     work.eval()
+    config = getattr(unwrap(work), "config", None)
+    if getattr(config, "use_cache", None):  # a causal LM's logits graph: no KV cache traced (a Cache is no tensor output)
+        config.use_cache = False
     state = AdapterState.of(work)
     layers = state.layers
     merged, notes = None, []

@@ -3,12 +3,14 @@
     loldu demo [--epochs N] [--steps N] [--no-export] ...   (the demo: loldu.demo)
     loldu inspect <adapter dir> [--json]
     loldu export --base <model dir | package.module:factory> [--adapter <adapter dir>] --out model.onnx
-                 [--fp16] [--adapter-inputs] [--opset N] [--no-check]
+                 [--fp16] [--adapter-inputs] [--ort-adapter FILE.onnx_adapter] [--opset N] [--no-check]
 
-A model dir is a transformers directory, loaded with AutoTokenizer and the model class the adapter
-was trained on (recorded in the adapter file, e.g. BertForSequenceClassification with its task
-head and number of labels; AutoModel without an adapter), local_files_only=True; the example
-inputs are tokenized sentences (input_ids, attention_mask) with dynamic batch and sequence axes.
+A model dir is a transformers directory, loaded with the model class the adapter was trained on
+(recorded in the adapter file, e.g. BertForSequenceClassification with its task head and number of
+labels; without an adapter, the causal LM class its config names, else AutoModel),
+local_files_only=True; the example inputs (input_ids, attention_mask, dynamic batch and sequence
+axes) are sentences its tokenizer pads, or token ids drawn from the config's vocabulary where it has
+no tokenizer that pads (a causal LM exports its logits graph, without the KV cache).
 A module spec names a factory returning an nn.Module; its example inputs come from
 `example_inputs()` in the same module (or a method of the model), returning a tensor, a tuple of
 tensors or a dict of them; it is called twice, for tracing and for the parity check.
@@ -64,24 +66,52 @@ def _load_transformers(directory: Path, adapter: Optional[tuple] = None):
     except ImportError as e:
         raise CliError(f"--base {directory}: loading a model directory needs transformers ({e})") from None
     cls, kwargs = _model_class(transformers, adapter)
+    if adapter is None:
+        cls = _causal_lm_class(transformers, directory) or cls
     _require_same_model_type(transformers, directory, cls, adapter)
     verbosity = transformers.logging.get_verbosity()
     if kwargs:  # the head comes from the adapter: transformers' report of a missing (new) head is noise here
         transformers.logging.set_verbosity_error()
     try:
         model = cls.from_pretrained(str(directory), local_files_only=True, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:
         raise CliError(f"--base {directory}: not a loadable transformers model directory for {cls.__name__} "
                        f"({type(e).__name__}: {_one_line(e)})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+    tokenizer = _padding_tokenizer(transformers, directory)
+    if tokenizer is None:  # token ids drawn from the config's vocabulary: the graph needs no text
+        from loldu.export.onnx_export import token_inputs
+
+        return model, (lambda: token_inputs(model.config, 2, 8, 0)), (lambda: token_inputs(model.config, 3, 11, 1))
 
     def make(sentences):
         enc = tokenizer(sentences, padding=True, return_tensors="pt")
         return {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
 
     return model, (lambda: make(TRACE_SENTENCES)), (lambda: make(CHECK_SENTENCES))
+
+
+def _causal_lm_class(transformers, directory: Path):
+    """The causal LM class the directory's config names (e.g. LlamaForCausalLM, GPT2LMHeadModel), or None:
+    without an adapter naming a class, a causal LM exports its logits rather than AutoModel's hidden states."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except Exception:
+        return None  # from_pretrained names what is wrong with the directory
+    for name in getattr(config, "architectures", None) or []:
+        if isinstance(name, str) and name.endswith(("ForCausalLM", "LMHeadModel")) and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return None
+
+
+def _padding_tokenizer(transformers, directory: Path):
+    """The directory's tokenizer if it loads and can pad a batch, else None (example ids come from the config)."""
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception:
+        return None
+    return tokenizer if getattr(tokenizer, "pad_token", None) is not None else None
 
 
 def _require_same_model_type(transformers, directory: Path, cls, adapter: Optional[tuple]) -> None:
