@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from .config import LoLDUConfig
+from .distributed import factorize_sharded, is_sharded, shard_layer
 from .errors import AdapterError, FactorizationError
 from .layer import KINDS, LoLDULayer, weight_matrix
 from .ldu import LDUResult, ldu, ldu_from_pivots
@@ -20,7 +21,10 @@ def factorize(targets: Sequence[Tuple[str, nn.Module, str]], config: LoLDUConfig
 
     With `pivots` (name -> (r,) int64), re-derives them from stored pivots (loldu.ldu_from_pivots)
     instead of choosing pivots. Raises AdapterError naming the layer that cannot be factorized.
+    Weights sharded by FSDP2: loldu.distributed.factorize_sharded (collective; factored when built).
     """
+    if any(is_sharded(getattr(m, "weight", None)) for _, m, _ in targets):
+        return factorize_sharded(targets, config, pivots)
     r = config.rank
     groups: Dict[tuple, list] = {}
     for name, module, kind in targets:
@@ -77,7 +81,7 @@ def build_layers(targets, factors: Dict[str, LDUResult], config: LoLDUConfig) ->
     """Wrappers around the target modules (the model is not touched yet)."""
     layers = {}
     for name, module, kind in targets:
-        layers[name] = KINDS[kind].wrapper(module, factors[name], config.torch_factor_dtype(module.weight.dtype), name,
-                                           storage=config.factor_storage)
+        layers[name] = shard_layer(KINDS[kind].wrapper(module, factors[name], config.torch_factor_dtype(
+            module.weight.dtype), name, storage=config.factor_storage))
     return layers
 

@@ -120,7 +120,7 @@ class LoLDULayer(nn.Module):
         self.base_layer = base_layer
         self.layer_name = name  # the wrapped module's name in the model, for errors and warnings
         self._factor_dtype_asked = factor_dtype  # the config's factor dtype (stored in fp32 if it cannot hold them)
-        self.store: FactorStore = make_store(storage, name)
+        self.store: FactorStore = make_store(storage, name, base_layer)
         self.store.set_factors(self, factors, factor_dtype, factors.D.dtype, stacklevel=5)
         self.loldu_z = nn.ParameterDict()
         self.loldu_sigma = nn.ParameterDict()
@@ -177,7 +177,7 @@ class LoLDULayer(nn.Module):
         """Re-stores the frozen factors as `storage` (the first adapter's factor_storage; an export
         stores its copy's as "full"). The factors are derived again from W0 and the pivots
         (ldu_from_pivots: the same factors ldu gave)."""
-        store = make_store(storage, self.layer_name)
+        store = make_store(storage, self.layer_name, self.base_layer)
         if storage == self.storage:
             return
         if self.merged_adapter is not None:  # pragma: no cover - a merged layer has an adapter

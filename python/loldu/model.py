@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .callcheck import CALL_CHECK_FORWARDS, CallCheck
 from .config import LoLDUConfig
+from .distributed import reshard, settle, whole
 from .errors import AdapterError
 from .factorize import build_layers, factorize
 from .heads import SavedModule
@@ -56,6 +57,7 @@ def commit(model: nn.Module, layers: Dict[str, LoLDULayer], adapter_name: str, c
     (loldu.callcheck.CallCheck).
     """
     root = unwrap(model)
+    reshard(root)  # FSDP2: freeze the sharded parameters, not a forward's gathered copies
     saved = saved or {}
     params = [(p, p.requires_grad) for p in root.parameters()]
     originals = []
@@ -175,6 +177,7 @@ def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
     AdapterState(list(layers.items()), saved=list(saved.items())).add(adapter_name, config, values, saved_values,
                                                                        where=prefix)
     commit(model, layers, adapter_name, check_calls, saved, trainable)
+    settle(model)  # a sharded model: the new layers join FSDP2, z and sigma average their gradients
     return model
 
 
@@ -247,6 +250,7 @@ def add_with(model: nn.Module, adapter_name: str, config: Optional[LoLDUConfig] 
                 if why is not None:
                     raise AdapterError(f"layer '{n}': {why}")
     state.add(adapter_name, config, values, saved_values, where=f"{where}: " if where else "")
+    settle(model)
     return model
 
 
@@ -353,21 +357,26 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
                                f"{', '.join(users)} (tied weights; they share one weight tensor); merging would "
                                "change every module using it. Keep them unmerged (delta form)")
     for n, layer in layers:
-        why = _merge_refusal(layer, name)
+        with whole(layer):  # a sharded layer: one layer's W0 gathered at a time (loldu.distributed)
+            why = _merge_refusal(layer, name)
         if why is not None:
             raise AdapterError(f"loldu.merge: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}): {why}")
     for n, layer in layers:
-        if not _merges_finite(layer, name):
+        with whole(layer):
+            finite = _merges_finite(layer, name)
+        if not finite:
             raise AdapterError(f"loldu.merge: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}): adapter "
                                f"{name!r}: the merged weight W0 + ΔW would hold NaN/Inf (it overflows "
                                f"{layer.base_layer.weight.dtype}); nothing was merged, the model is unchanged")
     done: List[LoLDULayer] = []
     for n, layer in layers:
         try:
-            layer.merge(name)
+            with whole(layer):
+                layer.merge(name)
         except Exception as e:
             for merged in reversed(done):
-                merged.unmerge()
+                with whole(merged):
+                    merged.unmerge()
             raise AdapterError(f"loldu.merge: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}): cannot "
                                f"write the merged weight ({type(e).__name__}: {' '.join(str(e).split())}); the "
                                f"{len(done)} layer(s) merged before it were unmerged again") from e
@@ -385,7 +394,8 @@ def _merges_finite(layer: LoLDULayer, name: str) -> bool:
 def _require_unmergeable(layers: Sequence[Tuple[str, LoLDULayer]], what: str) -> None:
     """Every merged layer's weight must be writable now (checked before any is unmerged)."""
     for n, layer in layers:
-        why = None if layer.merged_adapter is None else _merge_refusal(layer)
+        with whole(layer) if layer.merged_adapter is not None else contextlib.nullcontext():
+            why = None if layer.merged_adapter is None else _merge_refusal(layer)
         if why is not None:
             raise AdapterError(f"{what}: layer '{n}' (weight {tuple(layer.base_layer.weight.shape)}) cannot be "
                                f"unmerged: {why}")
@@ -401,7 +411,8 @@ def unmerge(model: nn.Module) -> nn.Module:
     layers = _state(model).layers
     _require_unmergeable(layers, "loldu.unmerge")
     for _, layer in layers:
-        layer.unmerge()
+        with whole(layer) if layer.merged_adapter is not None else contextlib.nullcontext():
+            layer.unmerge()
     return model
 
 
@@ -412,7 +423,8 @@ def _strip(model: nn.Module, keep_heads: bool = False) -> nn.Module:
     state = AdapterState.of(root)
     for name, layer in state.layers:
         parent, _, attr = name.rpartition(".")
-        layer.restore_base()  # W0 back in the weight where the factor store kept its own form there
+        with whole(layer) if layer.store.owns_weight and layer.merged_adapter is None else contextlib.nullcontext():
+            layer.restore_base()  # W0 back in the weight where the factor store kept its own form there
         setattr(root.get_submodule(parent), attr, layer.base_layer)
     for name, m in state.saved:
         parent, _, attr = name.rpartition(".")
@@ -426,6 +438,7 @@ def _strip(model: nn.Module, keep_heads: bool = False) -> nn.Module:
     check = root.__dict__.pop(_CALL_CHECK, None)
     if check is not None:
         check.remove()
+    settle(model)
     return model
 
 
@@ -439,7 +452,8 @@ def unload(model: nn.Module) -> nn.Module:
     state.require_no_row_ids("loldu.unload: the adapters are in use by loldu.adapter_ids")
     _require_unmergeable(state.layers, "loldu.unload")
     for _, layer in state.layers:
-        layer.unmerge()
+        with whole(layer) if layer.merged_adapter is not None else contextlib.nullcontext():
+            layer.unmerge()
     return _strip(model)
 
 

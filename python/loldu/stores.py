@@ -538,10 +538,14 @@ STORES: Dict[str, type] = {store.name: store for store in (FullStore, CurStore, 
 FACTOR_KEYS: Dict[str, Tuple[str, ...]] = {name: store.keys for name, store in STORES.items()}
 
 
-def make_store(storage: str, layer_name: str) -> FactorStore:
-    """A new store of kind `storage` for the layer `layer_name` (AdapterError naming both if unknown)."""
+def make_store(storage: str, layer_name: str, base=None) -> FactorStore:
+    """A new store of kind `storage` for the layer `layer_name` (AdapterError naming both if unknown);
+    for a `base` module whose weight is sharded (FSDP2), its sharded variant (loldu.distributed)."""
     if storage not in STORES:
         raise AdapterError(f"layer '{layer_name}': factor_storage must be one of {list(FACTOR_KEYS)}, got {storage!r}")
+    from .distributed import is_sharded, sharded_store
+    if base is not None and is_sharded(getattr(base, "weight", None)):
+        return sharded_store(STORES[storage])()
     return STORES[storage]()
 
 
