@@ -89,6 +89,11 @@ std::string py_upper(const std::string& s) {
   return out;
 }
 
+// A positive int or spec::kFullRank (LoLDUConfig's rank and rank_pattern values).
+bool is_rank(const json& v) {
+  return v.is_string() ? v.get<std::string>() == spec::kFullRank : v.is_number_integer() && v.get<int64_t>() >= 1;
+}
+
 const spec::ConfigKey* config_key(const std::string& name) {
   for (const spec::ConfigKey& k : spec::kConfigKeys)
     if (name == k.name) return &k;
@@ -104,6 +109,24 @@ void check_config_value(const spec::ConfigKey& k, const json& v, const std::stri
     case spec::ConfigType::Int:
       if (!v.is_number_integer() || v.get<int64_t>() < 1) throw AdapterError(bad + key + " must be a positive int" + got);
       return;
+    case spec::ConfigType::Rank:
+      if (!is_rank(v)) throw AdapterError(bad + key + " must be a positive int or '" + spec::kFullRank + "'" + got);
+      return;
+    case spec::ConfigType::RankMap:
+    case spec::ConfigType::NumberMap: {  // rank_pattern / alpha_pattern: {module-name key: value}
+      const bool ranks = k.type == spec::ConfigType::RankMap;
+      if (!v.is_object()) throw AdapterError(bad + key + " must be None or a dict from module names to values" + got);
+      for (auto it = v.begin(); it != v.end(); ++it) {
+        if (it.key().empty()) throw AdapterError(bad + key + " keys must be non-empty module names");
+        const json& x = it.value();
+        const bool ok = ranks ? is_rank(x) : x.is_number() && std::isfinite(x.get<double>()) && x.get<double>() != 0;
+        if (!ok)
+          throw AdapterError(bad + key + "['" + it.key() + "'] must be " +
+                             (ranks ? std::string("a positive int or '") + spec::kFullRank + "'" : "a finite nonzero number") +
+                             ", got " + short_repr(x));
+      }
+      return;
+    }
     case spec::ConfigType::Number:
       if (!v.is_number() || !std::isfinite(v.get<double>()))
         throw AdapterError(bad + key + " must be a finite number" + got);
@@ -160,7 +183,7 @@ AdapterConfig parse_config(const json& c, const std::string& where) {
     throw AdapterError(bad + "layers_to_transform cannot be used with a regex target_modules");
   AdapterConfig out;
   out.json = c.dump();
-  if (auto v = value("rank")) out.rank = v->get<int64_t>();
+  if (auto v = value("rank"); v && v->is_number_integer()) out.rank = v->get<int64_t>();
   if (auto v = value("alpha")) out.alpha = v->get<double>();
   if (auto v = value("sigma0")) out.sigma0 = v->get<double>();
   if (auto v = value("train_scale")) out.train_scale = v->get<bool>();

@@ -19,7 +19,8 @@ SPEC = ROOT / "python" / "loldu" / "adapter_spec.json"
 HEADER = ROOT / "cpp" / "include" / "loldu" / "spec.h"
 
 _TYPES = {"int": "Int", "targets": "Targets", "number": "Number", "bool": "Bool", "enum": "Enum",
-          "enum_any_case": "EnumAnyCase", "names": "Names", "indexes": "Indexes"}
+          "enum_any_case": "EnumAnyCase", "names": "Names", "indexes": "Indexes", "rank": "Rank",
+          "rank_map": "RankMap", "number_map": "NumberMap"}
 
 
 def _camel(key: str) -> str:
@@ -107,6 +108,7 @@ def _config_part(spec: dict) -> list:
                             f"{_literal(k['default'])};")
     out += ["inline constexpr ConfigKey kConfigKeys[] = {"] + rows + ["};"] + defaults
     out.append(f"inline constexpr const char* kAllLinear = {_str(c['all_linear'])};")
+    out.append(f"inline constexpr const char* kFullRank = {_str(c['full_rank'])};  // rank: min(d, k) of each layer")
     out += ["// Python's str.upper() of the code points outside ASCII whose upper case is ASCII (task_type is",
             "// matched in any case, as Python matches it).",
             "struct UpperCase {", "  uint32_t code_point;", "  const char* upper;", "};",

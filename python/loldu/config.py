@@ -7,7 +7,7 @@ import functools
 import math
 import re
 from dataclasses import InitVar, asdict, dataclass, field, fields
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -17,6 +17,7 @@ from .spec import (  # noqa: F401  (re-exported: the names other modules import 
     CONFIG_DEFAULTS,
     FACTOR_TORCH_DTYPES,
     FORMS,
+    FULL_RANK,
     OMITTED_AT_DEFAULT,
     PARAMETRIZATIONS,
     PEFT_ALIASES,
@@ -69,8 +70,6 @@ PEFT_ONLY = {
     "target_parameters": "LoLDU adapts modules (target_modules), not bare parameters",
     "exclude_modules": "there is no exclude list; use a regular expression target_modules (it must match the "
                        "whole module name)",
-    "rank_pattern": "one rank per adapter; use a second adapter (loldu.add_adapter) for other layers",
-    "alpha_pattern": "one alpha per adapter; use a second adapter (loldu.add_adapter) for other layers",
     "layer_replication": "there is no layer replication in LoLDU",
     "module_to_save": "did you mean modules_to_save= (a list of module names trained and saved whole)?",
     "modules_to_saves": "did you mean modules_to_save= (a list of module names trained and saved whole)?",
@@ -96,6 +95,39 @@ def _refuse_peft_keywords(kwargs) -> None:
     raise AdapterError("LoLDUConfig: " + "; ".join(parts) + f" (LoLDUConfig's options: {', '.join(sorted(known))})")
 
 
+def _is_rank(v) -> bool:
+    """A positive int (not a bool) or FULL_RANK."""
+    return v == FULL_RANK if isinstance(v, str) else isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_alpha(v) -> bool:
+    """A finite nonzero number (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(_as_float(v)) and v != 0
+
+
+def key_matches(key: str, name: str) -> bool:
+    """Whether a rank_pattern / alpha_pattern key selects the module called `name` (PEFT's rule): equal,
+    a '.'-suffix, or a regular expression matching it whole (a key that is no valid one is a plain name)."""
+    if name == key or name.endswith("." + key):
+        return True
+    try:
+        return re.fullmatch(key, name) is not None
+    except re.error:
+        return False
+
+
+def _scale_refusal(s: float) -> Optional[str]:
+    """Why the fp32 initial scale s cannot be used, or None: Inf gives NaN outputs at init, and 0 or a
+    subnormal gives z (whose gradient is sigma times the layer's) a zero or vanishing gradient."""
+    if not math.isfinite(s):
+        return (f"overflows float32 (sigma is an fp32 parameter) to {s}, which makes every output NaN; use "
+                f"|sigma0| <= {torch.finfo(torch.float32).max:.4g}")
+    if abs(s) < torch.finfo(torch.float32).tiny:
+        return (f"is {s!r} in float32 (zero or subnormal), so z would get a zero or vanishing gradient; use "
+                f"|sigma0| >= {torch.finfo(torch.float32).tiny:.4g}")
+    return None
+
+
 def _as_list(v):
     """A tuple as a list and a set as a sorted list (stable to_dict output); anything else unchanged."""
     if isinstance(v, (set, frozenset)):
@@ -112,7 +144,8 @@ class LoLDUConfig:
     LoLDU hardly moves; docs/evaluation.md, "Choosing the defaults").
 
     rank: number r of leading LDU components kept per adapted matrix (1 <= r <= min(d, k) of every
-        targeted weight; checked per layer at inject time).
+        targeted weight; checked per layer at inject time), or "full": min(d, k) of each layer, the
+        paper's default (Shi et al., arXiv 2410.13618).
     target_modules: which modules to adapt, by their name in `model.named_modules()`. A str is a
         regular expression that must match the whole name; a list of str matches a module whose
         name equals an entry or ends with "." + entry (PEFT's rules).
@@ -144,13 +177,19 @@ class LoLDUConfig:
         first ".<name>.<number>." in it. Not with a regex target_modules (PEFT's rule).
     layers_pattern: the name (or names) of the module list holding the layers ("layers", "layer",
         "h", ...); only together with layers_to_transform.
+    rank_pattern: per-layer ranks, PEFT's option: {key: rank or "full"}; a key selects a module whose
+        name equals it or ends with "." + key, or that the key as a regular expression matches whole
+        (an exact name wins, then the first key in order). Each key must select an adapted layer
+        (AdapterError at inject: a typo would otherwise silently keep the default rank).
+    alpha_pattern: per-layer alpha, matched as rank_pattern; sigma0 = alpha / r of each layer (not
+        with sigma0, which sets every layer's scale).
     r: PEFT's spelling of `rank` (either may be given; both must then agree).
 
     PEFT's LoRA options (lora_alpha, lora_dropout, bias, use_dora, ...) are refused with an AdapterError
     that names LoLDU's equivalent, or says there is none (PEFT_ONLY).
     """
 
-    rank: int = _DefaultRank(CONFIG_DEFAULTS["rank"])
+    rank: Union[int, str] = _DefaultRank(CONFIG_DEFAULTS["rank"])
     target_modules: Union[str, List[str], None] = CONFIG_DEFAULTS["target_modules"]
     alpha: float = CONFIG_DEFAULTS["alpha"]
     sigma0: Optional[float] = CONFIG_DEFAULTS["sigma0"]
@@ -164,7 +203,9 @@ class LoLDUConfig:
     parametrization: str = CONFIG_DEFAULTS["parametrization"]
     layers_to_transform: Union[int, List[int], None] = CONFIG_DEFAULTS["layers_to_transform"]
     layers_pattern: Union[str, List[str], None] = CONFIG_DEFAULTS["layers_pattern"]
-    r: InitVar[Optional[int]] = None
+    rank_pattern: Optional[Dict[str, Union[int, str]]] = CONFIG_DEFAULTS["rank_pattern"]
+    alpha_pattern: Optional[Dict[str, float]] = CONFIG_DEFAULTS["alpha_pattern"]
+    r: InitVar[Optional[Union[int, str]]] = None
     _regex: Optional[re.Pattern] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self, r=None):
@@ -178,7 +219,9 @@ class LoLDUConfig:
                 raise AdapterError(f"LoLDUConfig: {name} must be a finite number, got {_short(v)}")
         if self.sigma0 is None and self.alpha == 0:
             raise AdapterError("LoLDUConfig: alpha = 0 gives sigma0 = 0, which freezes the adapter at zero")
-        self._check_initial_scale()
+        self._check_patterns()
+        if self.sigma0 is not None or isinstance(self.rank, int):
+            self._check_initial_scale()
         if not isinstance(self.train_scale, bool):
             raise AdapterError(f"LoLDUConfig: train_scale must be a bool, got {self.train_scale!r}")
         self._check_choices()
@@ -231,15 +274,85 @@ class LoLDUConfig:
         """rank, or PEFT's spelling r; an explicit rank (even the default's value) must agree with r."""
         explicit = type(self.rank) is not _DefaultRank
         if r is not None:
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-                raise AdapterError(f"LoLDUConfig: r (PEFT's name for rank) must be a positive int, got {r!r}")
+            if not _is_rank(r):
+                raise AdapterError(f"LoLDUConfig: r (PEFT's name for rank) must be a positive int or {FULL_RANK!r}, "
+                                   f"got {_short(r)}")
             if explicit and self.rank != r:
                 raise AdapterError(f"LoLDUConfig: r={r} and rank={self.rank!r} disagree; give one of them")
             self.rank = r
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise AdapterError(f"LoLDUConfig: rank must be a positive int, got {self.rank!r}")
+        if not _is_rank(self.rank):
+            raise AdapterError(f"LoLDUConfig: rank must be a positive int or {FULL_RANK!r} (min(d, k) of each layer), "
+                               f"got {_short(self.rank)}")
         if not explicit:
             self.rank = int(self.rank)
+
+    def _check_patterns(self) -> None:
+        """rank_pattern: {key: positive int or "full"}; alpha_pattern: {key: finite number, nonzero};
+        PEFT's empty dict means none. alpha_pattern cannot be combined with sigma0."""
+        for key, valid, what in (("rank_pattern", _is_rank, f"a positive int or {FULL_RANK!r}"),
+                                 ("alpha_pattern", _is_alpha, "a finite nonzero number")):
+            pat = getattr(self, key)
+            if pat is not None and not isinstance(pat, dict):
+                raise AdapterError(f"LoLDUConfig: {key} must be None or a dict from module names to values, got "
+                                   f"{_short(pat)}")
+            for k, v in (pat or {}).items():
+                if not isinstance(k, str) or not k:
+                    raise AdapterError(f"LoLDUConfig: {key} keys must be non-empty module names, got {_short(k)}")
+                if not valid(v):
+                    raise AdapterError(f"LoLDUConfig: {key}[{k!r}] must be {what}, got {_short(v)}")
+            setattr(self, key, dict(pat) if pat else None)
+        if self.alpha_pattern and self.sigma0 is not None:
+            raise AdapterError("LoLDUConfig: alpha_pattern cannot be combined with sigma0 (sigma0 sets every layer's "
+                               "initial scale, so alpha_pattern would change nothing); give one of them")
+
+    # -- per-layer rank and scale ---------------------------------------------------------------
+    @property
+    def per_layer(self) -> bool:
+        """Whether ranks or scales may differ between layers (rank="full", rank_pattern or alpha_pattern)."""
+        return not isinstance(self.rank, int) or bool(self.rank_pattern) or bool(self.alpha_pattern)
+
+    def pattern_key(self, pattern: Optional[dict], name: str) -> Optional[str]:
+        """The key of `pattern` (rank_pattern or alpha_pattern) that selects the module called `name`, or
+        None: an equal name wins, then the first key that is a '.'-suffix of it or matches it whole
+        as a regular expression."""
+        if not pattern:
+            return None
+        if name in pattern:
+            return name
+        return next((k for k in pattern if key_matches(k, name)), None)
+
+    def rank_for(self, name: str, shape: Tuple[int, ...], kind: str = "") -> int:
+        """The rank of the layer called `name` whose weight is viewed as the (d, k) matrix `shape`:
+        rank_pattern's value for it, else rank; "full" is min(d, k). AdapterError naming the layer
+        and its shape when the rank exceeds min(d, k)."""
+        key = self.pattern_key(self.rank_pattern, name)
+        r = self.rank if key is None else self.rank_pattern[key]
+        m = min(shape)
+        if r == FULL_RANK:
+            return m
+        if r > m:
+            src = f"rank_pattern[{key!r}] = {r}" if key is not None else f"rank {r}"
+            raise AdapterError(f"layer '{name}': {src} exceeds min(d, k) = {m} of its {kind + ' ' if kind else ''}"
+                               f"weight viewed as "
+                               f"{tuple(shape)}; lower it or use {FULL_RANK!r}")
+        return int(r)
+
+    def alpha_for(self, name: str) -> float:
+        """alpha_pattern's value for the layer called `name`, else alpha."""
+        key = self.pattern_key(self.alpha_pattern, name)
+        return self.alpha if key is None else self.alpha_pattern[key]
+
+    def scale_for(self, name: str, rank: int) -> float:
+        """The initial scale sigma0 of the layer called `name` at rank `rank`: sigma0, else
+        alpha_for(name) / rank, rounded to fp32 (sigma is an fp32 parameter)."""
+        if self.sigma0 is not None:
+            return self.initial_scale
+        alpha = self.alpha_for(name)
+        s = float(torch.tensor(alpha / rank, dtype=torch.float32))
+        why = _scale_refusal(s)
+        if why is not None:
+            raise AdapterError(f"layer '{name}': sigma0 = alpha / rank = {_short(alpha)} / {rank} {why}")
+        return s
 
     def _check_targets(self) -> None:
         tm = self.target_modules = _as_list(self.target_modules)
@@ -287,15 +400,16 @@ class LoLDUConfig:
 
     def _check_initial_scale(self) -> None:
         """sigma0 must be a normal fp32 number: Inf gives NaN outputs at init, and 0 or a subnormal
-        gives z (whose gradient is sigma times the layer's) a zero or vanishing gradient."""
-        how = "sigma0" if self.sigma0 is not None else f"sigma0 = alpha / rank = {_short(self.alpha)} / {self.rank}"
-        s = self.initial_scale
-        if not math.isfinite(s):
-            raise AdapterError(f"LoLDUConfig: {how} overflows float32 (sigma is an fp32 parameter) to {s}, which "
-                               f"makes every output NaN; use |sigma0| <= {torch.finfo(torch.float32).max:.4g}")
-        if abs(s) < torch.finfo(torch.float32).tiny:
-            raise AdapterError(f"LoLDUConfig: {how} is {s!r} in float32 (zero or subnormal), so z would get a zero "
-                               f"or vanishing gradient; use |sigma0| >= {torch.finfo(torch.float32).tiny:.4g}")
+        gives z (whose gradient is sigma times the layer's) a zero or vanishing gradient. With an int
+        rank and no sigma0, alpha_pattern's values are checked here too; the rest per layer (scale_for)."""
+        s0 = self.sigma0
+        alphas = [self.alpha] + ([] if s0 is not None else list((self.alpha_pattern or {}).values()))
+        for alpha in alphas:
+            how = "sigma0" if s0 is not None else f"sigma0 = alpha / rank = {_short(alpha)} / {self.rank}"
+            s = float(torch.tensor(s0 if s0 is not None else alpha / self.rank, dtype=torch.float32))
+            why = _scale_refusal(s)
+            if why is not None:
+                raise AdapterError(f"LoLDUConfig: {how} {why}")
 
     @property
     def saved_modules(self) -> List[str]:
@@ -321,7 +435,12 @@ class LoLDUConfig:
 
     @property
     def initial_scale(self) -> float:
-        """sigma0, rounded to fp32 so that sigma (an fp32 parameter) starts exactly equal to it."""
+        """sigma0, rounded to fp32 so that sigma (an fp32 parameter) starts exactly equal to it. With
+        per-layer ranks or alphas and no sigma0 there is no single value: scale_for gives each layer's."""
+        if self.sigma0 is None and self.per_layer:
+            raise AdapterError("LoLDUConfig.initial_scale: the initial scale alpha / r differs per layer (rank="
+                               f"{self.rank!r}, rank_pattern or alpha_pattern); use LoLDUConfig.scale_for(name, rank) "
+                               "or the layer's sigma0")
         s = self.sigma0 if self.sigma0 is not None else self.alpha / self.rank
         return float(torch.tensor(s, dtype=torch.float32))
 

@@ -17,7 +17,7 @@ _STACK_BYTES = 256 << 20  # most bytes of weights stacked into one batched facto
 
 def factorize(targets: Sequence[Tuple[str, nn.Module, str]], config: LoLDUConfig,
               pivots: Optional[Dict[str, torch.Tensor]] = None, progress: Optional[bool] = None) -> Dict[str, LDUResult]:
-    """Frozen factors of every target, batched over same-shape weights.
+    """Frozen factors of every target, batched over same-shape weights of the same rank (config.rank_for).
 
     With `pivots` (name -> (r,) int64), re-derives them from stored pivots (loldu.ldu_from_pivots)
     instead of choosing pivots. Raises AdapterError naming the layer that cannot be factorized.
@@ -25,24 +25,21 @@ def factorize(targets: Sequence[Tuple[str, nn.Module, str]], config: LoLDUConfig
     """
     if any(is_sharded(getattr(m, "weight", None)) for _, m, _ in targets):
         return factorize_sharded(targets, config, pivots)
-    r = config.rank
     groups: Dict[tuple, list] = {}
-    for name, module, kind in targets:
+    for name, module, kind in targets:  # every layer's rank first: a bad one is refused before any work
         W = weight_matrix(module)
-        if r > min(W.shape):
-            raise AdapterError(f"layer '{name}': rank {r} exceeds min(d, k) = {min(W.shape)} of its "
-                               f"{kind} weight viewed as {tuple(W.shape)}")
-        groups.setdefault((tuple(W.shape), W.dtype, W.device), []).append((name, W.detach()))
+        r = config.rank_for(name, tuple(W.shape), kind)
+        groups.setdefault((tuple(W.shape), r, W.dtype, W.device), []).append((name, W.detach()))
     show = progress if progress is not None else len(targets) >= _PROGRESS_MIN_LAYERS
     out: Dict[str, LDUResult] = {}
 
-    def run(Ws, names):
+    def run(Ws, names, r):
         if pivots is None:
             return ldu(Ws, r, pivoting=config.pivoting)
         return ldu_from_pivots(Ws, torch.stack([pivots[n] for n in names]).to(Ws.device))
 
     with Progress(len(targets), "loldu: factorizing", "layers", enabled=show) as bar:
-        for (shape, dtype, _), items in groups.items():
+        for (shape, r, dtype, _), items in groups.items():
             per = max(1, _STACK_BYTES // max(1, shape[0] * shape[1] * torch.finfo(dtype).bits // 8))
             for i in range(0, len(items), per):
                 chunk = items[i : i + per]
@@ -50,13 +47,13 @@ def factorize(targets: Sequence[Tuple[str, nn.Module, str]], config: LoLDUConfig
                 Ws = torch.stack([W for _, W in chunk])
                 _check_finite(Ws, names)
                 try:
-                    res = run(Ws, names)
+                    res = run(Ws, names, r)
                 except FactorizationError:
                     res = None
                 if res is None:  # find the culprit, one layer at a time
                     for n, W in chunk:
                         try:
-                            run(W.unsqueeze(0), [n])
+                            run(W.unsqueeze(0), [n], r)
                         except FactorizationError as e:
                             raise AdapterError(f"layer '{n}' (weight {tuple(W.shape)}): {e}") from None
                     raise AdapterError(f"layers {names}: batched factorization failed")  # pragma: no cover

@@ -334,7 +334,7 @@ class LoLDULayer(nn.Module):
                                f"the layer's adapters share factors stored as {self.storage!r}")
         if not self.configs:
             self.use_storage(storage)  # raises (the layer unchanged) where the storage does not fit it
-        sigma0 = config.initial_scale
+        sigma0 = config.scale_for(self.layer_name, self.rank)
         dev = self.loldu_D.device
         dt = working_dtype(self.loldu_D.dtype)
         if z is None:  # c == 0: z = D in the paper's form, z = 0 in the relative one

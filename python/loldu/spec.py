@@ -44,6 +44,8 @@ CONFIG_DEFAULTS: Dict[str, object] = {k: v["default"] for k, v in CONFIG_KEYS.it
 # Keys to_dict leaves out at their default, so files stay readable by loldu versions without them.
 OMITTED_AT_DEFAULT: Tuple[str, ...] = tuple(k for k, v in CONFIG_KEYS.items() if v.get("omit_default"))
 PEFT_ALIASES: Dict[str, str] = SPEC["config"]["peft_aliases"]
+# rank=FULL_RANK: min(d, k) of each adapted layer (the paper's default; Shi et al., arXiv 2410.13618).
+FULL_RANK: str = SPEC["config"]["full_rank"]
 
 
 def enum_values(key: str) -> Tuple[str, ...]:

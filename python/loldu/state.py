@@ -120,10 +120,19 @@ class AdapterState:
     def require_fits(self, config: LoLDUConfig, what: str) -> None:
         """The adapter described by `config` must fit the factors the layers already share."""
         ref = self.config(self.names[0])
-        for field in ("rank", "pivoting", "factor_dtype", "factor_storage"):
+        if not (config.per_layer or ref.per_layer) and config.rank != ref.rank:
+            raise AdapterError(f"{what}: rank={config.rank!r} differs from the injected layers' {ref.rank!r}; "
+                               "adapters of one model share its frozen factors")
+        for field in ("pivoting", "factor_dtype", "factor_storage"):
             if getattr(config, field) != getattr(ref, field):
                 raise AdapterError(f"{what}: {field}={getattr(config, field)!r} differs from the injected "
                                    f"layers' {getattr(ref, field)!r}; adapters of one model share its frozen factors")
+        for name, layer in self.layers:  # per layer: rank="full" and rank_pattern spell ranks differently
+            shape = tuple(layer.base_matrix().shape)
+            r = config.rank_for(name, shape, layer.kind)
+            if r != layer.rank:
+                raise AdapterError(f"{what}: layer '{name}' {shape} would have rank {r} but its frozen factors have "
+                                   f"rank {layer.rank}; adapters of one model share its frozen factors")
         selected = selector(self.root, config)
         for name, _ in self.layers:
             if not selected(name):
@@ -149,6 +158,8 @@ class AdapterState:
         """Adds adapter `name`; `values`: layer name -> (z, sigma), default z = D and sigma = sigma0 (c == 0);
         `saved_values`: saved module name -> its state_dict, default a copy of the original module.
         The saved modules' copies are made (and checked) before any layer changes."""
+        for n, layer in self.layers:  # each layer's initial scale is refused (naming it) before any change
+            config.scale_for(n, layer.rank)
         copies = [(m, m.make_copy((saved_values or {}).get(n), where)) for n, m in self.saved]
         for n, layer in self.layers:
             layer.add_adapter(name, config, *(values[n] if values is not None else ()))

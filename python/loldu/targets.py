@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .callcheck import runs
-from .config import ALL_LINEAR, TASK_HEADS, LoLDUConfig
+from .config import ALL_LINEAR, TASK_HEADS, LoLDUConfig, key_matches
 from .errors import AdapterError, LolduWarning
 from .heads import SavedModule
 from .kinds import warn_batched_weights
@@ -154,7 +154,26 @@ def find_targets(root: nn.Module, config: LoLDUConfig) -> Targets:
         warn_batched_weights(root, "target_modules='all-linear'", stacklevel=4)
     for name, _, _ in found:
         _check_not_bypassed(root, name, config, len(found))
+    _check_patterns_used(root, config, [name for name, _, _ in found])
     return found
+
+
+def _check_patterns_used(root: nn.Module, config: LoLDUConfig, names: List[str]) -> None:
+    """Every rank_pattern / alpha_pattern key must select a target: PEFT ignores such a key, so a typo
+    silently keeps the default rank; refused here (naming the key) before anything changes."""
+    for what in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(config, what) or {}
+        used = {config.pattern_key(pattern, n) for n in names}
+        for key in pattern:
+            if key not in used:
+                close = difflib.get_close_matches(key.rpartition(".")[2], sorted({n.rpartition(".")[2] for n in names}), n=3)
+                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+                shadow = [n for n in names if key_matches(key, n)]
+                if shadow:
+                    hint = f" (an earlier key selects every layer it matches, e.g. '{shadow[0]}')"
+                raise AdapterError(f"{what} key {key!r} selects none of the {len(names)} adapted layers of "
+                                   f"{type(root).__name__}{hint}; the key must equal a layer's name, end it after a "
+                                   "'.', or match it whole as a regular expression")
 
 
 def _check_registered_once(root: nn.Module, selected: Callable[[str], bool]) -> None:

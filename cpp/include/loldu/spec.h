@@ -29,7 +29,7 @@ inline constexpr const char* kLayerDtypes[] = {"float32", "float64", "float16", 
 inline constexpr const char* kAdapterNamePattern = "[A-Za-z_][A-Za-z0-9_-]*";
 
 // -- the config (LoLDUConfig) --------------------------------------------------------------------
-enum class ConfigType { Int, Targets, Number, Bool, Enum, EnumAnyCase, Names, Indexes };
+enum class ConfigType { Int, Targets, Number, Bool, Enum, EnumAnyCase, Names, Indexes, Rank, RankMap, NumberMap };
 struct ConfigKey {
   const char* name;
   ConfigType type;
@@ -46,7 +46,7 @@ inline constexpr const char* kFactorStorageValues[] = {"full", "cur", "lu"};
 inline constexpr const char* kTaskTypeValues[] = {"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"};
 inline constexpr const char* kParametrizationValues[] = {"paper", "relative"};
 inline constexpr ConfigKey kConfigKeys[] = {
-    {"rank", ConfigType::Int, false, false, false, nullptr, 0},
+    {"rank", ConfigType::Rank, false, false, false, nullptr, 0},
     {"target_modules", ConfigType::Targets, false, true, false, nullptr, 0},
     {"alpha", ConfigType::Number, false, false, false, nullptr, 0},
     {"sigma0", ConfigType::Number, true, false, false, nullptr, 0},
@@ -60,6 +60,8 @@ inline constexpr ConfigKey kConfigKeys[] = {
     {"parametrization", ConfigType::Enum, false, false, true, kParametrizationValues, 2},
     {"layers_to_transform", ConfigType::Indexes, true, false, true, nullptr, 0},
     {"layers_pattern", ConfigType::Names, true, false, true, nullptr, 0},
+    {"rank_pattern", ConfigType::RankMap, true, false, true, nullptr, 0},
+    {"alpha_pattern", ConfigType::NumberMap, true, false, true, nullptr, 0},
 };
 inline constexpr int64_t kDefaultRank = 8;
 inline constexpr double kDefaultAlpha = 1.0;
@@ -69,6 +71,7 @@ inline constexpr const char* kDefaultForm = "auto";
 inline constexpr const char* kDefaultFactorStorage = "full";
 inline constexpr const char* kDefaultParametrization = "paper";
 inline constexpr const char* kAllLinear = "all-linear";
+inline constexpr const char* kFullRank = "full";  // rank: min(d, k) of each layer
 // Python's str.upper() of the code points outside ASCII whose upper case is ASCII (task_type is
 // matched in any case, as Python matches it).
 struct UpperCase {
