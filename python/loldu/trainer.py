@@ -31,6 +31,7 @@ names, labels and loss arguments off the wrapped model, as Trainer does for Peft
 A checkpoint directory is an adapter directory: `loldu.load_adapter(base_model, "out/checkpoint-N")`
 loads it for inference. See docs/trainer.md.
 """
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -44,6 +45,7 @@ import torch.nn as nn
 
 from .adapter_io import WEIGHTS_NAME, load_adapter, read_adapter, save_adapter
 from .atomic import read_regular
+from .distributed import is_sharded, settle
 from .errors import AdapterError, LolduWarning
 from .model import delete_adapter
 from .state import AdapterState, unwrap
@@ -169,6 +171,11 @@ def restore_adapter(model: nn.Module, directory, adapter_name: Optional[str] = N
     return model
 
 
+def _fsdp2_sharded(model: nn.Module) -> bool:
+    """Whether the model holds parameters sharded by FSDP2 (DTensors): it was fully_shard'ed before inject."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
 class LoLDUTrainerMixin:
     """Mixed in before a transformers Trainer class (`class T(LoLDUTrainerMixin, Trainer)`, or before
     a subclass such as TRL's trainers): checkpoints hold the active LoLDU adapter only, and resuming
@@ -186,10 +193,21 @@ class LoLDUTrainerMixin:
         super().__init__(*args, **kwargs)
         if model is None:
             self._check_model(self.model, what)
-        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-            # Both gather or load sharded weights outside _save / _load_from_checkpoint.
-            raise AdapterError(f"{what}: FSDP and DeepSpeed are not supported (their checkpoints bypass the adapter "
-                               "files); use DDP (torchrun), which LoLDU layers support")
+        if getattr(self, "is_deepspeed_enabled", False):
+            # ZeRO-3 partitions parameters behind its own hooks, which LoLDU's factorization cannot read.
+            raise AdapterError(f"{what}: DeepSpeed is not supported (ZeRO-3 partitions the base weights where the "
+                               "factorization cannot read them, and its checkpoints bypass the adapter files). Shard "
+                               "with FSDP2 instead: torch.distributed.fsdp.fully_shard, then loldu.inject, then "
+                               "this trainer without fsdp arguments (docs/distributed.md); or DDP (torchrun)")
+        if getattr(self, "is_fsdp_enabled", False):
+            # Accelerate would shard after the adapter exists: the frozen factors, buffers, stay whole on every rank.
+            raise AdapterError(f"{what}: Trainer's fsdp arguments (accelerate's FSDP plugin) shard the model after "
+                               "LoLDU was injected, which leaves the frozen factors whole on every rank. Shard first: "
+                               "torch.distributed.fsdp.fully_shard on the base model, then loldu.inject, then this "
+                               "trainer without fsdp arguments (docs/distributed.md)")
+        if _fsdp2_sharded(self.model):
+            # Like a model sharded at load time (transformers' DistributedConfig): no DDP wrap, no new sharding.
+            self.is_distributed_loading_by_transformers = True
         inner = unwrap(self.model)
         if inner is not self.model:
             # A loldu.LoLDUModel handle: Trainer reads the labels, loss and input names off the model's class
@@ -207,6 +225,17 @@ class LoLDUTrainerMixin:
         state.require_unmerged(f"{what}: the model to train", fix="call loldu.unmerge before training")
         if state.active is None:
             raise AdapterError(f"{what}: the model has no active adapter; call loldu.set_adapter")
+
+    def _sync_replicated_trainable_parameters(self, model: nn.Module) -> None:
+        """A sharded model's z and sigma already average their gradients (loldu.distributed.settle, the
+        same on every rank since inject); Trainer's own hook (ReduceOp.AVG) would not run on gloo."""
+        settle(model)
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        """Gradient accumulation on a sharded LoLDU model: the base weights are frozen (FSDP2 reduces no
+        gradient) and z and sigma average theirs at once, so there is nothing to defer."""
+        yield
 
     def _set_signature_columns_if_needed(self) -> None:
         """The input names Trainer keeps (remove_unused_columns): those of the wrapped model's forward."""
