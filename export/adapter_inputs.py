@@ -1,12 +1,22 @@
 """The adapter inputs of an export made with adapter_inputs=True: their names, the file metadata that
 describes them, and the feeds (each layer's c) from a model or an adapter directory.
 
-Shared by the exporter (onnx_export) and the runner (ort_runner), and importing neither.
+Naming: layer `<name>` (its module path, as loldu.adapted_layers lists it) takes its c (r,) through the
+graph input `loldu.c.<name>`; the name depends on the layer alone, so every export of one base names
+them alike. Each has a default initializer of zeros (c = 0: the base model's outputs), which makes
+it an input that ONNX Runtime's adapters (.onnx_adapter files, loldu.export.to_ort_adapter) override
+per run. The file's metadata_props hold the per-layer records (META_KEY), the base fingerprint
+(sha256 of the layers' fingerprints, BASE_KEY) and the 32-bit model version an .onnx_adapter made
+for this base carries (VERSION_KEY).
+
+Shared by the exporter (onnx_export), the runner (ort_runner) and ort_adapter, and importing none of them.
 """
+import hashlib
 import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -17,6 +27,41 @@ from loldu.state import AdapterState
 
 C_PREFIX = "loldu.c."
 META_KEY = "loldu.adapter_inputs"
+BASE_KEY = "loldu.base_fingerprint"
+VERSION_KEY = "loldu.model_version"
+
+
+def base_digest(records: List[dict]) -> bytes:
+    """sha256 of the layers' base fingerprints in the records' order (that of loldu.adapted_layers):
+    one number for "the base weights these adapters were trained on"."""
+    return hashlib.sha256(b"".join(bytes.fromhex(r["fingerprint"]) for r in records)).digest()
+
+
+def model_version(records: List[dict]) -> int:
+    """The base digest's first 4 bytes as a signed int32: what an .onnx_adapter's model_version field
+    (an int32 in ONNX Runtime's adapter format) can hold of it."""
+    return int.from_bytes(base_digest(records)[:4], "big", signed=True)
+
+
+def add_serving_defaults(proto, c_names: List[str]) -> None:
+    """Gives each c input of an adapter-inputs export a default initializer of zeros (its dtype and
+    shape), so that without an adapter the graph computes the base model, and records the base
+    fingerprint and model version beside the per-layer metadata."""
+    from onnx import helper, numpy_helper
+
+    graph_inputs = {i.name: i for i in proto.graph.input}
+    have = {t.name for t in proto.graph.initializer}
+    for name in c_names:
+        if name in have or name not in graph_inputs:
+            continue
+        t = graph_inputs[name].type.tensor_type
+        shape = [d.dim_value for d in t.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        proto.graph.initializer.append(numpy_helper.from_array(np.zeros(shape, dtype), name))
+    records = adapter_metadata(proto)
+    for key, value in ((BASE_KEY, base_digest(records).hex()), (VERSION_KEY, str(model_version(records)))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def metadata_json(layers: List[Tuple[str, nn.Module]]) -> str:
@@ -44,33 +89,40 @@ def _valid_record(r) -> bool:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d))
 
 
-def adapter_metadata(onnx_model) -> List[dict]:
-    """The per-layer records (layer, input, rank, pivots, fingerprint, D) of an adapter-inputs export."""
+def _metadata_map(onnx_model) -> Tuple[str, Dict[str, str]]:
+    """(a name for messages, {key: value} of the model's metadata_props). A runner (anything with an
+    ONNX Runtime `session`) answers from its session, without reading the file again."""
     import onnx
 
     if isinstance(onnx_model, onnx.ModelProto):
-        proto = onnx_model
-    else:
-        p = getattr(onnx_model, "path", onnx_model)
-        if not Path(str(p)).is_file():
-            raise ExportError(f"{p}: no such ONNX file")
-        try:
-            proto = onnx.load(str(p), load_external_data=False)
-        except Exception as e:
-            raise ExportError(f"{p}: not a readable ONNX file ({type(e).__name__}: {e})") from None
-    for entry in proto.metadata_props:
-        if entry.key == META_KEY:
-            try:
-                layers = json.loads(entry.value)["layers"]
-            except (ValueError, RecursionError, KeyError, TypeError) as e:
-                raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: corrupted loldu adapter metadata "
-                                  f"({type(e).__name__})") from None
-            if not isinstance(layers, list) or not all(_valid_record(r) for r in layers):
-                raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: corrupted loldu adapter metadata "
-                                  "(each layer needs layer, input, rank, pivots, fingerprint and D of length rank)")
-            return layers
-    raise ExportError(f"{getattr(onnx_model, 'path', onnx_model)}: not exported with adapter_inputs=True "
-                      "(no loldu adapter metadata)")
+        return "the ONNX model", {e.key: e.value for e in onnx_model.metadata_props}
+    session = getattr(onnx_model, "session", None)
+    p = str(getattr(onnx_model, "path", onnx_model))
+    if session is not None:
+        return p, dict(session.get_modelmeta().custom_metadata_map)
+    if not Path(p).is_file():
+        raise ExportError(f"{p}: no such ONNX file")
+    try:
+        proto = onnx.load(p, load_external_data=False)
+    except Exception as e:
+        raise ExportError(f"{p}: not a readable ONNX file ({type(e).__name__}: {e})") from None
+    return p, {e.key: e.value for e in proto.metadata_props}
+
+
+def adapter_metadata(onnx_model) -> List[dict]:
+    """The per-layer records (layer, input, rank, pivots, fingerprint, D) of an adapter-inputs export:
+    an ONNX file, a ModelProto or an OrtRunner."""
+    label, meta = _metadata_map(onnx_model)
+    if META_KEY not in meta:
+        raise ExportError(f"{label}: not exported with adapter_inputs=True (no loldu adapter metadata)")
+    try:
+        layers = json.loads(meta[META_KEY])["layers"]
+    except (ValueError, RecursionError, KeyError, TypeError) as e:
+        raise ExportError(f"{label}: corrupted loldu adapter metadata ({type(e).__name__})") from None
+    if not isinstance(layers, list) or not all(_valid_record(r) for r in layers):
+        raise ExportError(f"{label}: corrupted loldu adapter metadata "
+                          "(each layer needs layer, input, rank, pivots, fingerprint and D of length rank)")
+    return layers
 
 
 def adapter_feeds(source, onnx_model=None, *, adapter_name: Optional[str] = None) -> Dict[str, "torch.Tensor"]:

@@ -46,7 +46,8 @@ from loldu.errors import ExportError
 from loldu.model import merge_and_unload, unwrap
 from loldu.state import AdapterState
 
-from .adapter_inputs import C_PREFIX, META_KEY, adapter_feeds, metadata_json
+from .adapter_inputs import C_PREFIX, META_KEY, adapter_feeds, add_serving_defaults, metadata_json
+from .lu_graph import LuGraph
 from .onnx_graph import dynamo_export, quiet_exporter
 from .ort_runner import OrtRunner, _short
 
@@ -214,14 +215,18 @@ class _WithC(nn.Module):
         return self.layer.adapted(x, self.c if self.slots is None else self.slots[self.index])
 
 
-def _wrap_layers(work: nn.Module, layers, cs, adapter_inputs: bool, slots: list) -> None:
-    """Puts a _WithC in place of every adapted layer that exports an adapter (c not None)."""
+def _wrap_layers(work: nn.Module, layers, cs, adapter_inputs: bool, slots: list, lu_graph: bool = False) -> None:
+    """Puts a _WithC (with lu_graph, a LuGraph) in place of every adapted layer that exports an adapter (c not None)."""
     root = unwrap(work)
     for i, ((name, layer), c) in enumerate(zip(layers, cs)):
         if c is None:
             continue
         parent, _, attr = name.rpartition(".")
-        stand_in = _WithC(layer, slots=slots, index=i) if adapter_inputs else _WithC(layer, c=c)
+        if lu_graph:
+            stand_in = LuGraph(name, layer, c=None if adapter_inputs else c, slots=slots if adapter_inputs else None,
+                               index=i)
+        else:
+            stand_in = _WithC(layer, slots=slots, index=i) if adapter_inputs else _WithC(layer, c=c)
         setattr(root.get_submodule(parent), attr, stand_in)
 
 
@@ -338,7 +343,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
             dynamic_axes: Optional[Dict[str, Dict[int, str]]] = None, adapter_inputs: bool = False,
             adapter_name: Optional[str] = None, input_names: Optional[List[str]] = None,
             output_names: Optional[List[str]] = None, opset: int = DEFAULT_OPSET, check_inputs=None,
-            provider: str = "auto") -> ExportReport:
+            provider: str = "auto", lu_graph: bool = False) -> ExportReport:
     """Exports `model` to the ONNX file `path` and returns an ExportReport; `model` is not changed.
 
     example_inputs: a tensor, a tuple of tensors (positional) or a dict name -> tensor (keyword, e.g.
@@ -347,6 +352,8 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
         graph then holds exactly the base model's operators. merge=False keeps the adapter as extra
         MatMuls with c baked in, or with adapter_inputs=True as graph inputs `loldu.c.<layer>` (r,) fp32.
     dtype: "fp32" or "fp16" (weights and float inputs/outputs in fp16; c inputs stay fp32).
+    lu_graph: with merge=False, every adapted layer (full rank, Linear-like) runs as two MatMuls
+        against its triangular factors with D + c between them and no W0 (export/lu_graph.py).
     dynamic_axes: torch.onnx's {name: {axis: label}}; default: axis 0 of every input is "batch" and
         axis 1 of integer inputs of rank >= 2 is "sequence" (and the matching output axes). {} = static.
     check_inputs: fresh inputs like example_inputs; if given, the file is run in ONNX Runtime on them
@@ -359,6 +366,8 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
     """
     import onnx
 
+    if lu_graph and merge:
+        raise ExportError("loldu.export: lu_graph=True needs merge=False (merged, the graph holds W(c) itself)")
     path, names, inputs, by_kw, names_out = _checked_request(model, example_inputs, path, dtype, merge,
                                                              adapter_inputs, input_names)
     t0 = time.perf_counter()
@@ -371,7 +380,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
     if dynamic_axes is None:
         dynamic_axes = _default_dynamic_axes(names_out, inputs)
     proto = _traced(work, layers, cs, adapter_inputs, names, by_kw, inputs, names_out + c_names, out_names,
-                    dynamic_axes, opset)
+                    dynamic_axes, opset, lu_graph and not merge)
     _label_output_axes(proto, dynamic_axes, notes)
     if c_layers:
         _record_adapter_inputs(proto, meta, c_names)
@@ -429,7 +438,7 @@ def _output_names(work: nn.Module, names: List[str], by_kw: bool, inputs, output
 
 
 def _traced(work: nn.Module, layers, cs, adapter_inputs: bool, names: List[str], by_kw: bool, inputs,
-            all_in: List[str], out_names: List[str], dynamic_axes, opset: int):
+            all_in: List[str], out_names: List[str], dynamic_axes, opset: int, lu_graph: bool = False):
     """The ONNX ModelProto of the copy `work`, its adapted layers wrapped to take the chosen c (the
     c inputs, after the model's, when adapter_inputs)."""
     unknown = set(dynamic_axes) - set(all_in) - set(out_names)
@@ -439,7 +448,7 @@ def _traced(work: nn.Module, layers, cs, adapter_inputs: bool, names: List[str],
     args = list(inputs) + [c for c in cs if adapter_inputs]
     dynamic_shapes = _dynamic_shapes(all_in, args, dynamic_axes)
     slots: List[torch.Tensor] = []
-    _wrap_layers(work, layers, cs, adapter_inputs, slots)
+    _wrap_layers(work, layers, cs, adapter_inputs, slots, lu_graph)
     graph = _Graph(unwrap(work), names, by_kw, slots).eval()
     with torch.no_grad(), quiet_exporter():
         try:
@@ -454,6 +463,7 @@ def _record_adapter_inputs(proto, meta: str, c_names: List[str]) -> None:
     """The adapter-inputs metadata written into the graph, whose every c input must be used."""
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, meta
+    add_serving_defaults(proto, c_names)
     used = {i for node in proto.graph.node for i in node.input}
     unused = [n for n in c_names if n not in used]
     if unused:

@@ -206,6 +206,13 @@ def cmd_export(args) -> int:
         raise CliError(f"--out {args.out}: {problem}")
     if args.adapter_inputs and not args.adapter:
         raise CliError("--adapter-inputs needs --adapter (the adapter fixes which layers take a c input)")
+    if args.ort_adapter:  # the adapter as ONNX Runtime's adapter file for this export: c must be inputs
+        from loldu.export.ort_adapter import _out_problem
+
+        problem = "needs --adapter" if not args.adapter else _out_problem(Path(args.ort_adapter))
+        if problem:
+            raise CliError(f"--ort-adapter {args.ort_adapter}: {problem}")
+        args.adapter_inputs = True
     if args.adapter:
         args.adapter = _adapter_dir(args.adapter, "--adapter ")
     adapter = None
@@ -223,6 +230,8 @@ def cmd_export(args) -> int:
                         dtype="fp16" if args.fp16 else "fp32", opset=args.opset,
                         check_inputs=None if args.no_check else check_inputs())
     print(report)
+    if args.ort_adapter:
+        print(lx.to_ort_adapter(args.adapter, out, args.ort_adapter))
     if args.adapter_inputs:
         print(f"  feed an adapter: loldu.export.OrtRunner({str(out)!r}).run(inputs, adapter=<adapter dir>)")
     return 0
@@ -351,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--fp16", action="store_true", help="export weights and float inputs/outputs in fp16")
     ex.add_argument("--adapter-inputs", action="store_true",
                     help="do not merge: make every adapted layer's c a graph input (one file for all adapters)")
+    ex.add_argument("--ort-adapter", metavar="FILE.onnx_adapter",
+                    help="also write the adapter as ONNX Runtime's adapter file for this export (implies "
+                         "--adapter-inputs): loldu.export.to_ort_adapter")
     from loldu.export.onnx_export import DEFAULT_OPSET
 
     ex.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
