@@ -151,22 +151,31 @@ def adapter_feeds(source, onnx_model=None, *, adapter_name: Optional[str] = None
     if onnx_model is None:
         raise ExportError("loldu.export.adapter_feeds: an adapter directory needs onnx_model (the exported file)")
     try:
-        header, config, tensors = read_adapter(source)
+        stored = read_adapter(source)
     except AdapterError as e:
         raise ExportError(str(e)) from None
+    header, config = stored[0], stored[1]
     meta = {r["layer"]: r for r in adapter_metadata(onnx_model)}
     names = [e["name"] for e in header["layers"]]
     _check_layers(sorted(names), sorted(meta), f"adapter {source}")
-    s0 = config.initial_scale
     feeds = {}
     for i, n in enumerate(names):
-        rec = meta[n]
-        _check_base(rec, n, tensors["z"].shape[1], bytes(tensors["fingerprint"][i].tolist()).hex(),
-                    tensors["pivots"][i].tolist(), f"adapter {source}")
-        z, s = tensors["z"][i].float(), tensors["sigma"][i].float()
+        rec, t = meta[n], _stored_layer(stored, i)
+        rank = t["z"].shape[0]
+        _check_base(rec, n, rank, bytes(t["fingerprint"].tolist()).hex(), t["pivots"].tolist(), f"adapter {source}")
         D = torch.tensor(rec["D"], dtype=torch.float32)
-        feeds[rec["input"]] = coefficients_from(z, s, D, s0, config.parametrization)
+        # sigma0 per layer: alpha / r differs between layers of different ranks (rank="full")
+        feeds[rec["input"]] = coefficients_from(t["z"].float(), t["sigma"].float(), D, config.scale_for(n, rank),
+                                                config.parametrization)
     return feeds
+
+
+def _stored_layer(stored, i: int) -> Dict[str, torch.Tensor]:
+    """Layer i's z (r,), sigma (), pivots (r,) and fingerprint (32,) of an adapter as read_adapter
+    returns it: its `layer(i)` where the reader splits layers of their own ranks, else row i."""
+    if hasattr(stored, "layer"):
+        return stored.layer(i)
+    return {k: stored[2][k][i] for k in ("z", "sigma", "pivots", "fingerprint")}
 
 
 def _check_base(rec: dict, name: str, rank: int, fp_hex: str, pivots: List[int], what: str) -> None:
