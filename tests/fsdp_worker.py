@@ -69,11 +69,44 @@ def holdings(model) -> dict:
     return out
 
 
-def scenario(name: str, seed: int, out: str, rank: int, world: int) -> None:
+def sharded(seed: int) -> LlamaForCausalLM:
     model = llama(seed)
     for block in model.model.layers:
         fully_shard(block)
     fully_shard(model)
+    return model
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def switching(model, probe) -> dict:
+    """A second adapter on the shards: active alone, per row beside the trained one, then deleted."""
+    loldu.add_adapter(model, "other")
+    loldu.set_adapter(model, "other")
+    out = {"other": logits(model, probe)}
+    with loldu.adapter_ids(model, ["default", "other", None, "default"]):
+        out["rows"] = logits(model, probe)
+    loldu.set_adapter(model, "default")
+    loldu.delete_adapter(model, "other")
+    with loldu.disabled(model):
+        out["disabled"] = logits(model, probe)
+    return out
+
+
+def load_onto_sharded(seed: int, adir: str, probe) -> dict:
+    """The saved adapter loaded onto a freshly sharded base: its logits, or the error."""
+    try:
+        model = loldu.load_adapter(sharded(seed), adir)
+    except Exception as e:  # reported to the test, which says what is expected
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"loaded_sharded": logits(model, probe)}
+
+
+def scenario(name: str, seed: int, out: str, rank: int, world: int) -> None:
+    model = sharded(seed)
     data = batches(seed)
     probe = data[-1][:, :SEQ]
     with torch.no_grad():
@@ -99,6 +132,7 @@ def scenario(name: str, seed: int, out: str, rank: int, world: int) -> None:
     distributed.save_adapter(model, adir)
     save_file(adapter_state(model), os.path.join(out, f"{name}_z_rank{rank}.safetensors"))
     report = {"losses": losses, "holdings": holdings(model)}
+    extra = switching(model, probe)
     loldu.merge(model)
     with torch.no_grad():
         merged = model(probe).logits
@@ -110,9 +144,11 @@ def scenario(name: str, seed: int, out: str, rank: int, world: int) -> None:
         unloaded = model(probe).logits
     report["plain_after_unload"] = not loldu.adapted_layers(model) and all(
         isinstance(m.weight, DTensor) for n, m in model.named_modules() if n.endswith(tuple(TARGETS)))
+    loaded = load_onto_sharded(seed, adir, probe)
+    report["load_sharded_error"] = loaded.pop("error", None)
     if rank == 0:
         save_file({"base": base_logits, "init": init_logits, "trained": trained, "merged": merged,
-                   "unmerged": unmerged, "unloaded": unloaded, "probe": probe},
+                   "unmerged": unmerged, "unloaded": unloaded, "probe": probe, **extra, **loaded},
                   os.path.join(out, f"{name}_logits.safetensors"))
         with open(os.path.join(out, f"{name}_report.json"), "w") as f:
             json.dump(report, f)

@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - a torch without distributed support
     DTensor = FSDPModule = None
 
 __all__ = ["is_sharded", "is_sharded_layer", "factorize_sharded", "sharded_store", "shard_layer",
-           "whole", "save_adapter", "rank_zero", "reshard", "settle"]
+           "whole", "save_adapter", "rank_zero", "reshard", "settle", "fingerprint_any"]
 
 _SYNCED = "_loldu_grad_synced"  # marks a z or sigma whose gradient is averaged over the ranks
 
@@ -361,7 +361,12 @@ def settle(model: nn.Module) -> None:
             continue
         for p in list(layer.loldu_z.values()) + list(layer.loldu_sigma.values()):
             if not getattr(p, _SYNCED, False):
+                # torch registers the hook only on a tensor that requires grad; it stays when the flag
+                # is cleared, and runs once set_adapter makes this adapter train.
+                flag = p.requires_grad
+                p.requires_grad_(True)
                 p.register_post_accumulate_grad_hook(_AverageGrad(layer.base_layer.weight.device_mesh))
+                p.requires_grad_(flag)
                 setattr(p, _SYNCED, True)
 
 
@@ -417,3 +422,13 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     if status == "error":
         raise AdapterError(f"loldu.distributed.save_adapter (written by rank 0): {value}")
     return value
+
+
+def fingerprint_any(W: torch.Tensor, pivots: torch.Tensor) -> bytes:
+    """integrity.fingerprint of a (d, k) weight, also of a row-sharded DTensor one: there it gathers
+    exactly what the fingerprint hashes, W[:, :r] and the pivot rows (collective)."""
+    from .integrity import fingerprint
+    if not is_sharded(W):
+        return fingerprint(W, pivots)
+    cols, rows = gather_reads(W, pivots.shape[0], pivots.to(torch.int64), f"weight {tuple(W.shape)}")
+    return fingerprint_reads(tuple(W.shape), cols, rows)
