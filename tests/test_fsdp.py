@@ -158,3 +158,45 @@ def test_saved_adapter_loads_onto_a_sharded_model(run, name):
     logits = load_file(out / f"{name}_logits.safetensors")
     scale = float(logits["trained"].abs().max())
     assert float((logits["loaded_sharded"] - logits["trained"]).abs().max()) <= LOGIT_RTOL * scale
+
+
+@pytest.mark.parametrize("d,k,r", [(40, 24, 5), (24, 40, 24), (40, 24, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_factor_panel_matches_the_whole_lu(d, k, r, dtype):
+    """What every rank computes from the panel and the pivot rows against an independent oracle: the fp64
+    LU with partial pivoting of the whole weight (torch.linalg.lu), truncated to r components."""
+    from loldu.distributed import factor_panel
+
+    W = torch.randn(d, k, dtype=torch.float64).to(dtype)
+    got = factor_panel(W[:, :r].contiguous(), lambda piv: W.index_select(0, piv), r, "partial")
+    P, L, U = torch.linalg.lu(W.to(torch.float64))
+    perm = P.t().argmax(1)  # row i of P^T W is W[perm[i]]
+    assert torch.equal(got.pivots, perm[:r])
+    D = U.diagonal()[:r]
+    want_PL = (P @ L)[:, :r]
+    want_U = U[:r] / D[:, None]
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-4}[dtype]  # the panel is exact in bf16
+    torch.testing.assert_close(got.PL.double(), want_PL, rtol=0, atol=tol)
+    torch.testing.assert_close(got.D.double(), D, rtol=tol, atol=tol)
+    torch.testing.assert_close(got.U.double(), want_U, rtol=0, atol=tol * float(want_U.abs().max()))
+
+
+class _FakeTrainer:
+    """Stands in for transformers.Trainer after its __init__: the flags LoLDUTrainerMixin reads."""
+
+    def __init__(self, model=None, fsdp=False, deepspeed=False, **_):
+        self.model, self.is_fsdp_enabled, self.is_deepspeed_enabled = model, fsdp, deepspeed
+
+
+@pytest.mark.parametrize("flag,says", [("fsdp", "fsdp arguments"), ("deepspeed", "DeepSpeed is not supported")])
+def test_trainer_refuses_accelerate_fsdp_and_deepspeed_naming_fsdp2(flag, says):
+    from loldu.errors import AdapterError
+    from loldu.trainer import LoLDUTrainerMixin
+
+    class T(LoLDUTrainerMixin, _FakeTrainer):
+        pass
+
+    model = loldu.inject(W.llama(0), W.config("full"))
+    with pytest.raises(AdapterError, match=says) as e:
+        T(model=model, **{flag: True})
+    assert "fully_shard" in str(e.value) and "docs/distributed.md" in str(e.value)
