@@ -24,7 +24,7 @@ STEPS, LR, BATCH, SEQ = 3, 1e-2, 4, 8
 SCENARIOS = {  # name -> (rank, factor_storage, target_modules)
     "full": (4, "full", TARGETS),
     "cur": (4, "cur", TARGETS),
-    "lu": (64, "lu", ["q_proj", "o_proj", "gate_proj"]),  # min(d, k) = 64: full rank
+    "lu": ("full", "lu", TARGETS),  # full rank: min(d, k) per layer (32 for k_proj and v_proj, else 64)
 }
 
 
