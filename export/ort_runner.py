@@ -258,6 +258,10 @@ class OrtRunner:
                 return None
             stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(p.iterdir()) if f.is_file())
         elif p.is_file():
+            if not self.c_inputs or not all(has for _, _, has in self.c_inputs.values()):
+                raise ExportError(f"adapter file {adapter} for model {self.path}: the model's c inputs have no default "
+                                  "values, so ONNX Runtime cannot override them with an adapter (exported without "
+                                  "adapter_inputs=True, or by an older loldu): export it again")
             st = p.stat()
             stamp = (st.st_mtime_ns, st.st_size)
         else:

@@ -154,6 +154,8 @@ def test_model_exported_without_c_defaults(tmp_path):
     assert max(np.abs(g - r).max() for g, r in zip(got, ref)) <= 1e-4
     with pytest.raises(loldu.ExportError, match="missing inputs"):
         runner.run({"input_0": ids, "input_1": img})
+    with pytest.raises(loldu.ExportError, match="a.onnx_adapter.*old.onnx.*no default values"):
+        runner.run({"input_0": ids, "input_1": img}, adapter=tmp_path / "a.onnx_adapter")
 
 
 def test_runner_caches_and_switches(tmp_path):
