@@ -178,15 +178,41 @@ def trainer_run(seed: int, out: str, rank: int) -> None:
         save_file({"trained": logits}, os.path.join(out, "trainer_logits.safetensors"))
 
 
+def refusals(seed: int, out: str, rank: int) -> None:
+    """A NaN in one rank's shard only: every rank refuses the inject alike, naming the layer, and the
+    model stays as it was (no LoLDU layer, its forward the base's)."""
+    model = sharded(seed)
+    probe = batches(seed)[-1]
+    before = logits(model, probe)
+    w = model.model.layers[1].mlp.down_proj.weight
+    kept = w.to_local()[0, 3].item()
+    if rank == 1:
+        with torch.no_grad():
+            w.to_local()[0, 3] = float("nan")
+    try:
+        loldu.inject(model, config("full"))
+        error = None
+    except Exception as e:  # reported to the test
+        error = f"{type(e).__name__}: {e}"
+    if rank == 1:
+        with torch.no_grad():
+            w.to_local()[0, 3] = kept
+    unchanged = not loldu.adapted_layers(model) and all(p.requires_grad for p in model.parameters())
+    with open(os.path.join(out, f"refusal_rank{rank}.json"), "w") as f:
+        json.dump({"error": error, "unchanged": unchanged, "same_forward": torch.equal(logits(model, probe), before)}, f)
+
+
 def main() -> None:
     out, seed = sys.argv[1], int(sys.argv[2])
-    names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(SCENARIOS) + ["trainer"]
+    names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(SCENARIOS) + ["trainer", "refusals"]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
         for name in names:
             if name == "trainer":
                 trainer_run(seed, out, dist.get_rank())
+            elif name == "refusals":
+                refusals(seed, out, dist.get_rank())
             else:
                 scenario(name, seed, out, dist.get_rank(), dist.get_world_size())
     finally:
