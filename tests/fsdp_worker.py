@@ -197,9 +197,15 @@ def refusals(seed: int, out: str, rank: int) -> None:
     if rank == 1:
         with torch.no_grad():
             w.to_local()[0, 3] = kept
+    try:
+        loldu.inject(model, LoLDUConfig(rank=4, target_modules=TARGETS, modules_to_save=["lm_head"]))
+        saved_error = None
+    except Exception as e:  # reported to the test
+        saved_error = f"{type(e).__name__}: {e}"
     unchanged = not loldu.adapted_layers(model) and all(p.requires_grad for p in model.parameters())
     with open(os.path.join(out, f"refusal_rank{rank}.json"), "w") as f:
-        json.dump({"error": error, "unchanged": unchanged, "same_forward": torch.equal(logits(model, probe), before)}, f)
+        json.dump({"error": error, "saved_error": saved_error, "unchanged": unchanged,
+                   "same_forward": torch.equal(logits(model, probe), before)}, f)
 
 
 def main() -> None:

@@ -202,11 +202,15 @@ def test_trainer_refuses_accelerate_fsdp_and_deepspeed_naming_fsdp2(flag, says):
     assert "fully_shard" in str(e.value) and "docs/distributed.md" in str(e.value)
 
 
-def test_a_nan_in_one_shard_is_refused_by_every_rank_model_unchanged(run):
+def test_refusals_on_shards_leave_the_model_unchanged(run):
+    """A NaN in one rank's shard only, refused alike by every rank naming the layer; modules_to_save on a
+    sharded model, refused naming the module."""
     out, _ = run
     reports = [json.loads((out / f"refusal_rank{r}.json").read_text()) for r in range(2)]
     for rep in reports:
         assert rep["error"] is not None and rep["error"].startswith("AdapterError")
         assert "model.layers.1.mlp.down_proj" in rep["error"] and "NaN" in rep["error"]
+        assert rep["saved_error"] is not None and rep["saved_error"].startswith("AdapterError")
+        assert "'lm_head' (modules_to_save)" in rep["saved_error"] and "sharded" in rep["saved_error"]
         assert rep["unchanged"] and rep["same_forward"]
     assert reports[0]["error"] == reports[1]["error"]

@@ -432,3 +432,14 @@ def fingerprint_any(W: torch.Tensor, pivots: torch.Tensor) -> bytes:
         return fingerprint(W, pivots)
     cols, rows = gather_reads(W, pivots.shape[0], pivots.to(torch.int64), f"weight {tuple(W.shape)}")
     return fingerprint_reads(tuple(W.shape), cols, rows)
+
+
+def refuse_sharded_saved(saved) -> None:
+    """modules_to_save are trained as whole copies beside the model; a copy of a sharded module would hold
+    DTensors that no fully_shard manages (its forward would mix them with the gathered inputs): refused
+    by name, before anything changes."""
+    for name, module in saved:
+        if any(is_sharded(p) for p in module.parameters()):
+            raise AdapterError(f"module '{name}' (modules_to_save): its parameters are sharded (FSDP2); LoLDU does not "
+                               "train saved modules of a sharded model yet. Leave it out of modules_to_save (and "
+                               "task_type, which adds the task head there), or train unsharded")

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .callcheck import CALL_CHECK_FORWARDS, CallCheck
 from .config import LoLDUConfig
-from .distributed import reshard, settle, whole
+from .distributed import refuse_sharded_saved, reshard, settle, whole
 from .errors import AdapterError
 from .factorize import build_layers, factorize
 from .heads import SavedModule
@@ -167,6 +167,7 @@ def inject_with(model: nn.Module, config: LoLDUConfig, adapter_name: str, *,
         check(targets)
     if check_saved is not None:
         check_saved(found_saved)
+    refuse_sharded_saved(found_saved)
     if config.factor_storage == "lu":
         _refuse_shared_weights(root, targets)
     with _named(where):
