@@ -7,7 +7,7 @@ DEPS   := $(VENV)/.deps-installed
 EXT    := $(VENV)/.ext-built
 CPP    := $(shell find cpp -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: demo eval test pytest ctest bench venv clean headers
+.PHONY: demo demo-llm eval test pytest ctest bench venv clean headers
 
 venv: $(EXT)
 
@@ -27,6 +27,11 @@ $(EXT): $(DEPS) $(CPP) cpp/sources.txt setup.py pyproject.toml
 # The demo: LoLDU against a head-only baseline on AFINN-165 word sentiment, then save, merge, ONNX.
 demo: $(EXT)
 	$(BIN)/python examples/demo.py
+
+# The causal-LM demo: SmolLM2-135M-Instruct (4-bit GGUF, converted once) instruction-tuned with LoLDU at
+# full rank on AFINN-165 words, zero-shot against fine-tuned accuracy by greedy generation; save, reload, merge.
+demo-llm: $(EXT)
+	$(BIN)/python examples/demo_llm.py
 
 # LoLDU against PEFT LoRA, IA3, VeRA, RoAd, full fine-tuning and head-only on the demo's task
 # (docs/evaluation.md); PEFT and matplotlib are evaluation-only dependencies.

