@@ -35,14 +35,6 @@ constexpr int64_t kBlock = 64;
 // LAPACK's own speed (the blocked kernel was 1.6-2x slower at 768 x 768).
 constexpr int64_t kLapackMinRank = 64;
 
-// Hot loops, cloned for AVX-512 / AVX2 / baseline and picked at load time (the extension is
-// built without -march flags so that one build runs on any x86-64).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LOLDU_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LOLDU_MULTIVERSION
-#endif
-
 // y -= a * x
 LOLDU_MULTIVERSION void axpy_neg(float* __restrict y, const float* __restrict x, float a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] -= a * x[i];
@@ -56,14 +48,6 @@ LOLDU_MULTIVERSION void scale_to(float* __restrict y, const float* __restrict x,
 }
 LOLDU_MULTIVERSION void scale_to(double* __restrict y, const double* __restrict x, double a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
-}
-
-// y /= x, elementwise
-LOLDU_MULTIVERSION void divide_by(float* __restrict y, const float* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] /= x[i];
-}
-LOLDU_MULTIVERSION void divide_by(double* __restrict y, const double* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] /= x[i];
 }
 
 // The bit pattern of max |x_i|: its float is max |x_i|, and it is >= the pattern of +Inf exactly

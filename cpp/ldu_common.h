@@ -11,6 +11,14 @@
 #include <tuple>
 #include <string>
 
+// Hot loops, cloned for AVX-512 / AVX2 / baseline and picked at load time (the extension is
+// built without -march flags so that one build runs on any x86-64).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LOLDU_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LOLDU_MULTIVERSION
+#endif
+
 namespace loldu {
 
 enum class PivotMode { Partial, None, Given };
@@ -146,5 +154,11 @@ at::Tensor column_dot(const at::Tensor& t, const at::Tensor& h);
 // Implemented in cuda/ops_cuda.cpp when built with CUDA, else in ops.cpp as a stub that throws.
 LduResult ldu_cuda(const at::Tensor& W3, int64_t r, PivotMode mode, const at::Tensor& forced3,
                    const std::string& shape);
+
+// o (n, w) = X (n, w) op(T) for a (w, w) diagonal block T of a packed LU by one cuBLAS trmm; kind 0:
+// X T^T (T upper), 1: X T^T (T unit lower), 2: X T (T unit lower), 3: X T (T upper). Returns false,
+// computing nothing, where it does not apply (not fp32/fp64, rows not unit-stride, a build without
+// cuBLAS headers, or a CPU-only build: the stub in ops.cpp); the caller then runs ATen's GEMMs.
+bool lu_trmm_cuda(const at::Tensor& o, const at::Tensor& X, const at::Tensor& T, int kind);
 
 }  // namespace loldu

@@ -23,6 +23,7 @@ LduResult ldu_cuda(const at::Tensor&, int64_t, PivotMode, const at::Tensor&, con
 void column_dot_cuda(const at::Tensor&, const at::Tensor&, at::Tensor&) {
   TORCH_CHECK(false, "loldu.adapter_linear: this build of loldu has no CUDA support");
 }
+bool lu_trmm_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&, int) { return false; }
 std::string build_flavor() { return "cpu"; }
 #else
 std::string build_flavor() { return "cuda"; }

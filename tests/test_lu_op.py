@@ -63,6 +63,31 @@ def test_forward_and_gradients_match_the_dense_formula(d, k, lead, device):
     torch.testing.assert_close(gc, rc, rtol=0, atol=1e-11 * float(rc.abs().max()))
 
 
+@pytest.mark.parametrize("d,k", [(61, 37), (300, 140), (140, 300), (200, 200)])
+def test_fp32_forward_and_gradients_match_the_float64_formula(d, k, device):
+    """The fp32 path (on AVX-512 CPUs the leaves' own kernel, with partial 16-column chunks, rows left over
+    from its 6-row blocks and both triangle orientations): against the float64 formula on the same fp32
+    factors, within fp32 rounding of products of length d + k (bound: 64 u (d + k) of the magnitudes'
+    product, u = 2^-24, measured ~1e-6 relative)."""
+    W = torch.randn(d, k, device=device) / k ** 0.5
+    LU, perm, D = loldu.ops.lu_packed(W)
+    c = torch.randn(min(d, k), device=device, requires_grad=True)
+    x = torch.randn(253, k, device=device, requires_grad=True)
+    y = loldu.ops.lu_linear(x, LU, perm, D, c)
+    Wc = _dense(LU, perm, D, c.detach())
+    ref = x.detach().double() @ Wc.t()
+    mag = x.detach().double().abs() @ Wc.abs().t()
+    tol = 64 * 2.0 ** -24 * (d + k)
+    assert ((y.double() - ref).abs() <= tol * mag + 1e-30).all()
+    g = torch.randn_like(y)
+    gx, gc = torch.autograd.grad(y, (x, c), g)
+    rx = g.double() @ Wc
+    assert ((gx.double() - rx).abs() <= tol * (g.double().abs() @ Wc.abs()) + 1e-30).all()
+    c64 = c.detach().double().requires_grad_()
+    (rc,) = torch.autograd.grad(x.detach().double() @ _dense(LU, perm, D, c64).t(), c64, g.double())
+    torch.testing.assert_close(gc.double(), rc, rtol=0, atol=tol * float(rc.abs().max()) * 10)
+
+
 def test_gradcheck(device):
     W, (LU, perm, D) = _packed(9, 6, device=device)
     x = torch.randn(4, 6, dtype=torch.float64, device=device, requires_grad=True)

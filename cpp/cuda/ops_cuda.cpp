@@ -10,7 +10,18 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <climits>
 #include <vector>
+
+// cuBLAS comes with the CUDA toolkit, or with the nvidia-cublas wheel that a pip-installed torch pulls
+// in (whose headers are not on torch's extension include path). Without its headers the triangular
+// products of lu_linear run on ATen's GEMMs (lu_trmm_cuda declines, see lu_linear.cpp).
+#if __has_include(<cublas_v2.h>)
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
+#include <cublas_v2.h>
+#define LOLDU_HAVE_CUBLAS 1
+#endif
 
 // Template arguments carry commas, so the call is parenthesised before it reaches the macro.
 #define LOLDU_CUDA_CALL(...) C10_CUDA_CHECK((__VA_ARGS__))
@@ -111,6 +122,44 @@ void column_dot_cuda(const at::Tensor& t, const at::Tensor& h, at::Tensor& out) 
     default:
       TORCH_CHECK_VALUE(false, "loldu.adapter_linear: unsupported dtype ", t.scalar_type());
   }
+}
+
+bool lu_trmm_cuda(const at::Tensor& o, const at::Tensor& X, const at::Tensor& T, int kind) {
+#ifndef LOLDU_HAVE_CUBLAS
+  (void)o, (void)X, (void)T, (void)kind;
+  return false;
+#else
+  const auto dt = T.scalar_type();
+  if ((dt != at::kFloat && dt != at::kDouble) || X.scalar_type() != dt || o.scalar_type() != dt) return false;
+  if (o.stride(1) != 1 || X.stride(1) != 1 || T.stride(1) != 1) return false;
+  const int64_t n = X.size(0), w = T.size(0);
+  for (int64_t v : {n, w, T.stride(0), X.stride(0), o.stride(0)})
+    if (v > INT_MAX) return false;  // cuBLAS's 32-bit sizes: ATen's GEMMs take it
+  if (n == 0 || w == 0) return true;
+  c10::cuda::CUDAGuard guard(o.device());
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
+  // cuBLAS is column-major: a row-major (rows, cols) view with row stride s is, to cuBLAS, its transpose
+  // with leading dimension s. So o = X op(T) is o^T = op(T)^T X^T, a product from the left with
+  // A = T^T (T's own storage): lower when T is upper, unit upper when T is the unit lower triangle.
+  // kind: 0 o = X T^T (T upper), 1 o = X T^T (T unit lower), 2 o = X T (T unit lower), 3 o = X T (T upper).
+  const bool t_upper = kind == 0 || kind == 3;
+  const cublasFillMode_t uplo = t_upper ? CUBLAS_FILL_MODE_LOWER : CUBLAS_FILL_MODE_UPPER;
+  const cublasOperation_t op = kind == 0 || kind == 1 ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasDiagType_t diag = t_upper ? CUBLAS_DIAG_NON_UNIT : CUBLAS_DIAG_UNIT;
+  const int m_ = static_cast<int>(w), n_ = static_cast<int>(n);
+  const int lda = static_cast<int>(T.stride(0)), ldb = static_cast<int>(X.stride(0)), ldc = static_cast<int>(o.stride(0));
+  if (dt == at::kFloat) {
+    const float one = 1.0f;
+    TORCH_CUDABLAS_CHECK(cublasStrmm(handle, CUBLAS_SIDE_LEFT, uplo, op, diag, m_, n_, &one, T.const_data_ptr<float>(),
+                                     lda, X.const_data_ptr<float>(), ldb, o.data_ptr<float>(), ldc));
+  } else {
+    const double one = 1.0;
+    TORCH_CUDABLAS_CHECK(cublasDtrmm(handle, CUBLAS_SIDE_LEFT, uplo, op, diag, m_, n_, &one,
+                                     T.const_data_ptr<double>(), lda, X.const_data_ptr<double>(), ldb,
+                                     o.data_ptr<double>(), ldc));
+  }
+  return true;
+#endif
 }
 
 }  // namespace loldu
