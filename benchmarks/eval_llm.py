@@ -145,6 +145,8 @@ def parse_args(argv):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4, help="side-by-side timing rounds")
     ap.add_argument("--only", nargs="*", default=None, help="run these methods only (merged into the saved records)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a CPU shared with other "
+                    "work, a second thread that waits on a busy core slows every small op; docs/evaluation.md)")
     ap.add_argument("--out", default="eval_llm")
     ap.add_argument("--quick", action="store_true", help="2 steps, 8 val / 8 test words, one seed, one rate")
     args = ap.parse_args(argv)
@@ -197,6 +199,7 @@ def report(args, records, best_lr, side, t_start):
 
 def main(argv=None):
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     import transformers
 
     transformers.logging.set_verbosity_error()
