@@ -21,6 +21,10 @@ from loldu import LoLDUConfig, distributed
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEPS, LR, BATCH, SEQ = 3, 1e-2, 4, 8
+# The equality runs use SGD: its step is linear in the gradient, so the ranks' rounding-level difference
+# stays rounding-level. Adam divides by |gradient|: a gradient near 0 (full-rank layers have some of
+# 1e-7) turns such a difference into a step difference of up to 2 lr. The Trainer run uses AdamW.
+SGD_LR = 1.0
 SCENARIOS = {  # name -> (rank, factor_storage, target_modules)
     "full": (4, "full", TARGETS),
     "cur": (4, "cur", TARGETS),
@@ -114,7 +118,7 @@ def scenario(name: str, seed: int, out: str, rank: int, world: int) -> None:
     loldu.inject(model, config(name))
     with torch.no_grad():
         init_logits = model(probe).logits
-    opt = torch.optim.AdamW(loldu.trainable_parameters(model), lr=LR)
+    opt = torch.optim.SGD(loldu.trainable_parameters(model), lr=SGD_LR)
     losses = []
     half = BATCH // world
     for ids in data[:STEPS]:
