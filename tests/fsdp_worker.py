@@ -176,6 +176,12 @@ def trainer_run(seed: int, out: str, rank: int) -> None:
     LoLDUTrainer(model=model, args=args, train_dataset=data).train()
     with torch.no_grad():
         logits = model(batches(seed)[-1]).logits
+    # Resuming restores the checkpoint's adapter into the injected, sharded model, then trains on.
+    args.max_steps = 3
+    resumed = LoLDUTrainer(model=model, args=args, train_dataset=data)
+    resumed.train(resume_from_checkpoint=True)
+    with open(os.path.join(out, f"trainer_resume_rank{rank}.json"), "w") as f:
+        json.dump({"global_step": resumed.state.global_step}, f)
     z = adapter_state(model)
     save_file(z, os.path.join(out, f"trainer_z_rank{rank}.safetensors"))
     if rank == 0:

@@ -216,3 +216,10 @@ def test_refusals_on_shards_leave_the_model_unchanged(run):
         assert "'lm_head' (modules_to_save)" in rep["saved_error"] and "sharded" in rep["saved_error"]
         assert rep["unchanged"] and rep["same_forward"]
     assert reports[0]["error"] == reports[1]["error"]
+
+
+def test_trainer_resumes_a_sharded_model_from_its_adapter_checkpoint(run):
+    out, _ = run
+    for r in range(2):
+        assert json.loads((out / f"trainer_resume_rank{r}.json").read_text())["global_step"] == 3
+    assert (out / "trainer" / "checkpoint-3" / "adapter_model.safetensors").is_file()
