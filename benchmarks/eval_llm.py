@@ -148,6 +148,9 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a CPU shared with other "
                     "work, a second thread that waits on a busy core slows every small op; docs/evaluation.md)")
     ap.add_argument("--out", default="eval_llm")
+    ap.add_argument("--report", action="store_true", help="only rewrite the table (JSON, markdown) from the saved runs")
+    ap.add_argument("--merge", nargs="*", default=[], help="with --report: also the runs of these --out names (runs "
+                    "split over processes)")
     ap.add_argument("--quick", action="store_true", help="2 steps, 8 val / 8 test words, one seed, one rate")
     args = ap.parse_args(argv)
     if args.quick:
@@ -183,13 +186,26 @@ def summarize(name, best_lr, records):
             "run_step_s": statistics.median(r["step_s"] for r in runs)}
 
 
+def markdown(table) -> str:
+    lines = ["| method | trainable | adapter bytes | lr | test acc % (seeds) | answer first % | s / step (run median) "
+             "| s / step (side by side) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in table:
+        side = r.get("side_by_side_step_s")
+        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['adapter_bytes']:,} | {r['best_lr']:g} | "
+                     f"{r['test_acc_mean']:.1f} ± {r['test_acc_std']:.1f} ({r['seeds']}) | {r['first_word_mean']:.1f} | "
+                     f"{r['run_step_s']:.2f} | {'' if side is None else f'{side:.2f}'} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(args, records, best_lr, side, t_start):
-    """Writes the raw records and the summary JSON, prints the table."""
+    """Writes the raw records, the summary JSON and markdown table, prints the table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out}_runs.json").write_text(json.dumps({"records": records, "best_lr": best_lr}, indent=1))
-    table = [summarize(n, lr, records) for n, lr in best_lr.items()]
+    (RESULTS / f"{args.out}_runs.json").write_text(json.dumps({"records": records, "best_lr": best_lr, "side": side},
+                                                              indent=1))
+    table = [summarize(n, lr, records) for n, lr in best_lr.items() if any(r["method"] == n for r in records)]
     for row in table:
         row["side_by_side_step_s"] = side.get(row["method"])
+    (RESULTS / f"{args.out}.md").write_text(markdown(table))
     write_json(args.out, {"machine": machine(), "threads": torch.get_num_threads(), "args": vars(args),
                           "model": "SmolLM2-135M-Instruct, weights 4-bit (Q4_1) quantized, dequantized to fp32",
                           "wall_s": time.perf_counter() - t_start, "table": table})
@@ -205,6 +221,18 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     warnings.simplefilter("ignore")
     t_start = time.perf_counter()
+    if args.report:
+        old = json.loads((RESULTS / f"{args.out}_runs.json").read_text())
+        for other in args.merge:
+            more = json.loads((RESULTS / f"{other}_runs.json").read_text())
+            old["records"] += [r for r in more["records"] if r["method"] not in old["best_lr"]]
+            old["best_lr"].update({k: v for k, v in more["best_lr"].items() if k not in old["best_lr"]})
+        summary = RESULTS / f"{args.out}.json"
+        if summary.is_file():  # the settings the runs were made with, not this call's defaults
+            saved = json.loads(summary.read_text())["args"]
+            vars(args).update({k: v for k, v in saved.items() if k not in ("report", "merge")})
+        report(args, old["records"], old["best_lr"], old.get("side") or {}, t_start)
+        return 0
     model, tok = load_smollm2()
     split = llm_split(args.n_train, args.n_val, args.n_test)
     data = {"tok": tok, "val": split.val, "test": split.test,
