@@ -87,15 +87,17 @@ def gather_reads(w, r: int, pivots: Optional[torch.Tensor], what: str) -> Tuple[
     cols = _sum_bits(cols, group)
     if pivots is None:
         return (cols,)
+    pivots = pivots.to(local.device)
     mine = (pivots >= first) & (pivots < first + n)
     rows = local.new_zeros(pivots.shape[0], k)
-    rows[mine] = local.index_select(0, (pivots[mine] - first).to(local.device))
+    rows[mine] = local.index_select(0, pivots[mine] - first)
     return cols, _sum_bits(rows, group)
 
 
 def _all_finite(w, group) -> bool:
     """Whether every shard of `w` is finite (each rank checks its rows; the verdict is shared)."""
-    ok = torch.tensor([int(bool(torch.isfinite(w.to_local()).all()))], dtype=torch.int64)
+    local = w.to_local()  # the flag lives where the backend communicates (NCCL: on the GPU)
+    ok = torch.tensor([int(bool(torch.isfinite(local).all()))], dtype=torch.int64, device=local.device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
     return bool(ok.item())
 
@@ -112,7 +114,7 @@ def factor_panel(cols: torch.Tensor, rows_of, r: int, pivoting: str,
     """The leading-r factors from the panel `cols` = W0[:, :r] and the pivot rows `rows_of(pivots)`:
     the panel's LU (partial pivoting chooses I from it alone, docs/method.md §1) gives PL, D and the
     pivots; U = D^-1 L11^-1 W0[I, :] is one triangular solve, in the working dtype."""
-    res = ldu(cols, r, pivoting=pivoting) if pivots is None else ldu_from_pivots(cols, pivots)
+    res = ldu(cols, r, pivoting=pivoting) if pivots is None else ldu_from_pivots(cols, pivots.to(cols.device))
     rows = rows_of(res.pivots)
     wide = res.D.dtype
     L11 = res.PL.index_select(0, res.pivots).to(wide)
