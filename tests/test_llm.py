@@ -194,3 +194,22 @@ def test_dense_llama_has_no_expert_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", LolduWarning)
         loldu.inject(MODELS["llama"](), loldu.LoLDUConfig(rank=4, target_modules="all-linear"))
+
+
+def test_loldu_model_handle_generates_and_checkpoints():
+    """PEFT's surface (LoLDUModel): generate, activation checkpointing and merge_and_unload reach the
+    wrapped causal LM; generating through the handle is the same computation as through the model."""
+    model = MODELS["llama"]()
+    handle = loldu.get_loldu_model(model, loldu.LoLDUConfig(rank=4, target_modules="all-linear"))
+    train_like(handle)
+    ids = prompts()
+    tokens, logits = generate(handle, ids)
+    same_tokens, same_logits = generate(model, ids)
+    assert torch.equal(tokens, same_tokens) and torch.equal(logits, same_logits)
+    _checkpointing(handle, True)
+    handle.train()
+    handle(input_ids=ids, labels=ids).loss.backward()
+    assert all(layer.loldu_z["default"].grad is not None for _, layer in loldu.adapted_layers(handle))
+    _checkpointing(handle, False)
+    plain = handle.eval().merge_and_unload()
+    assert plain is model and not loldu.adapted_layers(plain)
