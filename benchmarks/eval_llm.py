@@ -159,8 +159,9 @@ def parse_args(argv):
     return args
 
 
-def evaluate(name, family, settings, data, args, log):
-    """The grid at seed 0 on validation, then the best rate on every seed: the records."""
+def evaluate(name, family, settings, data, args, log, best_lr, save):
+    """The grid at seed 0 on validation, then the best rate on every seed, into `log` and `best_lr`;
+    `save()` after every run, so that an interrupted evaluation keeps what it finished."""
     if args.no_grid:
         rec, _ = run_one(name, family, settings, DEFAULT_LR[family], 0, data, args, ("test",))
         best = rec
@@ -170,10 +171,12 @@ def evaluate(name, family, settings, data, args, log):
                 for lr in (GRIDS[family][:1] if args.quick else GRIDS[family])]
         best = max(pick, key=lambda r: (r["val_acc"], -r["lr"]))
         log.extend(pick)
+    best_lr[name] = best["lr"]
+    save()
     for seed in range(1, args.seeds):
         rec, _ = run_one(name, family, settings, best["lr"], seed, data, args, ("test",))
         log.append(rec)
-    return best["lr"]
+        save()
 
 
 def summarize(name, best_lr, records):
@@ -254,8 +257,7 @@ def main(argv=None):
         print(f"zero-shot: test {z['test'].accuracy:.1f}%", flush=True)
     del model
     for n in names:
-        best_lr[n] = evaluate(n, *spec[n], data, args, records)
-        report(args, records, best_lr, {}, t_start)  # a partial table after each method
+        evaluate(n, *spec[n], data, args, records, best_lr, lambda: report(args, records, best_lr, {}, t_start))
     if args.rounds:
         side = step_times([n for n in best_lr if n in spec], spec, data, args, args.rounds)
         report(args, records, best_lr, side, t_start)
