@@ -1,7 +1,8 @@
 """Causal LMs to ONNX: the logits graph (input_ids, attention_mask -> logits; dynamic batch and length, no
 KV cache) of tiny random Llama and GPT-2 with LoLDU adapters, merged and unmerged, driven greedily in ONNX
-Runtime against PyTorch's greedy tokens without cache; `loldu export` on model directories without a
-tokenizer that pads (examples drawn from the config's vocabulary)."""
+Runtime against PyTorch's greedy tokens without cache; the decoding step with its KV cache as graph
+inputs and outputs (loldu.export.causal_lm); `loldu export` on model directories without a tokenizer
+that pads (examples drawn from the config's vocabulary)."""
 import warnings
 
 import pytest
@@ -125,3 +126,47 @@ def test_token_inputs_need_a_vocabulary():
     assert torch.equal(feeds["input_ids"], token_inputs(MODELS["llama"]().config, 3, 4, seed=0)["input_ids"])
     with pytest.raises(ExportError, match="no vocab_size"):
         token_inputs(PretrainedConfig(), 2, 2, seed=0)
+
+
+
+def ort_cached_greedy(runner, ids, layers, shape, steps=6):
+    """Greedy decoding through the step graph: the prompt after an empty cache (past length 0), then one
+    token per step after the presents the step before returned. shape: (kv heads, head dim)."""
+    from loldu.export.causal_lm import cache_names
+
+    names = cache_names(layers)
+    cache = {n: torch.zeros(ids.shape[0], *shape[:1], 0, *shape[1:]) for n in names}
+    tokens, logits, cur = [], [], ids
+    for _ in range(steps):
+        total = cache[names[0]].shape[2] + cur.shape[1]
+        outs = runner.run({"input_ids": cur, "attention_mask": torch.ones(ids.shape[0], total, dtype=torch.long),
+                           **cache})
+        last = torch.from_numpy(outs["logits"][:, -1]).double()
+        logits.append(last)
+        tokens.append(last.argmax(-1))
+        cache = {n: torch.from_numpy(outs[n.replace("past", "present", 1)]) for n in names}
+        cur = tokens[-1][:, None]
+    return torch.stack(tokens, 1), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("kind,merge", [("llama", True), ("gpt2", False)])
+def test_kv_cache_graph_greedy_tokens_equal_pytorch(kind, merge, tmp_path):
+    """The decoding step with its KV cache as graph inputs and outputs (loldu.export.causal_lm): greedy
+    decoding in ONNX Runtime, cache grown step by step from empty, against PyTorch's greedy without cache."""
+    from loldu.export.causal_lm import to_onnx_with_cache
+
+    model = MODELS[kind]()
+    loldu.inject(model, loldu.LoLDUConfig(rank=8, target_modules="all-linear"))
+    train_like(model)
+    path = tmp_path / "step.onnx"
+    report = to_onnx_with_cache(model, path, merge=merge)  # parity checked at batch 3, past 4, one token
+    layers = model.config.num_hidden_layers
+    assert report.output_names[0] == "logits" and len(report.output_names) == 1 + 2 * layers
+    runner = lx.OrtRunner(path, provider="cpu", quiet=True)
+    ids = prompts(3, 5)
+    heads = model.config.num_attention_heads
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
+    tokens, logits = ort_cached_greedy(runner, ids, layers, (kv_heads, model.config.hidden_size // heads))
+    ref = logits_along(model, ids, tokens)
+    rows = check_trajectory(tokens, logits, ref, lx.FP32_BOUND * max(1.0, float(ref.abs().max())))
+    assert_same_where_clear(tokens, generate(model, ids, use_cache=False)[0], rows)
