@@ -213,3 +213,23 @@ def test_loldu_model_handle_generates_and_checkpoints():
     _checkpointing(handle, False)
     plain = handle.eval().merge_and_unload()
     assert plain is model and not loldu.adapted_layers(plain)
+
+
+@pytest.mark.parametrize("kind,key", [("llama", "down_proj"), ("gpt2", "mlp.c_proj"), ("mixtral", "o_proj")])
+def test_full_rank_with_rank_pattern_generates_and_merges(kind, key):
+    """rank='full' (min(d, k) per layer) with one rank_pattern override: the ranks follow, and the cached,
+    merged and unmerged computations agree as above."""
+    model = adapted(kind, rank="full", rank_pattern={key: 6})
+    for name, layer in loldu.adapted_layers(model):
+        want = 6 if name.endswith(key) else min(layer.base_layer.weight.shape)
+        assert layer.rank == want, (name, layer.rank, want)
+    ids = prompts()
+    tokens, logits = generate(model, ids)
+    ref = logits_along(model, ids, tokens)
+    assert_same_where_clear(tokens, generate(model, ids, use_cache=False)[0],
+                            check_trajectory(tokens, logits, ref, bound_for(ref)))
+    loldu.merge(model)
+    merged_tokens, merged_logits = generate(model, ids)
+    loldu.unmerge(model)
+    ref = logits_along(model, ids, merged_tokens)
+    assert_same_where_clear(merged_tokens, tokens, check_trajectory(merged_tokens, merged_logits, ref, bound_for(ref)))
