@@ -135,8 +135,7 @@ def test_adapter_inputs_refuse_a_foreign_adapter(tmp_path):
     with pytest.raises(loldu.ExportError, match="the model's adapter: layer .* different base weight"):
         lx.adapter_feeds(other, rep.path)  # same layer names, other base: the model route checks it too
     runner = lx.OrtRunner(rep.path, provider="cpu")
-    with pytest.raises(loldu.ExportError, match="missing inputs.*adapter_feeds"):
-        runner.run(inputs())
+    runner.run(inputs())  # c inputs default to zeros: the base model (tests/test_ort_adapter.py)
     merged = lx.to_onnx(model, inputs(), tmp_path / "m.onnx")
     with pytest.raises(loldu.ExportError, match="not exported with adapter_inputs"):
         lx.adapter_feeds(model, merged.path)
