@@ -12,16 +12,20 @@ run by ONNX Runtime's adapter API:
     runner.run(feeds, adapter="a.onnx_adapter")   # or adapter="adapter_dir"; loaded once, then cached
 
 lu_graph=True (full-rank adapters) exports each adapted linear as two MatMuls against its triangular
-factors with D + c between them, and no W0 (export/lu_graph.py).
+factors with D + c between them, and no W0 (export/lu_graph.py). A causal LM exports its logits graph
+(input_ids, attention_mask -> logits; token_inputs draws example ids from the config's vocabulary, no
+tokenizer needed); to_onnx_with_cache exports one decoding step with the KV cache as inputs and outputs.
 Needs the `onnx`, `onnxscript` (the torch.export-based exporter) and `onnxruntime-gpu` (or
 `onnxruntime`) packages; they are imported lazily.
 """
 from .adapter_inputs import C_PREFIX, adapter_feeds, adapter_metadata
-from .onnx_export import FP16_BOUND, FP32_BOUND, ExportReport, op_counts, parity_bound, pytorch_outputs, to_onnx
+from .causal_lm import to_onnx_with_cache
+from .onnx_export import FP16_BOUND, FP32_BOUND, ExportReport, op_counts, parity_bound, pytorch_outputs, to_onnx, token_inputs
 from .ort_adapter import OrtAdapterReport, to_ort_adapter
 from .ort_runner import OrtNotice, OrtRunner
 
 __all__ = [
     "C_PREFIX", "FP16_BOUND", "FP32_BOUND", "ExportReport", "OrtAdapterReport", "OrtNotice", "OrtRunner",
-    "adapter_feeds", "adapter_metadata", "op_counts", "parity_bound", "pytorch_outputs", "to_onnx", "to_ort_adapter",
+    "adapter_feeds", "adapter_metadata", "op_counts", "parity_bound", "pytorch_outputs", "to_onnx", "to_onnx_with_cache",
+    "to_ort_adapter", "token_inputs",
 ]
