@@ -94,6 +94,33 @@ bool is_rank(const json& v) {
   return v.is_string() ? v.get<std::string>() == spec::kFullRank : v.is_number_integer() && v.get<int64_t>() >= 1;
 }
 
+// A usable initial scale: finite and a normal float32 (LoLDUConfig's _scale_refusal).
+bool normal_scale(float s) { return std::isfinite(s) && std::abs(s) >= std::numeric_limits<float>::min(); }
+
+// Whether a rank_pattern / alpha_pattern key selects the module `name` (LoLDUConfig's key_matches):
+// equal, a '.'-suffix, or a regular expression matching it whole.
+bool key_matches(const std::string& key, const std::string& name) {
+  if (name == key || (name.size() > key.size() && name.compare(name.size() - key.size(), key.size(), key) == 0 &&
+                      name[name.size() - key.size() - 1] == '.'))
+    return true;
+  try {
+    return std::regex_match(name, std::regex(key));
+  } catch (const std::regex_error&) {
+    return false;  // not a regular expression: a plain name
+  }
+}
+
+// The pattern entry selecting `name`: an equal key wins, then the first key that matches (config order).
+template <class V>
+const std::pair<std::string, V>* pattern_entry(const std::vector<std::pair<std::string, V>>& pattern,
+                                               const std::string& name) {
+  for (const auto& kv : pattern)
+    if (kv.first == name) return &kv;
+  for (const auto& kv : pattern)
+    if (key_matches(kv.first, name)) return &kv;
+  return nullptr;
+}
+
 const spec::ConfigKey* config_key(const std::string& name) {
   for (const spec::ConfigKey& k : spec::kConfigKeys)
     if (name == k.name) return &k;
@@ -183,7 +210,12 @@ AdapterConfig parse_config(const json& c, const std::string& where) {
     throw AdapterError(bad + "layers_to_transform cannot be used with a regex target_modules");
   AdapterConfig out;
   out.json = c.dump();
-  if (auto v = value("rank"); v && v->is_number_integer()) out.rank = v->get<int64_t>();
+  if (auto v = value("rank")) out.rank = v->is_string() ? 0 : v->get<int64_t>();  // 0: "full"
+  if (auto v = value("rank_pattern"))
+    for (auto it = v->begin(); it != v->end(); ++it)
+      out.rank_pattern.emplace_back(it.key(), it.value().is_string() ? 0 : it.value().get<int64_t>());
+  if (auto v = value("alpha_pattern"))
+    for (auto it = v->begin(); it != v->end(); ++it) out.alpha_pattern.emplace_back(it.key(), it.value().get<double>());
   if (auto v = value("alpha")) out.alpha = v->get<double>();
   if (auto v = value("sigma0")) out.sigma0 = v->get<double>();
   if (auto v = value("train_scale")) out.train_scale = v->get<bool>();
@@ -193,10 +225,18 @@ AdapterConfig parse_config(const json& c, const std::string& where) {
   if (auto v = value("parametrization")) out.parametrization = v->get<std::string>();
   if (!out.sigma0 && out.alpha == 0)
     throw AdapterError(bad + "alpha = 0 gives sigma0 = 0, which freezes the adapter at zero");
-  const float s0 = out.initial_scale();
-  if (!std::isfinite(s0)) throw AdapterError(bad + "sigma0 overflows float32");
-  if (std::abs(s0) < std::numeric_limits<float>::min())
-    throw AdapterError(bad + "sigma0 is zero or subnormal in float32");
+  if (out.sigma0 && !out.alpha_pattern.empty())
+    throw AdapterError(bad + "alpha_pattern cannot be combined with sigma0");
+  // LoLDUConfig checks the scales it knows without the layers: sigma0, or alpha (and alpha_pattern's
+  // values) over one int rank; the others per layer (check_ranks).
+  std::vector<double> scales;
+  if (out.sigma0) scales.push_back(*out.sigma0);
+  else if (out.rank > 0) {
+    scales.push_back(out.alpha / double(out.rank));
+    for (const auto& kv : out.alpha_pattern) scales.push_back(kv.second / double(out.rank));
+  }
+  for (double s : scales)
+    if (!normal_scale(static_cast<float>(s))) throw AdapterError(bad + "sigma0 overflows float32 or is zero or subnormal");
   return out;
 }
 
@@ -219,11 +259,15 @@ const spec::TensorSpec& tensor_spec(const std::string& name) {
   throw std::logic_error("loldu: no adapter tensor '" + name + "' in the spec");
 }
 
-// The shape of adapter tensor `t` for L layers at rank r.
-std::vector<int64_t> tensor_shape(const spec::TensorSpec& t, int64_t L, int64_t r) {
+// The shape of adapter tensor `t` in format `version` for L layers whose ranks sum to R (before
+// spec::kRaggedFrom: all of rank r = R / L).
+std::vector<int64_t> tensor_shape(const spec::TensorSpec& t, int64_t L, int64_t R, int version) {
+  const bool ragged = version >= spec::kRaggedFrom;
+  const int64_t* dims = ragged ? t.dims : t.dims_before_ragged;
   std::vector<int64_t> shape;
-  for (size_t i = 0; i < t.ndim; ++i)
-    shape.push_back(t.dims[i] == spec::kDimLayers ? L : t.dims[i] == spec::kDimRank ? r : t.dims[i]);
+  for (size_t i = 0; i < (ragged ? t.ndim : t.ndim_before_ragged); ++i)
+    shape.push_back(dims[i] == spec::kDimLayers ? L : dims[i] == spec::kDimRanks ? R
+                    : dims[i] == spec::kDimRank ? (L ? R / L : 0) : dims[i]);
   return shape;
 }
 
@@ -269,15 +313,15 @@ void check_coefficient_inputs(const AdapterFile& a, const std::string& where) {
     if (!std::isfinite(v)) throw AdapterError(where + ": z or sigma holds NaN/Inf");
   // spec::kCAbsMax: W0 (so D) is unknown here; the term of c without D must already be in bounds.
   const bool relative = a.config.parametrization == "relative";
-  const double s0 = double(a.config.initial_scale());
-  const size_t r = size_t(a.rank());
-  for (size_t i = 0; i < a.layers.size() && (i + 1) * r <= a.z.size() && i < a.sigma.size(); ++i) {
+  const std::vector<size_t> at = a.offsets();
+  for (size_t i = 0; i < a.layers.size() && at[i + 1] <= a.z.size() && i < a.sigma.size(); ++i) {
+    const double s0 = relative ? double(a.config.scale_for(a.layers[i].name, int64_t(at[i + 1] - at[i]))) : 1.0;
     const double scale = relative ? a.sigma[i] / s0 : a.sigma[i];
-    for (size_t j = i * r; j < (i + 1) * r; ++j) {
+    for (size_t j = at[i]; j < at[i + 1]; ++j) {
       const double term = scale * a.z[j];
       if (!(std::abs(term) <= spec::kCAbsMax))
         throw AdapterError(where + ": layer '" + a.layers[i].name + "': " + (relative ? "sigma / sigma0 * z" : "sigma * z") +
-                           " = " + number_text(term) + " at rank index " + std::to_string(j - i * r) +
+                           " = " + number_text(term) + " at rank index " + std::to_string(j - at[i]) +
                            ": c would be non-finite or above the bound " + number_text(spec::kCAbsMax));
     }
   }
@@ -338,6 +382,51 @@ void check_layers(const json& layers, AdapterFile& out, const std::string& where
     if (!names.insert(l.name).second) throw AdapterError(where + ": repeated layer names ('" + l.name + "')");
 }
 
+// Each layer's rank (adapter_io's check_ranks): from spec::kRaggedFrom its entry's "rank", which must
+// be what the config gives the layer; before it the config's one int rank. Every layer's initial
+// scale must be a normal float32. The patterns are re-read in the config's order (nlohmann's json
+// sorts keys; the first matching key wins, as in Python).
+void check_ranks(const json& layers, const std::string& text, int version, AdapterFile& out, const std::string& where) {
+  AdapterConfig& c = out.config;
+  const ordered_json ordered = ordered_json::parse(text);  // already parsed once: valid
+  const ordered_json& oc = ordered["config"];
+  if (!c.rank_pattern.empty()) {
+    c.rank_pattern.clear();
+    for (auto it = oc["rank_pattern"].begin(); it != oc["rank_pattern"].end(); ++it)
+      c.rank_pattern.emplace_back(it.key(), it.value().is_string() ? 0 : it.value().get<int64_t>());
+  }
+  if (!c.alpha_pattern.empty()) {
+    c.alpha_pattern.clear();
+    for (auto it = oc["alpha_pattern"].begin(); it != oc["alpha_pattern"].end(); ++it)
+      c.alpha_pattern.emplace_back(it.key(), it.value().get<double>());
+  }
+  if (version < spec::kRaggedFrom && (c.rank == 0 || !c.rank_pattern.empty()))
+    throw AdapterError(where + ": format_version " + std::to_string(version) + " holds one int rank for all layers, "
+                       "but the config has rank 'full' or a rank_pattern (per-layer ranks need format " +
+                       std::to_string(spec::kRaggedFrom) + ")");
+  for (size_t i = 0; i < out.layers.size(); ++i) {
+    AdapterLayer& l = out.layers[i];
+    const std::string layer = where + ": layer '" + l.name + "'";
+    if (version < spec::kRaggedFrom) {
+      l.rank = c.rank;
+    } else {
+      const json& e = layers[i];
+      if (!e.contains("rank") || !e["rank"].is_number_integer() || e["rank"].get<int64_t>() < 1)
+        throw AdapterError(layer + ": rank must be a positive int, got " + (e.contains("rank") ? short_repr(e["rank"]) : "None"));
+      l.rank = e["rank"].get<int64_t>();
+      const int64_t want = c.rank_for(l.name, l.d, l.k);
+      if (want > std::min(l.d, l.k))
+        throw AdapterError(layer + ": rank " + std::to_string(want) + " exceeds min(d, k) = " +
+                           std::to_string(std::min(l.d, l.k)) + " of its weight");
+      if (l.rank != want)
+        throw AdapterError(layer + ": rank " + std::to_string(l.rank) + " in the file, but its config gives the layer rank " +
+                           std::to_string(want));
+    }
+    if (!normal_scale(c.scale_for(l.name, l.rank)))
+      throw AdapterError(layer + ": sigma0 = alpha / rank overflows float32 or is zero or subnormal");
+  }
+}
+
 CheckedHeader check_header(const SafetensorsFile& st, const std::string& where) {
   const auto& meta = st.metadata;
   auto fmt = meta.find(spec::kMetaFormat);
@@ -388,6 +477,7 @@ CheckedHeader check_header(const SafetensorsFile& st, const std::string& where) 
   if (header.contains("model_class") && header["model_class"].is_string())
     out.model_class = header["model_class"].get<std::string>();
   check_layers(header.contains("layers") ? header["layers"] : json(), out, where);
+  check_ranks(header["layers"], text, version, out, where);
   if (header.contains("data_sha256") && header["data_sha256"].is_string())
     checked.data_sha256 = header["data_sha256"].get<std::string>();
 
@@ -422,14 +512,15 @@ CheckedHeader check_header(const SafetensorsFile& st, const std::string& where) 
     for (const auto& s : found) got += (got.empty() ? "" : ", ") + ("'" + s + "'");
     throw AdapterError(where + ": expected tensors [" + exp + "], found [" + got + "]");
   }
-  const int64_t L = int64_t(out.layers.size()), r = out.config.rank;
+  const int64_t L = int64_t(out.layers.size()), R = int64_t(out.offsets().back());
   for (const spec::TensorSpec& w : spec::kTensors) {
     const auto& t = st.tensors.at(w.name);
-    const std::vector<int64_t> shape = tensor_shape(w, L, r);
+    const std::vector<int64_t> shape = tensor_shape(w, L, R, version);
     if (!dtype_allowed(w, t.dtype) || t.shape != shape)
       throw AdapterError(where + ": tensor '" + w.name + "' is " + t.dtype + " " + tuple_repr(t.shape) + ", expected " +
-                         allowed_dtypes(w) + " " + tuple_repr(shape) + " (" + std::to_string(L) + " layers, rank " +
-                         std::to_string(r) + ")");
+                         allowed_dtypes(w) + " " + tuple_repr(shape) + " (" + std::to_string(L) + " layers, " +
+                         (version >= spec::kRaggedFrom ? "ranks summing to " + std::to_string(R)
+                                                       : "rank " + std::to_string(out.config.rank)) + ")");
   }
   const std::string& shared = st.tensors.at(spec::kSameDtype[0]).dtype;
   for (const char* name : spec::kSameDtype)
@@ -443,26 +534,27 @@ AdapterFile parse_checked(const uint8_t* bytes, size_t size, const std::string& 
   const SafetensorsFile st = parse_safetensors(bytes, size, where);
   CheckedHeader checked = check_header(st, where);
   AdapterFile& out = checked.adapter;
-  const int64_t L = int64_t(out.layers.size()), r = out.config.rank;
+  const int64_t L = int64_t(out.layers.size());
+  const std::vector<size_t> at = out.offsets();
   if (checked.data_sha256.empty() || checked.data_sha256 != data_hash(st.tensors))
     throw AdapterError(where + ": tensor data does not match the hash in the config: the file is corrupted");
 
   out.z_dtype = st.tensors.at("z").dtype;
   out.z = as_doubles(st.tensors.at("z"));
   out.sigma = as_doubles(st.tensors.at("sigma"));
-  out.pivots.resize(size_t(L * r));
+  out.pivots.resize(at.back());
   out.fingerprints.resize(size_t(L));
   copy_rows(st.tensors.at("pivots"), out.pivots.data());
   copy_rows(st.tensors.at("fingerprint"), out.fingerprints.data());
   check_coefficient_inputs(out, where);
   for (int64_t i = 0; i < L; ++i) {
     const int64_t d = out.layers[size_t(i)].d;
-    std::vector<int32_t> row(out.pivots.begin() + i * r, out.pivots.begin() + (i + 1) * r);
+    std::vector<int32_t> row(out.pivots.begin() + int64_t(at[size_t(i)]), out.pivots.begin() + int64_t(at[size_t(i) + 1]));
     std::sort(row.begin(), row.end());
     const bool valid = row.front() >= 0 && int64_t(row.back()) < d && std::adjacent_find(row.begin(), row.end()) == row.end();
     if (!valid)
-      throw AdapterError(where + ": layer '" + out.layers[size_t(i)].name + "': pivots must be " + std::to_string(r) +
-                         " distinct rows in [0, " + std::to_string(d) + ")");
+      throw AdapterError(where + ": layer '" + out.layers[size_t(i)].name + "': pivots must be " +
+                         std::to_string(row.size()) + " distinct rows in [0, " + std::to_string(d) + ")");
   }
   for (const auto& m : out.saved_modules)
     for (const auto& t : m.tensors) {
@@ -511,6 +603,29 @@ float AdapterConfig::initial_scale() const {
   return static_cast<float>(s);
 }
 
+int64_t AdapterConfig::rank_for(const std::string& name, int64_t d, int64_t k) const {
+  const auto* e = pattern_entry(rank_pattern, name);
+  const int64_t r = e ? e->second : rank;
+  return r == 0 ? std::min(d, k) : r;
+}
+
+float AdapterConfig::scale_for(const std::string& name, int64_t r) const {
+  if (sigma0) return static_cast<float>(*sigma0);
+  const auto* e = pattern_entry(alpha_pattern, name);
+  return static_cast<float>((e ? e->second : alpha) / double(r));
+}
+
+int64_t AdapterFile::layer_rank(size_t i) const {
+  const AdapterLayer& l = layers.at(i);
+  return l.rank > 0 ? l.rank : config.rank_for(l.name, l.d, l.k);
+}
+
+std::vector<size_t> AdapterFile::offsets() const {
+  std::vector<size_t> out(layers.size() + 1, 0);
+  for (size_t i = 0; i < layers.size(); ++i) out[i + 1] = out[i] + size_t(std::max<int64_t>(layer_rank(i), 0));
+  return out;
+}
+
 AdapterFile parse_adapter(const uint8_t* bytes, size_t size, const std::string& where) {
   try {
     return parse_checked(bytes, size, where);
@@ -552,7 +667,9 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
   const std::string what = "loldu::serialize_adapter";
   const int64_t L = int64_t(a.layers.size()), r = a.config.rank;
   if (L == 0) throw AdapterError(what + ": the adapter has no layers");
-  if (r < 1) throw AdapterError(what + ": rank must be a positive int, got " + std::to_string(r));
+  if (r < 0) throw AdapterError(what + ": rank must be a positive int or 0 ('full'), got " + std::to_string(r));
+  const std::vector<size_t> at = a.offsets();
+  const int64_t R = int64_t(at.back());
   // Checked before the config is written: JSON has no NaN or Inf (they would be written as null).
   if (!std::isfinite(a.config.alpha))
     throw AdapterError(what + ": invalid config: alpha must be a finite number, got " + number_text(a.config.alpha));
@@ -561,16 +678,15 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
   if (!std::regex_match(a.adapter_name, std::regex(spec::kAdapterNamePattern)))
     throw AdapterError(what + ": adapter name must match " + spec::kAdapterNamePattern +
                        " (letters, digits, _ or -, as the Python loader requires), got '" + a.adapter_name + "'");
-  if (int64_t(a.z.size()) != L * r || int64_t(a.sigma.size()) != L || int64_t(a.pivots.size()) != L * r ||
+  if (int64_t(a.z.size()) != R || int64_t(a.sigma.size()) != L || int64_t(a.pivots.size()) != R ||
       int64_t(a.fingerprints.size()) != L)
-    throw AdapterError(what + ": z, sigma, pivots, fingerprints must hold (" + std::to_string(L) + ", " +
-                       std::to_string(r) + "), (" + std::to_string(L) + "), (" + std::to_string(L) + ", " +
-                       std::to_string(r) + "), (" + std::to_string(L) + ") entries for " + std::to_string(L) +
-                       " layers at rank " + std::to_string(r));
+    throw AdapterError(what + ": z, sigma, pivots, fingerprints must hold " + std::to_string(R) + ", " +
+                       std::to_string(L) + ", " + std::to_string(R) + ", " + std::to_string(L) + " entries for " +
+                       std::to_string(L) + " layers whose ranks sum to " + std::to_string(R));
   std::map<std::string, SafetensorsTensor> tensors;
   auto put = [&](const char* name, const void* data, size_t nbytes, const std::string& dtype) {
     const spec::TensorSpec& t = tensor_spec(name);
-    tensors[name] = {dtype, tensor_shape(t, L, r), static_cast<const uint8_t*>(data), nbytes};
+    tensors[name] = {dtype, tensor_shape(t, L, R, kAdapterFormatVersion), static_cast<const uint8_t*>(data), nbytes};
   };
   // z and sigma in z_dtype: F32 rounds (a value past float's range becomes Inf, refused below).
   if (!dtype_allowed(tensor_spec("z"), a.z_dtype) || !dtype_allowed(tensor_spec("sigma"), a.z_dtype))
@@ -606,8 +722,18 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
                             : ordered_json::parse(a.config.json);  // produced by the reader: valid JSON
   ordered_json targets = ordered_json::array();
   for (const auto& l : a.layers) targets.push_back(l.name);
-  config["rank"] = r;
+  config["rank"] = r == 0 ? ordered_json(spec::kFullRank) : ordered_json(r);
   if (!config.contains("target_modules")) config["target_modules"] = targets;
+  // The patterns in their order (left out when empty, as LoLDUConfig.to_dict leaves them out).
+  auto put_pattern = [&](const char* key, const auto& pattern, auto value) {
+    if (pattern.empty()) return void(config.erase(key));
+    ordered_json p = ordered_json::object();
+    for (const auto& kv : pattern) p[kv.first] = value(kv.second);
+    config[key] = p;
+  };
+  put_pattern("rank_pattern", a.config.rank_pattern,
+              [](int64_t v) { return v == 0 ? ordered_json(spec::kFullRank) : ordered_json(v); });
+  put_pattern("alpha_pattern", a.config.alpha_pattern, [](double v) { return ordered_json(v); });
   config["alpha"] = a.config.alpha;
   config["sigma0"] = a.config.sigma0 ? ordered_json(*a.config.sigma0) : ordered_json(nullptr);
   config["train_scale"] = a.config.train_scale;
@@ -624,8 +750,11 @@ SerializedAdapter serialize_adapter(const AdapterFile& a) {
     config["modules_to_save"] = names;
   }
   ordered_json layers = ordered_json::array();
-  for (const auto& l : a.layers)
-    layers.push_back({{"name", l.name}, {"kind", l.kind}, {"shape", {l.d, l.k}}, {"dtype", l.dtype}});
+  for (size_t i = 0; i < a.layers.size(); ++i) {
+    const AdapterLayer& l = a.layers[i];
+    layers.push_back({{"name", l.name}, {"kind", l.kind}, {"shape", {l.d, l.k}}, {"dtype", l.dtype},
+                      {"rank", int64_t(at[i + 1] - at[i])}});
+  }
   ordered_json header = {{"format", kFormat},
                          {"format_version", kAdapterFormatVersion},
                          {"adapter_name", a.adapter_name}};

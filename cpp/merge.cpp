@@ -135,22 +135,26 @@ struct LayerCheck {
 // An AdapterFile may be built or edited in C++: its arrays must fit its layers and rank before any
 // of them is read (the reader checks files the same way).
 void check_contents(const AdapterFile& a, const std::string& where) {
-  const int64_t L = int64_t(a.layers.size()), r = a.rank();
-  if (L == 0 || r < 1) throw AdapterError(where + ": the adapter has no layers or a rank below 1");
-  if (int64_t(a.z.size()) != L * r || int64_t(a.sigma.size()) != L || int64_t(a.pivots.size()) != L * r ||
+  const int64_t L = int64_t(a.layers.size());
+  if (L == 0 || a.rank() < 0) throw AdapterError(where + ": the adapter has no layers or a negative rank");
+  for (size_t i = 0; i < a.layers.size(); ++i)
+    if (a.layer_rank(i) < 1)
+      throw AdapterError(where + ": layer '" + a.layers[i].name + "': rank below 1");
+  const std::vector<size_t> off = a.offsets();
+  if (a.z.size() != off.back() || int64_t(a.sigma.size()) != L || a.pivots.size() != off.back() ||
       int64_t(a.fingerprints.size()) != L)
     throw AdapterError(where + ": z, sigma, pivots and fingerprints do not hold one entry per layer (" +
-                       std::to_string(L) + " layers, rank " + std::to_string(r) + ")");
+                       std::to_string(L) + " layers, ranks summing to " + std::to_string(off.back()) + ")");
   const spec::TensorSpec& zs = spec::kTensors[0];  // z: the dtypes its values may be stored in
   if (a.z_dtype != zs.dtypes[0] && a.z_dtype != zs.dtypes[1])
     throw AdapterError(where + ": z_dtype must be " + zs.dtypes[0] + " or " + zs.dtypes[1] + ", got '" + a.z_dtype + "'");
   check_coefficient_inputs(a, where);
-  for (int64_t i = 0; i < L; ++i) {
-    std::vector<int32_t> p(a.pivots.begin() + i * r, a.pivots.begin() + (i + 1) * r);
+  for (size_t i = 0; i < a.layers.size(); ++i) {
+    std::vector<int32_t> p(a.pivots.begin() + int64_t(off[i]), a.pivots.begin() + int64_t(off[i + 1]));
     std::sort(p.begin(), p.end());
-    if (p.front() < 0 || int64_t(p.back()) >= a.layers[size_t(i)].d || std::adjacent_find(p.begin(), p.end()) != p.end())
-      throw AdapterError(where + ": layer '" + a.layers[size_t(i)].name + "': pivots must be " + std::to_string(r) +
-                         " distinct rows in [0, " + std::to_string(a.layers[size_t(i)].d) + ")");
+    if (p.front() < 0 || int64_t(p.back()) >= a.layers[i].d || std::adjacent_find(p.begin(), p.end()) != p.end())
+      throw AdapterError(where + ": layer '" + a.layers[i].name + "': pivots must be " + std::to_string(p.size()) +
+                         " distinct rows in [0, " + std::to_string(a.layers[i].d) + ")");
   }
   for (const auto& kv : a.saved_tensors) {
     const size_t esize = safetensors_dtype_size(kv.second.dtype);
@@ -164,7 +168,7 @@ void check_contents(const AdapterFile& a, const std::string& where) {
 std::vector<LayerCheck> check_layers(const BaseView& view, const AdapterFile& a) {
   const std::string where = where_of(a);
   check_contents(a, where);
-  const int64_t r = a.rank();
+  const std::vector<size_t> off = a.offsets();
   std::vector<LayerCheck> out;
   std::set<std::string> keys;
   for (size_t i = 0; i < a.layers.size(); ++i) {
@@ -199,14 +203,15 @@ std::vector<LayerCheck> check_layers(const BaseView& view, const AdapterFile& a)
     if (W.size(0) != l.d || W.size(1) != l.k)
       throw AdapterError(layer + " has weight " + shape_str(W.sizes()) + " in the weights but " +
                          shape_str({l.d, l.k}) + " in the file");
+    const int64_t r = int64_t(off[i + 1] - off[i]);
     if (r > std::min(l.d, l.k))
       throw AdapterError(layer + ": rank " + std::to_string(r) + " exceeds the smaller side of its " +
                          shape_str({l.d, l.k}) + " weight");
     if (short_dtype(st) != l.dtype)
       throw AdapterError(layer + " has weight dtype torch." + short_dtype(st) + " in the weights but " + l.dtype +
                          " in the file");
-    at::Tensor piv = at::from_blob(const_cast<int32_t*>(a.pivots.data()) + int64_t(i) * r, {r}, at::kInt).to(at::kLong);
-    std::vector<int32_t> pivot_list(a.pivots.begin() + int64_t(i) * r, a.pivots.begin() + int64_t(i + 1) * r);
+    at::Tensor piv = at::from_blob(const_cast<int32_t*>(a.pivots.data()) + off[i], {r}, at::kInt).to(at::kLong);
+    std::vector<int32_t> pivot_list(a.pivots.begin() + int64_t(off[i]), a.pivots.begin() + int64_t(off[i + 1]));
     // A pristine copy kept by a merge record is never written: its fingerprints are remembered.
     const std::array<uint8_t, 32>* known = nullptr;
     auto cache = view.checked.find(key);
@@ -249,11 +254,12 @@ Plan plan_merge(const BaseView& view, const AdapterFile& a, bool keep_base) {
   plan.record.source = a.source;
   plan.record.keep_base = keep_base;
   plan.record.active = true;
-  const int64_t r = a.rank();
-  const double s0 = double(a.config.initial_scale());
+  const std::vector<size_t> off = a.offsets();
   c10::NoGradGuard no_grad;
   for (size_t i = 0; i < layers.size(); ++i) {
     const LayerCheck& l = layers[i];
+    const int64_t r = int64_t(off[i + 1] - off[i]);
+    const double s0 = double(a.config.scale_for(a.layers[i].name, r));  // alpha / r of this layer, fp32-rounded
     LduResult f;
     try {
       f = ldu_from_pivots(l.W, l.pivots);
@@ -273,7 +279,7 @@ Plan plan_merge(const BaseView& view, const AdapterFile& a, bool keep_base) {
     }
     const at::ScalarType wt = working_dtype(f.D.scalar_type());
     // z and sigma (F32 or F64 in the file) in the working dtype, as the Python layer holds them.
-    at::Tensor z = at::from_blob(const_cast<double*>(a.z.data()) + int64_t(i) * r, {r}, at::kDouble).to(wt);
+    at::Tensor z = at::from_blob(const_cast<double*>(a.z.data()) + off[i], {r}, at::kDouble).to(wt);
     at::Tensor sigma = at::scalar_tensor(a.sigma[i], at::kDouble).to(wt);
     at::Tensor D = f.D.to(wt);
     at::Tensor c = coefficients(z, sigma, D, s0, a.config.parametrization);
@@ -464,8 +470,6 @@ AdapterFile make_adapter(const WeightMap& weights, const std::vector<std::pair<s
   AdapterFile a;
   a.adapter_name = adapter_name;
   a.config = config;
-  const int64_t r = config.rank;
-  const float s0 = config.initial_scale();
   for (const auto& t : targets) {
     const std::string key = t.first + ".weight";
     auto it = weights.find(key);
@@ -476,6 +480,8 @@ AdapterFile make_adapter(const WeightMap& weights, const std::vector<std::pair<s
     } catch (const ShapeError& e) {
       throw AdapterError("loldu::make_adapter: layer '" + t.first + "': " + e.what());
     }
+    const int64_t r = config.rank_for(t.first, W.size(0), W.size(1));  // "full" (0): min(d, k)
+    const float s0 = config.scale_for(t.first, r);
     LduResult f;
     try {
       f = ldu(W, r, config.pivoting);
@@ -483,7 +489,7 @@ AdapterFile make_adapter(const WeightMap& weights, const std::vector<std::pair<s
       throw AdapterError("loldu::make_adapter: layer '" + t.first + "' " + shape_str(W.sizes()) +
                          " cannot be factorized at rank " + std::to_string(r) + " (" + e.what_without_backtrace() + ")");
     }
-    a.layers.push_back({t.first, t.second, W.size(0), W.size(1), short_dtype(W.scalar_type())});
+    a.layers.push_back({t.first, t.second, W.size(0), W.size(1), short_dtype(W.scalar_type()), r});
     at::Tensor D = f.D.to(at::kFloat).contiguous();
     if (config.parametrization == "relative") a.z.insert(a.z.end(), size_t(r), 0.0);
     else a.z.insert(a.z.end(), D.const_data_ptr<float>(), D.const_data_ptr<float>() + r);

@@ -39,13 +39,14 @@ def test_io_round_trip_into_plain_base_is_identical(tmp_path):
     # contents: per layer z, sigma, pivots (int64) and a fingerprint; nothing of size d or k
     t = load_file(tmp_path / WEIGHTS_NAME)
     assert {k: (v.dtype, tuple(v.shape)) for k, v in t.items()} == {
-        "z": (torch.float32, (5, 4)), "sigma": (torch.float32, (5,)),
-        "pivots": (torch.int32, (5, 4)), "fingerprint": (torch.uint8, (5, 32))}
+        "z": (torch.float32, (20,)), "sigma": (torch.float32, (5,)),
+        "pivots": (torch.int32, (20,)), "fingerprint": (torch.uint8, (5, 32))}
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert cfg["config"]["rank"] == 4 and [e["name"] for e in cfg["layers"]] == TARGETS
-    # format 3: the weights file holds the config too; loldu_config.json is a byte-identical copy
+    assert [e["rank"] for e in cfg["layers"]] == [4] * 5
+    # format 4: the weights file holds the config too; loldu_config.json is a byte-identical copy
     meta = metadata(tmp_path)
-    assert meta["loldu_format"] == "loldu-adapter/3" and meta["loldu_config"] == (tmp_path / CONFIG_NAME).read_text()
+    assert meta["loldu_format"] == "loldu-adapter/4" and meta["loldu_config"] == (tmp_path / CONFIG_NAME).read_text()
     fresh = copy.deepcopy(base)
     loaded = loldu.load_adapter(fresh, tmp_path)
     assert loaded is fresh and loldu.active_adapter(fresh) == "default"
@@ -103,18 +104,29 @@ def rewrite_metadata(d, **changes):
     save_file(load_file(d / WEIGHTS_NAME), str(d / WEIGHTS_NAME), metadata=meta)
 
 
+def stacked_tensors(header: dict, tensors: dict) -> dict:
+    """A format-4 adapter's tensors as formats 1 to 3 stored them (one rank: z and pivots (L, r)); the
+    layer entries lose their rank and data_sha256 is recomputed."""
+    from loldu.adapter_io import _data_hash
+    ranks = {e.pop("rank") for e in header["layers"]}
+    assert len(ranks) == 1
+    out = {k: (t.reshape(len(header["layers"]), -1) if k in ("z", "pivots") else t) for k, t in tensors.items()}
+    header["data_sha256"] = _data_hash(out)
+    return out
+
+
 def to_format_1(d):
-    """Rewrites a format-3 directory (no saved modules) as format 1 wrote it: the config only in
-    adapter_config.json, whose sha256 the weights' metadata records."""
+    """Rewrites a format-4 directory (no saved modules, one rank) as format 1 wrote it: the config only
+    in adapter_config.json, whose sha256 the weights' metadata records."""
     header = json.loads(metadata(d)["loldu_config"])
     header["format_version"] = 1
     assert header.pop("saved_modules") == []
+    tensors = stacked_tensors(header, load_file(d / WEIGHTS_NAME))
     config_bytes = json.dumps(header, indent=1).encode()
     (d / CONFIG_NAME).unlink()
     (d / LEGACY_CONFIG_NAME).write_bytes(config_bytes)
-    save_file(load_file(d / WEIGHTS_NAME), str(d / WEIGHTS_NAME),
-              metadata={"format": "pt", "loldu_format": "loldu-adapter/1",
-                        "config_sha256": hashlib.sha256(config_bytes).hexdigest()})
+    save_file(tensors, str(d / WEIGHTS_NAME), metadata={"format": "pt", "loldu_format": "loldu-adapter/1",
+                                                        "config_sha256": hashlib.sha256(config_bytes).hexdigest()})
 
 
 def _refused(model, directory, *words, **kw):
@@ -207,7 +219,7 @@ def test_io_refuses_corrupted_files(tmp_path, damage, word, fmt):
 
 
 @pytest.mark.parametrize("damage, word", [
-    (lambda d: _edit_stored_config(d, b'\\"rank\\": 3', b'\\"rank\\": 2'), "does not match its hash"),
+    (lambda d: _edit_stored_config(d, b'\\"rank\\": 3,', b'\\"rank\\": 2,'), "does not match its hash"),
     (lambda d: _edit_stored_config(d, b'\\"conv2d\\"', b'\\"conv3d\\"'), "does not match its hash"),
     (lambda d: rewrite_metadata(d, loldu_config_sha256="0" * 64), "does not match its hash"),
     (_deeply_nested, "nested too deeply"),
@@ -496,12 +508,14 @@ def _synthetic_adapter(d, layers: int, saved: int = 0, rank: int = 4, bad_layer=
         else:
             tensors["z"][i, 2] = 3e38  # sigma z = 3e38 sigma, far past the bound
     names = [f"blocks.{i}.proj" for i in range(layers)]
+    for key in ("z", "pivots"):  # the layers' vectors concatenated (format 4)
+        tensors[key] = tensors[key].reshape(-1)
     for j in range(saved):
         tensors[f"{spec.SAVED_PREFIX}head.t{j}"] = torch.randn(3, generator=g)
     config = LoLDUConfig(rank=rank, target_modules=names, modules_to_save=["head"] if saved else None)
     header = {"format": spec.FORMAT, "format_version": spec.FORMAT_VERSION, "adapter_name": "default",
               "model_class": "Synthetic", "config": config.to_dict(), "data_sha256": adapter_io._data_hash(tensors),
-              "layers": [{"name": n, "kind": "linear", "shape": [32, 16], "dtype": "float32"} for n in names],
+              "layers": [{"name": n, "kind": "linear", "shape": [32, 16], "dtype": "float32", "rank": rank} for n in names],
               "saved_modules": [{"name": "head", "tensors": [f"t{j}" for j in range(saved)]}] if saved else []}
     text = adapter_io._dumps(header)
     meta = {"format": "pt", spec.META_FORMAT: f"{spec.FORMAT}/{spec.FORMAT_VERSION}", spec.META_CONFIG: text,

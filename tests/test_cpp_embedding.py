@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import loldu
-from loldu import LoLDUConfig
+from loldu import LoLDUConfig, spec
 from loldu.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from loldu.errors import AdapterError
 from loldu.layer import LoLDULayer
@@ -197,8 +197,9 @@ def test_cpp_written_adapter_loads_in_python(app, tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the readable copy must match the stored config exactly
-        header, config, tensors = read_adapter(tmp_path / "adapter")
-    assert header["format_version"] == 3 and header["adapter_name"] == "native"
+        stored = read_adapter(tmp_path / "adapter")
+    header, config, tensors = stored
+    assert header["format_version"] == spec.FORMAT_VERSION and header["adapter_name"] == "native"
     assert config.rank == 4 and config.alpha == 2.0 and [e["name"] for e in header["layers"]] == [
         "fc1", "emb", "conv", "proj"]
     with pytest.raises(AdapterError, match="fingerprint"):  # another base (fresh random weights)
@@ -206,8 +207,8 @@ def test_cpp_written_adapter_loads_in_python(app, tmp_path):
     model = loldu.load_adapter(_with_weights(base), tmp_path / "adapter")  # the base it was written for
     for i, name in enumerate(["fc1", "emb", "conv", "proj"]):
         layer = model.get_submodule(name)
-        assert torch.equal(layer.loldu_z["native"], tensors["z"][i])
-        assert torch.equal(layer.loldu_sigma["native"], tensors["sigma"][i])
+        assert torch.equal(layer.loldu_z["native"], stored.layer(i)["z"])
+        assert torch.equal(layer.loldu_sigma["native"], stored.layer(i)["sigma"])
         # The pivots C++ chose are the ones the Python factorization chooses on this base.
         assert torch.equal(layer.loldu_pivots, loldu.ops.ldu(layer.base_matrix(), 4).pivots)
     loldu.merge(model)

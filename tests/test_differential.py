@@ -88,6 +88,9 @@ def valid_adapters(tmp: Path) -> dict:
         "plain": LoLDUConfig(rank=2, target_modules=["emb", "conv", "encoder"], train_scale=True),
         "head": LoLDUConfig(rank=2, target_modules=["encoder"], task_type="SEQ_CLS", parametrization="relative",
                             factor_storage="cur", form="dense", factor_dtype="float64"),
+        # per-layer ranks and scales: z and pivots ragged (format 4), sigma0 = alpha / r per layer
+        "ragged": LoLDUConfig(rank="full", target_modules=["emb", "conv", "encoder"], rank_pattern={"c.nv": 3},
+                              alpha_pattern={"encoder": 2.5}, parametrization="relative", train_scale=True),
     }
     out = {}
     for name, config in configs.items():
@@ -99,6 +102,7 @@ def valid_adapters(tmp: Path) -> dict:
         loldu.save_adapter(model, tmp / name)
         out[name] = (tmp / name / spec.WEIGHTS_NAME).read_bytes()
     out["v2"] = (FUZZ_CASES / "accept-v2-linear-embedding-conv2d.safetensors").read_bytes()
+    out["v3"] = (FUZZ_CASES / "accept-v3-linear-embedding-conv2d.safetensors").read_bytes()
     return out
 
 
@@ -119,6 +123,14 @@ def config_values(key: str) -> list:
         values += case_variants(v)
     if key == "target_modules":  # only the Python reader knows Python's regular expressions
         values = [v for v in values if not isinstance(v, str) or _compiles(v)]
+    if key == "rank_pattern":  # valid, mismatching the stored ranks, past min(d, k), not a regex, bad values
+        values += [{"encoder": 2}, {"enc.*": "full"}, {"emb": 3}, {"c.nv": 3}, {"conv": 100}, {"(": 2}, {"encoder": 0},
+                   {"encoder": "FULL"}, {"encoder": 2.0}, {"": 2}, {"encoder": "full", "e.*": 1}]
+    if key == "rank":
+        values += ["full", "Full", 5]
+    if key == "alpha_pattern":  # fine, a subnormal sigma0, zero, not finite-able, not a number
+        values += [{"encoder": 2.5}, {"encoder": 1e-45}, {".*": 1e-44}, {"encoder": 0}, {"encoder": "2"},
+                   {"encoder": True}, {"emb": -3.0, "e.*": 4.0}]
     return values
 
 
@@ -171,7 +183,8 @@ def header_mutations(header: dict):
         h = copy.deepcopy(header)
         h.pop(key, None)
         yield f"header-{key}-missing", h
-    layer_edits = {"kind": ["foo", 5, None, "bogus", "Linear", *spec.LAYER_KINDS],
+    layer_edits = {"rank": [0, -1, True, 2.0, "2", None, 1, 2, 3, 100, "full", 2**70],
+                   "kind": ["foo", 5, None, "bogus", "Linear", *spec.LAYER_KINDS],
                    "dtype": [5, "int8", "float99", "float8_e4m3fn", "torch.float32", *spec.LAYER_DTYPES],
                    "name": [5, "", None, "\ud800x", "x\udfff", "\ud83d\ude00", "\U0001f600"],
                    "shape": [[0, 5], [True, 5], [5, True], [32, True], [False, 5], ["5", 5], [5], [5, 5, 5], [5.0, 6],
@@ -181,6 +194,9 @@ def header_mutations(header: dict):
             h = copy.deepcopy(header)
             h["layers"][0][key] = v
             yield f"layer-{key}-{i}", h
+    h = copy.deepcopy(header)
+    h["layers"][0].pop("rank", None)
+    yield "layer-rank-missing", h
     h = copy.deepcopy(header)
     h["layers"].append(copy.deepcopy(h["layers"][0]))
     yield "layer-repeated", h
@@ -203,15 +219,18 @@ def _convert(record, dtype: str):
 
 def tensor_mutations(tensors: dict):
     """(name, new tensors) pairs: dtypes, shapes, names and values changed."""
-    L, r = tensors["z"][1]
+    L = tensors["sigma"][1][0]
+    R = tensors["z"][1][0] * (tensors["z"][1][1] if len(tensors["z"][1]) == 2 else 1)
     for key, dtypes in {"z": ["F64", "F16", "BF16", "I32"], "sigma": ["F64", "I32"], "pivots": ["I64", "U8", "F32"],
                         "fingerprint": ["I8", "BOOL"]}.items():
         for dt in dtypes:
             t = copy.deepcopy(tensors)
             t[key] = _convert(t[key], dt)
             yield f"tensor-{key}-dtype-{dt}", t
-    for key, shape in (("z", [L * r]), ("z", [r, L]), ("z", [L, r, 1]), ("sigma", [L, 1]), ("sigma", []),
-                       ("fingerprint", [L * 32]), ("pivots", [r, L])):
+    # (L, R / L) is format 4's layout before it, [R] the reverse: each refused in the other format
+    for key, shape in (("z", [R]), ("z", [R // L, L]), ("z", [L, R // L]), ("z", [R, 1]), ("sigma", [L, 1]),
+                       ("sigma", []), ("fingerprint", [L * 32]), ("pivots", [R // L, L]), ("pivots", [R]),
+                       ("pivots", [L, R // L]), ("pivots", [1, R])):
         t = copy.deepcopy(tensors)
         if shape == []:
             t[key] = [t[key][0], shape, t[key][2][:4]]
@@ -257,7 +276,8 @@ def raw_mutations(raw: bytes, meta: dict, tensors: dict, header: dict):
     m = dict(meta)
     m[spec.META_CONFIG] = m[spec.META_CONFIG].replace('"rank": 2', '"rank": 3')
     yield "hash-config", join(m, tensors)
-    for i, tag in enumerate(["loldu-adapter/4", "loldu-adapter/003", "loldu-adapter/0000003", "loldu-adapter/",
+    for i, tag in enumerate(["loldu-adapter/4", "loldu-adapter/5", "loldu-adapter/3",
+                             "loldu-adapter/003", "loldu-adapter/0000003", "loldu-adapter/",
                              "loldu-adapter/3 ", "x", None]):
         m = dict(meta)
         if tag is None:
@@ -323,8 +343,16 @@ def test_python_and_cpp_readers_agree_on_every_file(app, tmp_path):  # noqa: F81
     assert not differ, "\n".join(differ)
     accepted = sorted(n for n, v in python.items() if v == "ok")
     assert len(dirs) > 400 and 20 < len(accepted) < len(dirs) - 300, (len(dirs), accepted)
-    for base in ("plain", "head", "v2"):
+    for base in ("plain", "head", "ragged", "v2", "v3"):
         assert any(n.endswith(f"-{base}-valid") for n in accepted), base
+    # Per-layer ranks: what the config gives each layer must be the layer's stored rank, in both readers.
+    for m, verdict in (("config-rank_pattern-24", "ok"), ("config-rank_pattern-25", "refused"),
+                       ("layer-rank-missing", "refused"), ("config-rank-24", "refused"), ("layer-rank-7", "ok"),
+                       ("layer-rank-6", "refused")):
+        assert [python[n] for n in dirs if n.endswith(f"-plain-{m}")] == [verdict], (m, verdict)
+    assert [python[n] for n in dirs if n.endswith("-ragged-config-rank_pattern-27")] == ["ok"]
+    assert [python[n] for n in dirs if n.endswith("-ragged-config-rank-24")] == ["ok"]
+    assert [python[n] for n in dirs if n.endswith("-v3-config-rank-24")] == ["refused"]  # one rank before format 4
     assert any("task_type" in n for n in accepted) and not any(n.endswith("task_type-FOO") for n in accepted)
     # What the spec forbids in the header is refused at read (not only by a later load), by both.
     forbidden = ["header-adapter_name-3", "header-adapter_name-4", "layer-kind-3", "layer-dtype-2", "layer-shape-3",

@@ -98,8 +98,14 @@ def test_upper_non_ascii_is_pythons_str_upper():
 
 
 def test_tensor_table():
-    assert spec.tensor_table(3, 5) == {"z": (torch.float32, (3, 5)), "sigma": (torch.float32, (3,)),
-                                       "pivots": (torch.int32, (3, 5)), "fingerprint": (torch.uint8, (3, 32))}
+    assert spec.tensor_table([5, 5, 5], 3) == {"z": (torch.float32, (3, 5)), "sigma": (torch.float32, (3,)),
+                                               "pivots": (torch.int32, (3, 5)), "fingerprint": (torch.uint8, (3, 32))}
+    # From format 4 z and pivots are the layers' vectors concatenated: ragged ranks allowed.
+    assert spec.FORMAT_VERSION == spec.RAGGED_FROM == 4
+    assert spec.tensor_table([5, 2, 7]) == {"z": (torch.float32, (14,)), "sigma": (torch.float32, (3,)),
+                                            "pivots": (torch.int32, (14,)), "fingerprint": (torch.uint8, (3, 32))}
+    with pytest.raises(ValueError, match="one rank for all layers"):
+        spec.tensor_table([5, 2], 3)
     assert spec.SAVED_PREFIX == "saved." and spec.TENSOR_NAMES == ("z", "sigma", "pivots", "fingerprint")
 
 

@@ -10,7 +10,7 @@
 //       exact, the rest within rounding per swap).
 //   apply_adapter --check ADAPTER_DIR...
 //       reads and checks adapter directories; prints what each holds, or why it is refused.
-//   apply_adapter --create BASE.safetensors OUT_DIR --rank R [--alpha A] [--seed S] [--name NAME]
+//   apply_adapter --create BASE.safetensors OUT_DIR --rank R|full [--alpha A] [--seed S] [--name NAME]
 //                 MODULE:KIND...
 //       writes a new adapter over the base for the modules given (KIND: linear, conv2d, embedding,
 //       conv1d), with seeded random z and sigma: an adapter written from C++.
@@ -69,7 +69,7 @@ int usage() {
                "usage: apply_adapter BASE.safetensors ADAPTER_DIR OUT.safetensors\n"
                "       apply_adapter --swap BASE.safetensors ADAPTER_A ADAPTER_B [--swaps N] [--subtract]\n"
                "       apply_adapter --check ADAPTER_DIR...\n"
-               "       apply_adapter --create BASE.safetensors OUT_DIR --rank R [--alpha A] [--seed S] [--name NAME] "
+               "       apply_adapter --create BASE.safetensors OUT_DIR --rank R|full [--alpha A] [--seed S] [--name NAME] "
                "MODULE:KIND...\n");
   return 2;
 }
@@ -81,6 +81,16 @@ loldu::AdapterFile read(const std::string& dir) {
   return a;
 }
 
+// "rank r" when every layer has rank r, else "ranks a to b".
+std::string ranks_text(const loldu::AdapterFile& a) {
+  int64_t lo = INT64_MAX, hi = 0;
+  for (size_t i = 0; i < a.layers.size(); ++i) {
+    lo = std::min(lo, a.layer_rank(i));
+    hi = std::max(hi, a.layer_rank(i));
+  }
+  return lo == hi ? "rank " + std::to_string(lo) : "ranks " + std::to_string(lo) + " to " + std::to_string(hi);
+}
+
 int merge_to_file(const std::string& base, const std::string& dir, const std::string& out) {
   std::map<std::string, std::string> metadata;
   loldu::WeightMap weights = loldu::load_weights(base, &metadata);
@@ -89,8 +99,8 @@ int merge_to_file(const std::string& base, const std::string& dir, const std::st
   opts.keep_base = false;  // written once: no unmerge
   loldu::merge_adapter(weights, a, opts);
   loldu::save_weights(out, weights, metadata);
-  std::printf("merged adapter '%s' (%zu layers, rank %lld, %zu saved tensors) into %s -> %s\n", a.adapter_name.c_str(),
-              a.layers.size(), static_cast<long long>(a.rank()), a.saved_tensors.size(), base.c_str(), out.c_str());
+  std::printf("merged adapter '%s' (%zu layers, %s, %zu saved tensors) into %s -> %s\n", a.adapter_name.c_str(),
+              a.layers.size(), ranks_text(a).c_str(), a.saved_tensors.size(), base.c_str(), out.c_str());
   return 0;
 }
 
@@ -152,12 +162,22 @@ int check(const std::vector<std::string>& dirs) {
   for (const auto& dir : dirs) {
     try {
       const loldu::AdapterFile a = read(dir);
-      std::printf("%s: ok: adapter '%s', format %d, rank %lld, sigma0 %.9g, %zu layers, %zu saved tensors\n",
-                  dir.c_str(), a.adapter_name.c_str(), a.format_version, static_cast<long long>(a.rank()),
-                  double(a.config.initial_scale()), a.layers.size(), a.saved_tensors.size());
+      // One rank and one sigma0: said once; per-layer ranks or scales (rank "full", the patterns): per layer.
+      bool uniform = true;
       for (const auto& l : a.layers)
-        std::printf("  %s: %s (%lld, %lld) %s\n", l.name.c_str(), l.kind.c_str(), static_cast<long long>(l.d),
+        uniform = uniform && l.rank == a.layers[0].rank &&
+                  a.config.scale_for(l.name, l.rank) == a.config.scale_for(a.layers[0].name, a.layers[0].rank);
+      char s0[40] = "per layer";
+      if (uniform) std::snprintf(s0, sizeof s0, "%.9g", double(a.config.scale_for(a.layers[0].name, a.layers[0].rank)));
+      std::printf("%s: ok: adapter '%s', format %d, %s, sigma0 %s, %zu layers, %zu saved tensors\n", dir.c_str(),
+                  a.adapter_name.c_str(), a.format_version, ranks_text(a).c_str(), s0, a.layers.size(),
+                  a.saved_tensors.size());
+      for (const auto& l : a.layers) {
+        std::printf("  %s: %s (%lld, %lld) %s", l.name.c_str(), l.kind.c_str(), static_cast<long long>(l.d),
                     static_cast<long long>(l.k), l.dtype.c_str());
+        if (uniform) std::printf("\n");
+        else std::printf(", rank %lld, sigma0 %.9g\n", static_cast<long long>(l.rank), double(a.config.scale_for(l.name, l.rank)));
+      }
     } catch (const loldu::LolduError& e) {
       std::printf("%s: refused: %s\n", dir.c_str(), e.what());
       ++refused;
@@ -170,14 +190,15 @@ int create(const std::vector<std::string>& args) {
   if (args.size() < 2) return usage();
   const std::string base = args[0], out = args[1];
   loldu::AdapterConfig config;
-  config.rank = 0;
+  config.rank = -1;  // required; 0 is "full"
   config.train_scale = true;
   uint64_t seed = 0;
   std::string name = "default";
   std::vector<std::pair<std::string, std::string>> targets;
   for (size_t i = 2; i < args.size(); ++i) {
     const bool has_value = i + 1 < args.size();
-    if (args[i] == "--rank" && has_value) config.rank = integer_flag<int64_t>("--rank", args[++i], 1, INT32_MAX);
+    if (args[i] == "--rank" && has_value)
+      config.rank = args[i + 1] == loldu::spec::kFullRank ? (++i, 0) : integer_flag<int64_t>("--rank", args[++i], 1, INT32_MAX);
     else if (args[i] == "--alpha" && has_value) config.alpha = finite_flag("--alpha", args[++i]);
     else if (args[i] == "--seed" && has_value)
       seed = integer_flag<uint64_t>("--seed", args[++i], 0, std::numeric_limits<uint64_t>::max());
@@ -191,7 +212,7 @@ int create(const std::vector<std::string>& args) {
       targets.emplace_back(args[i].substr(0, args[i].rfind(':')), args[i].substr(args[i].rfind(':') + 1));
     else return usage();
   }
-  if (config.rank < 1 || targets.empty()) return usage();
+  if (config.rank < 0 || targets.empty()) return usage();
   const loldu::WeightMap weights = loldu::load_weights(base);
   loldu::AdapterFile a = loldu::make_adapter(weights, targets, config, name);
   // Seeded random values in place of training: z = D (1 + 0.3 e), sigma = sigma0 (1 + 0.2 e').
@@ -202,8 +223,8 @@ int create(const std::vector<std::string>& args) {
   for (size_t i = 0; i < a.z.size(); ++i) a.z[i] = float(a.z[i] * (1.0f + 0.3f * ez[int64_t(i)].item<float>()));
   for (size_t i = 0; i < a.sigma.size(); ++i) a.sigma[i] = float(a.sigma[i] * (1.0f + 0.2f * es[int64_t(i)].item<float>()));
   loldu::save_adapter(out, a);
-  std::printf("wrote adapter '%s' (%zu layers, rank %lld) to %s\n", name.c_str(), a.layers.size(),
-              static_cast<long long>(a.rank()), out.c_str());
+  std::printf("wrote adapter '%s' (%zu layers, %s) to %s\n", name.c_str(), a.layers.size(), ranks_text(a).c_str(),
+              out.c_str());
   return 0;
 }
 

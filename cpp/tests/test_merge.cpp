@@ -286,7 +286,8 @@ void test_files_round_trip() {
   LOLDU_CHECK(warnings.empty());
   LOLDU_CHECK(r.z == a.z && r.sigma == a.sigma && r.pivots == a.pivots && r.fingerprints == a.fingerprints);
   LOLDU_CHECK(r.layers.size() == 4 && r.layers[3].kind == "conv1d" && r.layers[3].d == 14 && r.layers[3].dtype == "bfloat16");
-  LOLDU_CHECK(r.format_version == 3 && r.adapter_name == "bf" && r.rank() == 2);
+  LOLDU_CHECK(r.format_version == loldu::kAdapterFormatVersion && r.adapter_name == "bf" && r.rank() == 2);
+  for (const auto& l : r.layers) LOLDU_CHECK(l.rank == 2);
   // A stale copy of the config is only warned about; a flipped byte in the weights file is refused.
   {
     std::FILE* f = std::fopen((dir + "/adapter/loldu_config.json").c_str(), "ab");

@@ -263,10 +263,16 @@ void test_f64_and_c_bound() {
   // Another dtype: the allowed ones are named.
   std::map<std::string, loldu::SafetensorsTensor> f16 = st.tensors;
   const std::vector<uint16_t> half(6, 0x3c00);
-  f16["z"] = {"F16", {2, 3}, reinterpret_cast<const uint8_t*>(half.data()), 12};
+  f16["z"] = {"F16", {6}, reinterpret_cast<const uint8_t*>(half.data()), 12};
   const Bytes h = resign(s.weights, f16, nlohmann::json::parse(s.config_text));
   msg = loldu_test::error_of([&] { loldu::parse_adapter(h.data(), h.size(), "half"); });
-  LOLDU_CHECK(msg.find("half: tensor 'z' is F16 (2, 3), expected F32 or F64 (2, 3)") == 0);
+  LOLDU_CHECK(msg.find("half: tensor 'z' is F16 (6,), expected F32 or F64 (6,) (2 layers, ranks summing to 6)") == 0);
+  // Format 4: z is the layers' vectors concatenated; the (L, r) layout of formats 2 and 3 is refused.
+  std::map<std::string, loldu::SafetensorsTensor> stacked = st.tensors;
+  stacked["z"].shape = {2, 3};
+  const Bytes sk = resign(s.weights, stacked, nlohmann::json::parse(s.config_text));
+  msg = loldu_test::error_of([&] { loldu::parse_adapter(sk.data(), sk.size(), "stacked"); });
+  LOLDU_CHECK(msg.find("stacked: tensor 'z' is F64 (2, 3), expected F32 or F64 (6,)") == 0);
 
   // c: z = sigma = 3e38 (finite in fp32) gives sigma * z = 9e76: refused at write and at read.
   loldu::AdapterFile huge = small_adapter("F32");
@@ -304,6 +310,49 @@ void test_f64_and_c_bound() {
 
 }  // namespace
 
+// Per-layer ranks (format 4): rank "full" and a rank_pattern / alpha_pattern, written from C++ and
+// read back; each layer's stored rank must be what the config gives it.
+void test_ragged_ranks() {
+  loldu::AdapterFile a = small_adapter("F32");  // fc1 (8, 6), fc2 (5, 8)
+  a.config.rank = 0;                            // "full": 6 and 5
+  a.config.alpha_pattern = {{"fc2", 4.0}};
+  a.z.clear();
+  for (int i = 0; i < 11; ++i) a.z.push_back(float(0.2 + 0.1 * i));
+  a.pivots = {0, 1, 2, 3, 4, 5, 4, 3, 2, 1, 0};
+  const loldu::SerializedAdapter s = loldu::serialize_adapter(a);
+  const loldu::AdapterFile back = loldu::parse_adapter(s.weights.data(), s.weights.size(), "ragged");
+  LOLDU_CHECK(back.format_version == 4 && back.config.rank == 0 && back.layers[0].rank == 6 && back.layers[1].rank == 5);
+  LOLDU_CHECK(back.offsets() == std::vector<size_t>({0, 6, 11}) && back.z == a.z && back.pivots == a.pivots);
+  LOLDU_CHECK(back.config.scale_for("fc1", 6) == float(1.5 / 6) && back.config.scale_for("fc2", 5) == float(4.0 / 5));
+  const nlohmann::json header = nlohmann::json::parse(s.config_text);
+  LOLDU_CHECK(header["config"]["rank"] == "full" && header["config"]["alpha_pattern"]["fc2"] == 4.0);
+  LOLDU_CHECK(header["layers"][0]["rank"] == 6 && header["layers"][1]["rank"] == 5);
+  // A rank_pattern: the first key that matches wins unless a key equals the name; regex keys match whole.
+  loldu::AdapterConfig c;
+  c.rank = 4;
+  c.rank_pattern = {{"f.2", 2}, {"fc", 0}, {"fc1", 3}, {"net.fc2", 5}};
+  LOLDU_CHECK(c.rank_for("fc1", 8, 6) == 3 && c.rank_for("fc2", 8, 6) == 2 && c.rank_for("fc", 8, 6) == 6);
+  LOLDU_CHECK(c.rank_for("a.fc", 8, 6) == 6 && c.rank_for("net.fc2", 8, 6) == 5 && c.rank_for("fc3", 8, 6) == 4);
+  // A stored rank the config does not give the layer is refused, naming it.
+  nlohmann::json bad = header;
+  bad["layers"][1]["rank"] = 4;
+  const loldu::SafetensorsFile st = loldu::parse_safetensors(s.weights.data(), s.weights.size(), "ragged");
+  const Bytes b = resign(s.weights, st.tensors, bad);
+  std::string msg = loldu_test::error_of([&] { loldu::parse_adapter(b.data(), b.size(), "bad"); });
+  LOLDU_CHECK(msg.find("bad: layer 'fc2': rank 4 in the file, but its config gives the layer rank 5") == 0);
+  // Per-layer ranks need format 4: a rank "full" config is refused in a format-3 file.
+  nlohmann::json old = header;
+  old["format_version"] = 3;
+  std::map<std::string, std::string> meta = st.metadata;
+  meta["loldu_format"] = "loldu-adapter/3";
+  const std::string text = old.dump(1) + "\n";
+  meta["loldu_config"] = text;
+  meta["loldu_config_sha256"] = loldu::to_hex(loldu::sha256(text.data(), text.size()));
+  const Bytes v3 = loldu::serialize_safetensors(st.tensors, meta);
+  msg = loldu_test::error_of([&] { loldu::parse_adapter(v3.data(), v3.size(), "v3"); });
+  LOLDU_CHECK(msg.find("v3: format_version 3 holds one int rank for all layers") == 0);
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: test_reader_limits SCRATCH_DIR\n");
@@ -315,5 +364,6 @@ int main(int argc, char** argv) {
   test_special_files();
   test_temporaries();
   test_f64_and_c_bound();
+  test_ragged_ranks();
   return loldu_test::finish("test_reader_limits");
 }

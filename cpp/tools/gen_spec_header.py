@@ -64,6 +64,7 @@ def _format_part(spec: dict) -> list:
         f"inline constexpr const char* kFormat = {_str(f['name'])};",
         f"inline constexpr int kFormatVersion = {f['version_written']};  // the version written",
         f"inline constexpr int kReadableVersions[] = {{{', '.join(map(str, f['versions_read']['cpp']))}}};",
+        f"inline constexpr int kRaggedFrom = {f['ragged_from']};  // per-layer ranks, z and pivots concatenated",
         f"inline constexpr int kVersionMaxDigits = {f['version_max_digits']};  // \"loldu-adapter/<1 to this many digits>\"",
         f"inline constexpr const char* kWeightsFile = {_str(f['weights_file'])};",
         f"inline constexpr const char* kConfigFile = {_str(f['config_file'])};  // the readable copy (format 3)",
@@ -147,18 +148,24 @@ def _tensor_part(spec: dict) -> list:
     out = ["// -- the tensors of an adapter file --------------------------------------------------------------",
            f"inline constexpr const char* kSavedPrefix = {_str(t['saved_prefix'])};  // \"saved.<module>.<tensor>\"",
            "inline constexpr int64_t kDimLayers = -1;  // a dimension of L, the number of layers",
-           "inline constexpr int64_t kDimRank = -2;    // a dimension of r, the rank",
+           "inline constexpr int64_t kDimRank = -2;    // a dimension of r, the rank (before kRaggedFrom)",
+           "inline constexpr int64_t kDimRanks = -3;   // a dimension of R, the sum of the layers' ranks",
            "struct TensorSpec {", "  const char* name;",
            "  const char* dtype;  // safetensors name, the one written for fp32 layers",
            f"  const char* dtypes[{most}];  // every dtype allowed (nullptr-padded)",
-           "  size_t ndim;", "  int64_t dims[2];  // kDimLayers, kDimRank or a size", "};",
+           "  size_t ndim;", "  int64_t dims[2];  // kDimLayers, kDimRanks or a size",
+           "  size_t ndim_before_ragged;  // the shape in formats before kRaggedFrom",
+           "  int64_t dims_before_ragged[2];  // kDimLayers, kDimRank or a size", "};",
            "inline constexpr TensorSpec kTensors[] = {"]
-    dims = {"L": "kDimLayers", "r": "kDimRank"}
+    dims = {"L": "kDimLayers", "r": "kDimRank", "R": "kDimRanks"}
+
+    def shape_of(shape):
+        return [dims.get(s, str(s)) if isinstance(s, str) else str(s) for s in shape] + ["0"] * (2 - len(shape))
+
     for e in t["table"]:
-        shape = [dims.get(s, str(s)) if isinstance(s, str) else str(s) for s in e["shape"]]
-        shape += ["0"] * (2 - len(shape))
+        old = e.get("shape_before_ragged", e["shape"])
         out.append(f"    {{{_str(e['name'])}, {_str(e['dtype'])}, {_strings(_allowed(e))}, {len(e['shape'])}, "
-                   f"{{{', '.join(shape)}}}}},")
+                   f"{{{', '.join(shape_of(e['shape']))}}}, {len(old)}, {{{', '.join(shape_of(old))}}}}},")
     out += ["};", "// Tensors that share one dtype (z and sigma: both F32, or both F64).",
             f"inline constexpr const char* kSameDtype[] = {_strings(t['same_dtype'])};"]
     return out + [""]

@@ -7,10 +7,21 @@ import contextlib
 import json
 import struct
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, List, Tuple
 
 from .atomic import NotRegularFile, open_regular
+from .config import LoLDUConfig
 from .errors import AdapterError
+from .spec import (
+    LAYER_DTYPES,
+    LAYER_KINDS,
+    RAGGED_FROM,
+    SAME_DTYPE,
+    TENSOR_ALLOWED_DTYPES,
+    TENSOR_NAMES,
+    TORCH_DTYPES,
+    tensor_table,
+)
 
 
 def os_reason(e: OSError) -> str:
@@ -159,3 +170,77 @@ def same_copy(path: Path, stored: bytes) -> bool:
             return size == len(stored) and f.read(size + 1) == stored
     except OSError:
         return False
+
+
+# -- the header's layer and tensor tables (checked before any tensor data is read) -------------------
+def check_layers(layers, source: Path) -> None:
+    """`layers`: a non-empty list of {name, kind, shape [d, k], dtype} with distinct names, each kind
+    and dtype one the spec allows and d, k positive ints (not bools) below 2**63."""
+    ok = isinstance(layers, list) and layers and all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("kind"), str)
+        and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list) and len(e["shape"]) == 2
+        and all(type(s) is int and 0 < s < 2 ** 63 for s in e["shape"]) for e in layers)
+    if not ok:
+        raise AdapterError(f"{source}: 'layers' must be a non-empty list of {{name, kind, shape [d, k], dtype}} "
+                           "(d and k positive ints)")
+    for e in layers:
+        if e["kind"] not in LAYER_KINDS:
+            raise AdapterError(f"{source}: layer {e['name']!r}: kind {e['kind']!r} is not one of "
+                               f"{', '.join(LAYER_KINDS)}")
+        if e["dtype"] not in LAYER_DTYPES:
+            raise AdapterError(f"{source}: layer {e['name']!r}: dtype {e['dtype']!r} is not one of "
+                               f"{', '.join(LAYER_DTYPES)} (the base weight dtypes LoLDU adapts)")
+    if len({e["name"] for e in layers}) != len(layers):
+        raise AdapterError(f"{source}: repeated layer names")
+
+
+def check_ranks(layers: List[dict], config: LoLDUConfig, version: int, source: Path) -> None:
+    """Each layer's rank: from RAGGED_FROM its entry's "rank", which must be what the config gives the
+    layer (rank, rank_pattern; LoLDUConfig.rank_for); before, the config's one int rank, set into
+    each entry here (in memory) so that every reader after this sees the same layout."""
+    if version < RAGGED_FROM:
+        if config.rank_pattern or not isinstance(config.rank, int):
+            raise AdapterError(f"{source}: format_version {version} holds one int rank for all layers, but the config "
+                               f"has rank={config.rank!r} or a rank_pattern (per-layer ranks need format "
+                               f"{RAGGED_FROM})")
+        for e in layers:
+            e["rank"] = config.rank
+        return
+    for e in layers:
+        r = e.get("rank")
+        if type(r) is not int or r < 1:
+            raise AdapterError(f"{source}: layer {e['name']!r}: rank must be a positive int, got {r!r}")
+        try:
+            want = config.rank_for(e["name"], tuple(e["shape"]), e["kind"])
+        except AdapterError as err:
+            raise AdapterError(f"{source}: {err}") from None
+        if r != want:
+            raise AdapterError(f"{source}: layer {e['name']!r}: rank {r} in the file, but its config gives the layer "
+                               f"rank {want}")
+
+
+def check_table(entries: dict, saved_keys: set, ranks: List[int], version: int, wpath: Path) -> None:
+    """The tensor table (spec.tensor_table) as the safetensors header `entries` declares it, checked
+    before any tensor data is read: exactly the adapter's tensors and the saved modules' ones; the
+    adapter's own with their dtypes and shapes for the layers' ranks."""
+    found = [key for key in entries if key != "__metadata__"]
+    expected = set(TENSOR_NAMES) | saved_keys
+    if set(found) != expected:
+        raise AdapterError(f"{wpath}: expected tensors {sorted(expected)}, found {sorted(found)}")
+    dtypes = {}
+    L, r = len(ranks), (ranks[0] if version < RAGGED_FROM else sum(ranks))
+    for key, (_, shape) in tensor_table(ranks, version).items():
+        e = entries[key] if isinstance(entries[key], dict) else {}
+        name, dims = e.get("dtype"), e.get("shape")
+        dtypes[key] = TORCH_DTYPES.get(name, name) if isinstance(name, str) else name
+        allowed = TENSOR_ALLOWED_DTYPES[key]
+        ok_shape = isinstance(dims, list) and all(type(s) is int for s in dims) and tuple(dims) == shape
+        if dtypes[key] not in allowed or not ok_shape:
+            want = " or ".join(map(str, allowed))
+            got = tuple(dims) if isinstance(dims, list) else dims
+            ranks_are = f"rank {r}" if version < RAGGED_FROM else f"ranks summing to {r}"
+            raise AdapterError(f"{wpath}: tensor '{key}' is {dtypes[key]} {got}, expected {want} {shape} "
+                               f"({L} layers, {ranks_are})")
+    if len({dtypes[key] for key in SAME_DTYPE}) > 1:
+        raise AdapterError(f"{wpath}: tensors {', '.join(map(repr, SAME_DTYPE))} must share one dtype, found "
+                           + ", ".join(str(dtypes[key]) for key in SAME_DTYPE))

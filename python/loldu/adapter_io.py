@@ -16,13 +16,17 @@ The readable copy is a byte-identical copy of `loldu_config`, for people and too
 does not need it, and ignores it with one AdapterWarning when it differs (left stale by an
 interrupted save, or edited by hand). The fingerprint hashes the weight's (d, k) shape, dtype,
 W[:, :r] and W[pivots, :]: exactly what the factorization reads.
-Format 3 (written) adds the modules trained fully beside the adapter (modules_to_save, task heads):
+Format 3 adds the modules trained fully beside the adapter (modules_to_save, task heads):
 each tensor t of saved module m is stored as `saved.<m>.<t>` in its own dtype, the config lists them
 as `saved_modules` [{name, tensors}], and the readable copy is named loldu_config.json (PEFT's tools
 look for adapter_config.json, and find none: this is not a PEFT adapter; a stale loldu
 adapter_config.json of an older format is removed by the next save).
-Formats 2 (the same without saved modules, its copy named adapter_config.json) and 1 (the config
-read from adapter_config.json, whose sha256 the weights' metadata records) are still read.
+Format 4 (written) gives each layer its own rank (rank="full", rank_pattern): each layer entry
+holds its "rank", and z and pivots are the layers' vectors concatenated in layer order, z (R,) and
+pivots (R,) with R the sum of the ranks (the same bytes as (L, r) when every rank is r).
+Formats 3, 2 (the same without saved modules, its copy named adapter_config.json) and 1 (the config
+read from adapter_config.json, whose sha256 the weights' metadata records) are still read; in
+memory (AdapterFile) their z and pivots are flattened the same way and each layer gets its rank.
 
 Crash safety (loldu/atomic.py): save_adapter writes both files through one atomic_write, the
 weights file first, so its rename is the single atomic commit and the config copy follows. Killed
@@ -46,6 +50,7 @@ import torch.nn as nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .adapter_files import check_layers, check_ranks, check_table
 from .adapter_files import metadata_of as _metadata_of
 from .adapter_files import os_reason as _os_reason
 from .adapter_files import read_config_file as _read_config
@@ -64,8 +69,6 @@ from .spec import (
     CONFIG_NAME,
     FORMAT,
     FORMAT_VERSION,
-    LAYER_DTYPES,
-    LAYER_KINDS,
     LEGACY_CONFIG_NAME,
     META_CONFIG,
     META_CONFIG_SHA256,
@@ -74,13 +77,10 @@ from .spec import (
     READABLE_VERSIONS,
     SAME_DTYPE,
     SAVED_PREFIX,
-    TENSOR_ALLOWED_DTYPES,
     TENSOR_DTYPES,
     TENSOR_NAMES,
-    TORCH_DTYPES,
     VERSION_MAX_DIGITS,
     WEIGHTS_NAME,
-    tensor_table,
 )
 from .state import AdapterState, unwrap
 
@@ -217,20 +217,20 @@ def _layer_table(state: AdapterState, name: str, what: str) -> Tuple[List[dict],
     for n, layer in state.layers:
         W = layer.base_matrix()
         dtype = str(layer.store.base_dtype(layer)).replace("torch.", "")  # W0's, also where a store keeps W0 as its LU
-        entries.append({"name": n, "kind": layer.kind, "shape": list(W.shape), "dtype": dtype})
+        entries.append({"name": n, "kind": layer.kind, "shape": list(W.shape), "dtype": dtype, "rank": layer.rank})
         z.append(layer.loldu_z[name].detach().cpu())
         sigma.append(layer.loldu_sigma[name].detach().cpu().reshape(()))
         if not (torch.isfinite(z[-1]).all() and torch.isfinite(sigma[-1])):
             raise AdapterError(f"{what}: layer '{n}': adapter {name!r} holds NaN/Inf in z or sigma (training diverged); "
                                "nothing was written (load_adapter would refuse such a file)")
-        why = c_terms_refusal(z[-1], sigma[-1], config.initial_scale, config.parametrization) or stale_refusal(layer)
+        why = c_terms_refusal(z[-1], sigma[-1], layer.sigma0[name], config.parametrization) or stale_refusal(layer)
         if why is not None:
             raise AdapterError(f"{what}: layer '{n}': adapter {name!r}: {why}; nothing was written")
         piv.append(layer.loldu_pivots.cpu())
         fps.append(torch.frombuffer(bytearray(layer.base_fingerprint()), dtype=torch.uint8))
     wide = torch.float64 if any(t.dtype == torch.float64 for t in z + sigma) else torch.float32
-    stacked = {"z": torch.stack([t.to(wide) for t in z]), "sigma": torch.stack([t.to(wide) for t in sigma]),
-               "pivots": torch.stack(piv), "fingerprint": torch.stack(fps)}
+    stacked = {"z": torch.cat([t.to(wide) for t in z]), "sigma": torch.stack([t.to(wide) for t in sigma]),
+               "pivots": torch.cat(piv), "fingerprint": torch.stack(fps)}
     return entries, {key: stacked[key] if key in SAME_DTYPE else stacked[key].to(TENSOR_DTYPES[key])
                      for key in TENSOR_NAMES}
 
@@ -289,11 +289,17 @@ def _stored_version(meta: dict, wpath: Path) -> int:
 class AdapterFile(tuple):
     """An adapter as read_adapter read and checked it: the tuple (header, config, tensors), plus
     `source`, the file its config was read from (named in messages). load_adapter takes it in place
-    of a directory, so a caller that looks at the header first reads and hashes the file once."""
+    of a directory, so a caller that looks at the header first reads and hashes the file once.
+
+    tensors["z"] and tensors["pivots"] are the layers' vectors concatenated (R,), whatever the
+    format; each header layer entry has its "rank". layer(i) gives layer i's own tensors."""
 
     def __new__(cls, header: dict, config: LoLDUConfig, tensors: Dict[str, torch.Tensor], source) -> "AdapterFile":
         self = super().__new__(cls, (header, config, tensors))
         self.source = Path(source)
+        self.offsets = [0]
+        for e in header["layers"]:
+            self.offsets.append(self.offsets[-1] + e["rank"])
         return self
 
     def __getnewargs__(self):
@@ -302,6 +308,17 @@ class AdapterFile(tuple):
     header = property(lambda self: self[0])
     config = property(lambda self: self[1])
     tensors = property(lambda self: self[2])
+
+    @property
+    def ranks(self) -> List[int]:
+        """Each layer's rank, in file order."""
+        return [e["rank"] for e in self.header["layers"]]
+
+    def layer(self, i: int) -> Dict[str, torch.Tensor]:
+        """Layer i's z (r,), sigma (), pivots (r,) and fingerprint (32,): views of the file's tensors."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        t = self.tensors
+        return {"z": t["z"][a:b], "sigma": t["sigma"][i], "pivots": t["pivots"][a:b], "fingerprint": t["fingerprint"][i]}
 
 
 def _stored_header(entries: dict, d: Path, wpath: Path) -> Tuple[dict, int, Path]:
@@ -340,7 +357,8 @@ def _checked_header(header: dict, version: int, source: Path) -> Tuple[LoLDUConf
         raise AdapterError(f"{source}: invalid config: {e}") from None
     _check_adapter_name(header.get("adapter_name"), source)
     layers = header.get("layers")
-    _check_layers(layers, source)
+    check_layers(layers, source)
+    check_ranks(layers, config, version, source)
     saved = header.get("saved_modules", []) if version >= 3 else []
     ok = isinstance(saved, list) and all(
         isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"] and isinstance(e.get("tensors"), list)
@@ -359,52 +377,6 @@ def _check_adapter_name(name, source: Path) -> None:
                            "digits, _ or -, not starting with a digit or -)")
 
 
-def _check_layers(layers, source: Path) -> None:
-    """`layers`: a non-empty list of {name, kind, shape [d, k], dtype} with distinct names, each kind
-    and dtype one the spec allows and d, k positive ints (not bools) below 2**63."""
-    ok = isinstance(layers, list) and layers and all(
-        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("kind"), str)
-        and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list) and len(e["shape"]) == 2
-        and all(type(s) is int and 0 < s < 2 ** 63 for s in e["shape"]) for e in layers)
-    if not ok:
-        raise AdapterError(f"{source}: 'layers' must be a non-empty list of {{name, kind, shape [d, k], dtype}} "
-                           "(d and k positive ints)")
-    for e in layers:
-        if e["kind"] not in LAYER_KINDS:
-            raise AdapterError(f"{source}: layer {e['name']!r}: kind {e['kind']!r} is not one of "
-                               f"{', '.join(LAYER_KINDS)}")
-        if e["dtype"] not in LAYER_DTYPES:
-            raise AdapterError(f"{source}: layer {e['name']!r}: dtype {e['dtype']!r} is not one of "
-                               f"{', '.join(LAYER_DTYPES)} (the base weight dtypes LoLDU adapts)")
-    if len({e["name"] for e in layers}) != len(layers):
-        raise AdapterError(f"{source}: repeated layer names")
-
-
-def _check_table(entries: dict, saved_keys: set, L: int, r: int, wpath: Path) -> None:
-    """The tensor table (spec.tensor_table) as the safetensors header `entries` declares it, checked
-    before any tensor data is read: exactly the adapter's tensors and the saved modules' ones; the
-    adapter's own with their dtypes and (L layers, rank r) shapes."""
-    found = [key for key in entries if key != "__metadata__"]
-    expected = set(TENSOR_NAMES) | saved_keys
-    if set(found) != expected:
-        raise AdapterError(f"{wpath}: expected tensors {sorted(expected)}, found {sorted(found)}")
-    dtypes = {}
-    for key, (_, shape) in tensor_table(L, r).items():
-        e = entries[key] if isinstance(entries[key], dict) else {}
-        name, dims = e.get("dtype"), e.get("shape")
-        dtypes[key] = TORCH_DTYPES.get(name, name) if isinstance(name, str) else name
-        allowed = TENSOR_ALLOWED_DTYPES[key]
-        ok_shape = isinstance(dims, list) and all(type(s) is int for s in dims) and tuple(dims) == shape
-        if dtypes[key] not in allowed or not ok_shape:
-            want = " or ".join(map(str, allowed))
-            got = tuple(dims) if isinstance(dims, list) else dims
-            raise AdapterError(f"{wpath}: tensor '{key}' is {dtypes[key]} {got}, expected {want} {shape} "
-                               f"({L} layers, rank {r})")
-    if len({dtypes[key] for key in SAME_DTYPE}) > 1:
-        raise AdapterError(f"{wpath}: tensors {', '.join(map(repr, SAME_DTYPE))} must share one dtype, found "
-                           + ", ".join(str(dtypes[key]) for key in SAME_DTYPE))
-
-
 def _read(d: Path) -> AdapterFile:
     """read_adapter: the weights file read once, every hash checked once."""
     wpath = d / WEIGHTS_NAME
@@ -414,7 +386,7 @@ def _read(d: Path) -> AdapterFile:
     header, version, source = _stored_header(entries, d, wpath)
     config, layers, saved = _checked_header(header, version, source)
     saved_keys = {f"{SAVED_PREFIX}{e['name']}.{t}" for e in saved for t in e["tensors"]}
-    _check_table(entries, saved_keys, len(layers), config.rank, wpath)
+    check_table(entries, saved_keys, [e["rank"] for e in layers], version, wpath)
     raw = _read_bytes(wpath)
     if raw[: len(head)] != head:
         raise AdapterError(f"{wpath}: the file changed while it was read (its header differs)")
@@ -424,6 +396,8 @@ def _read(d: Path) -> AdapterFile:
         raise AdapterError(f"{wpath}: corrupted safetensors file ({e})") from None
     if header.get("data_sha256") != _data_hash(tensors):
         raise AdapterError(f"{wpath}: tensor data does not match the hash in {source}: the file is corrupted")
+    for key in ("z", "pivots"):  # formats before RAGGED_FROM: (L, r), the same order
+        tensors[key] = tensors[key].reshape(-1)
     tensors["pivots"] = tensors["pivots"].long()  # loldu.ldu's index dtype
     check_values(tensors, saved_keys, layers, config, wpath)
     return AdapterFile(header, config, tensors, source)
@@ -500,8 +474,9 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike, AdapterFil
     where = str(directory.source)
     name = adapter_name or header.get("adapter_name") or "default"
     entries = {e["name"]: (i, e) for i, e in enumerate(header["layers"])}
-    pivots = {n: tensors["pivots"][i] for n, (i, _) in entries.items()}
-    values = {n: (tensors["z"][i], tensors["sigma"][i]) for n, (i, _) in entries.items()}
+    per_layer = {n: directory.layer(i) for n, (i, _) in entries.items()}
+    pivots = {n: t["pivots"] for n, t in per_layer.items()}
+    values = {n: (t["z"], t["sigma"]) for n, t in per_layer.items()}
     saved_values = {e["name"]: {t: tensors[f"{SAVED_PREFIX}{e['name']}.{t}"] for t in e["tensors"]}
                     for e in header.get("saved_modules", [])}
 
@@ -514,7 +489,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike, AdapterFil
         injected = {id(layer.base_layer): layer for _, layer in AdapterState.of(model).layers}
         for n, module, kind in targets:
             i, e = entries[n]
-            _check_layer(e, n, kind, weight_matrix(module), pivots[n], tensors["fingerprint"][i], where,
+            _check_layer(e, n, kind, weight_matrix(module), pivots[n], per_layer[n]["fingerprint"], where,
                          injected.get(id(module)))
 
     def check_saved(found) -> None:

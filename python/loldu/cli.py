@@ -274,7 +274,7 @@ def inspect_adapter(directory) -> dict:
     layers = []
     for i, e in enumerate(header["layers"]):
         layers.append({"name": e["name"], "kind": e["kind"], "shape": e["shape"], "dtype": e["dtype"],
-                       "rank": config.rank, "sigma": float(tensors["sigma"][i]),
+                       "rank": e["rank"], "sigma": float(tensors["sigma"][i]),
                        "fingerprint": bytes(fps[i].tolist()).hex()})
     saved = []
     for entry in header.get("saved_modules", []):
@@ -286,7 +286,8 @@ def inspect_adapter(directory) -> dict:
     return {
         "directory": str(d), "format": f"{header.get('format')}/{header.get('format_version')}",
         "adapter_name": header.get("adapter_name"), "model_class": header.get("model_class"),
-        "config": config.to_dict(), "sigma0": config.initial_scale, "files": files, "bytes": sum(files.values()),
+        "config": config.to_dict(), "sigma0": None if config.per_layer and config.sigma0 is None else config.initial_scale,
+        "files": files, "bytes": sum(files.values()),
         "adapter_dtype": str(tensors["z"].dtype).replace("torch.", ""),
         "trainable": {"adapter": n_adapter, "saved_modules": sum(s["numel"] for s in saved)},
         # One hash of every layer's fingerprint (of its base weight and pivots): equal for adapters
@@ -307,13 +308,16 @@ def cmd_inspect(args) -> int:
     c = info["config"]
     print(f"adapter {info['directory']} ({info['format']}, adapter name {info['adapter_name']!r}, "
           f"trained on {info['model_class'] or 'an unrecorded model class'})")
-    print(f"  config: rank {c['rank']}, parametrization {c.get('parametrization', 'paper')}, sigma0 {info['sigma0']:.6g}, "
+    s0 = "alpha / r per layer" if info["sigma0"] is None else f"{info['sigma0']:.6g}"
+    print(f"  config: rank {c['rank']}, parametrization {c.get('parametrization', 'paper')}, sigma0 {s0}, "
           f"sigma {'trained' if c['train_scale'] else 'frozen'}, pivoting {c['pivoting']}, form {c.get('form', 'auto')}, "
           f"factor storage {c.get('factor_storage', 'full')}, factor dtype {c['factor_dtype'] or 'base'}"
           + (f", task type {c['task_type']}" if c.get("task_type") else ""))
     print(f"  target_modules: {c['target_modules']!r}")
     t = info["trainable"]
-    print(f"  numbers: {t['adapter']:,} adapter ({len(info['layers'])} layers x rank {c['rank']}"
+    ranks = sorted({e["rank"] for e in info["layers"]})
+    per = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
+    print(f"  numbers: {t['adapter']:,} adapter ({len(info['layers'])} layers x {per}"
           f"{' + one sigma each' if c['train_scale'] else ''}, {info['adapter_dtype']}) + {t['saved_modules']:,} "
           f"in saved modules")
     print("  files: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in info["files"].items())

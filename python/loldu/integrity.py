@@ -117,38 +117,57 @@ def c_refusal(c: torch.Tensor) -> Optional[str]:
 def check_values(tensors: Dict[str, torch.Tensor], saved_keys: set, layers: List[dict], config, wpath) -> None:
     """An adapter file's values (loldu.adapter_io.read_adapter; `config` its LoLDUConfig, `wpath` the file):
     finite z, sigma and saved floating tensors; c within the spec's bound; r distinct in-range
-    pivot rows per layer. Checked on the whole (L, r) tensors at once (a file may hold 100k layers);
-    the first bad layer is then named, with c_terms_refusal's message for its c."""
-    r = config.rank
+    pivot rows per layer. z and pivots are the layers' vectors concatenated (R,), each layer entry
+    holding its rank. Checked on whole tensors at once (a file may hold 100k layers); the first bad
+    layer is then named, with c_terms_refusal's message for its c."""
     z, sigma = tensors["z"], tensors["sigma"]
     if not (torch.isfinite(z).all() and torch.isfinite(sigma).all()):
         raise AdapterError(f"{wpath}: z or sigma holds NaN/Inf")
-    first = _first_true(_c_terms_out_of_bounds(z, sigma, config))
-    if first is not None:
-        why = c_terms_refusal(z[first], sigma[first], config.initial_scale, config.parametrization)
-        raise AdapterError(f"{wpath}: layer '{layers[first]['name']}': {why}")
+    rank_list = [e["rank"] for e in layers]
+    ranks = torch.tensor(rank_list, dtype=torch.int64)
+    starts = torch.cumsum(ranks, 0) - ranks
+    layer_of = torch.repeat_interleave(torch.arange(len(layers)), ranks)
+    scales = _initial_scales(layers, config)
+    first = _first_true(_c_terms_out_of_bounds(z, sigma, layer_of, scales, config.parametrization))
+    if first is not None:  # the first bad element lies in the first bad layer (layers are in order)
+        i = int(layer_of[first])
+        a, b = int(starts[i]), int(starts[i] + ranks[i])
+        why = c_terms_refusal(z[a:b], sigma[i], float(scales[i]), config.parametrization)
+        raise AdapterError(f"{wpath}: layer '{layers[i]['name']}': {why}")
     floating = [key for key in sorted(saved_keys) if tensors[key].is_floating_point()]
     if not _all_finite([tensors[key] for key in floating]):
         bad = next(key for key in floating if not bool(torch.isfinite(tensors[key]).all()))
         raise AdapterError(f"{wpath}: saved tensor '{bad}' holds NaN/Inf")
     p = tensors["pivots"]
     rows = torch.tensor([e["shape"][0] for e in layers], dtype=torch.int64)
-    ordered = p.sort(dim=1).values
-    bad = (ordered[:, 0] < 0) | (ordered[:, -1] >= rows) | (ordered.diff(dim=1) == 0).any(dim=1)
+    bad = torch.zeros(len(layers), dtype=torch.bool)
+    for r in sorted(set(rank_list)):  # one (n, r) gather per distinct rank
+        idx = (ranks == r).nonzero().flatten()
+        ordered = p[starts[idx, None] + torch.arange(r)].sort(dim=1).values
+        bad[idx] = (ordered[:, 0] < 0) | (ordered[:, -1] >= rows[idx]) | (ordered.diff(dim=1) == 0).any(dim=1)
     first = _first_true(bad)
     if first is not None:
         d = layers[first]["shape"][0]
-        raise AdapterError(f"{wpath}: layer '{layers[first]['name']}': pivots must be {r} distinct rows in [0, {d})")
+        raise AdapterError(f"{wpath}: layer '{layers[first]['name']}': pivots must be {layers[first]['rank']} "
+                           f"distinct rows in [0, {d})")
 
 
-def _c_terms_out_of_bounds(z: torch.Tensor, sigma: torch.Tensor, config) -> torch.Tensor:
-    """(L,) bool: the layers whose c breaks the spec's bound, by c_terms_refusal's float64
-    rule applied to every row of z (L, r) and sigma (L,) at once."""
+def _initial_scales(layers: List[dict], config) -> torch.Tensor:
+    """(L,) float64: each layer's initial scale sigma0 (fp32-rounded), one value unless it differs per layer."""
+    if not config.per_layer or config.sigma0 is not None:
+        return torch.full((len(layers),), config.initial_scale, dtype=torch.float64)
+    return torch.tensor([config.scale_for(e["name"], e["rank"]) for e in layers], dtype=torch.float64)
+
+
+def _c_terms_out_of_bounds(z: torch.Tensor, sigma: torch.Tensor, layer_of: torch.Tensor, scales: torch.Tensor,
+                           parametrization: str) -> torch.Tensor:
+    """(R,) bool: the entries of z (R,) whose term of c breaks the spec's bound, by c_terms_refusal's
+    float64 rule, with sigma (L,) and the initial scales (L,) spread to the entries (`layer_of`)."""
     s = sigma.to(torch.float64)
-    if config.parametrization == "relative":
-        s = s / float(torch.tensor(config.initial_scale, dtype=torch.float32))
-    t = s[:, None] * z.to(torch.float64)
-    return ((~torch.isfinite(t)) | (t.abs() > C_ABS_MAX)).any(dim=1)
+    if parametrization == "relative":
+        s = s / scales
+    t = s[layer_of] * z.to(torch.float64)
+    return (~torch.isfinite(t)) | (t.abs() > C_ABS_MAX)
 
 
 def _all_finite(floating: List[torch.Tensor]) -> bool:

@@ -8,7 +8,7 @@ vectors that both sides' tests check.
 """
 import json
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -22,6 +22,8 @@ READABLE_VERSIONS: Tuple[int, ...] = tuple(_FORMAT["versions_read"]["python"])
 # The C++ reader leaves out format 1, whose config lives outside the weights file.
 CPP_READABLE_VERSIONS: Tuple[int, ...] = tuple(_FORMAT["versions_read"]["cpp"])
 VERSION_MAX_DIGITS: int = _FORMAT["version_max_digits"]
+# From this format on, each layer entry holds its rank and z, pivots are the layers' vectors concatenated.
+RAGGED_FROM: int = _FORMAT["ragged_from"]
 WEIGHTS_NAME: str = _FORMAT["weights_file"]
 CONFIG_NAME: str = _FORMAT["config_file"]
 LEGACY_CONFIG_NAME: str = _FORMAT["legacy_config_file"]  # formats 1 and 2 (PEFT's file name)
@@ -87,15 +89,21 @@ TENSOR_ALLOWED_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {
 SAME_DTYPE: Tuple[str, ...] = tuple(SPEC["tensors"]["same_dtype"])
 
 
-def tensor_shapes(layers: int, rank: int) -> Dict[str, Tuple[int, ...]]:
-    """The shape of each adapter tensor for `layers` layers at rank `rank`: {"z": (L, r), ...}."""
-    dims = {"L": layers, "r": rank}
-    return {t["name"]: tuple(dims[s] if isinstance(s, str) else s for s in t["shape"]) for t in SPEC["tensors"]["table"]}
+def tensor_shapes(ranks: Sequence[int], version: int = FORMAT_VERSION) -> Dict[str, Tuple[int, ...]]:
+    """The shape of each adapter tensor for layers of ranks `ranks` in format `version`: from
+    RAGGED_FROM {"z": (R,), ...} with R = sum(ranks); before it {"z": (L, r), ...} (one rank r)."""
+    ragged = version >= RAGGED_FROM
+    if not ragged and len(set(ranks)) > 1:
+        raise ValueError(f"format {version} holds one rank for all layers, got ranks {sorted(set(ranks))}")
+    dims = {"L": len(ranks), "R": sum(ranks), "r": ranks[0] if ranks else 0}
+    key = "shape" if ragged else "shape_before_ragged"
+    return {t["name"]: tuple(dims[s] if isinstance(s, str) else s for s in t.get(key, t["shape"]))
+            for t in SPEC["tensors"]["table"]}
 
 
-def tensor_table(layers: int, rank: int) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
+def tensor_table(ranks: Sequence[int], version: int = FORMAT_VERSION) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
     """{name: (torch dtype, shape)} of the adapter's own tensors (saved modules' tensors aside)."""
-    shapes = tensor_shapes(layers, rank)
+    shapes = tensor_shapes(ranks, version)
     return {name: (TENSOR_DTYPES[name], shapes[name]) for name in TENSOR_NAMES}
 
 

@@ -5,20 +5,26 @@
 // adapter) and loldu_config.json (adapter_config.json in format 2): a byte-identical readable copy
 // of its config text, not needed to read it. The safetensors metadata holds "loldu_format"
 // ("loldu-adapter/<version>"), "loldu_config" (the config JSON text) and "loldu_config_sha256"
-// (sha256 of that text); the tensors are z (L, r) and sigma (L,), both F32 or both F64, pivots (L, r) I32,
+// (sha256 of that text); the tensors are z (R,) and sigma (L,), both F32 or both F64, pivots (R,) I32,
 // fingerprint (L, 32) U8 and, from version 3, "saved.<module>.<tensor>" for each tensor of each
-// saved module (modules_to_save), in its own dtype. The config text is {"format": "loldu-adapter",
+// saved module (modules_to_save), in its own dtype. z and pivots are the layers' vectors concatenated
+// in layer order, R the sum of the layers' ranks (version 4; before it one rank r for all layers and
+// z, pivots of shape (L, r): the same bytes). The config text is {"format": "loldu-adapter",
 // "format_version", "adapter_name", "model_class" (optional), "config": {LoLDUConfig}, "data_sha256",
-// "layers": [{name, kind, shape [d, k], dtype}, ...], "saved_modules": [{name, tensors}, ...]
-// (version 3)}. Versions 2 and 3 are read; 3 is written.
+// "layers": [{name, kind, shape [d, k], dtype, rank (version 4)}, ...], "saved_modules": [{name,
+// tensors}, ...] (version 3)}. Versions 2, 3 and 4 are read; 4 is written.
 //
 // The reader accepts what the Python reader accepts and refuses what it refuses, with an
 // AdapterError naming the file and the field: every hash (config, tensor data) is checked, every
 // tensor's dtype and shape, the config's values (the keys, types and enums of adapter_spec.json;
 // task_type in any case, as Python's str.upper() matches it), z and sigma finite, the term of c
 // that needs no base weight (sigma z, or (sigma / sigma0) z for the relative form) finite and within
-// spec::kCAbsMax (adapter_spec.json's c_check), and each layer's pivots r distinct rows in [0, d). The one check left to Python: that a str target_modules is a
-// valid Python regular expression (C++ has no Python regex engine).
+// spec::kCAbsMax (adapter_spec.json's c_check), each layer's rank (what its config gives it) and its
+// pivots r distinct rows in [0, d). The one check left to Python: that a str target_modules is a
+// valid Python regular expression (C++ has no Python regex engine). A rank_pattern / alpha_pattern key
+// is matched as a regular expression with std::regex (ECMAScript), which agrees with Python's re on
+// the syntax module names need (., *, +, ?, [], (), |, \d); a key only Python parses is matched by
+// name and '.'-suffix alone.
 #pragma once
 
 #include <array>
@@ -27,6 +33,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <loldu/errors.h>
@@ -49,6 +56,8 @@ struct AdapterLayer {
   int64_t d = 0;
   int64_t k = 0;
   std::string dtype;
+  // Its rank: set by the reader; 0 in an adapter built in C++ means the config's (rank_for).
+  int64_t rank = 0;
 };
 
 // A module trained fully and stored whole (modules_to_save): its tensors replace the base's
@@ -67,7 +76,10 @@ struct OwnedTensor {
 
 // The LoLDUConfig fields a merge needs, and the whole config object as JSON text.
 struct AdapterConfig {
-  int64_t rank = spec::kDefaultRank;
+  int64_t rank = spec::kDefaultRank;  // 0: "full", min(d, k) of each layer
+  // PEFT's per-module overrides, in the config's order: rank (0: "full") and alpha by module-name key.
+  std::vector<std::pair<std::string, int64_t>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
   double alpha = spec::kDefaultAlpha;
   std::optional<double> sigma0;
   bool train_scale = spec::kDefaultTrainScale;
@@ -80,8 +92,15 @@ struct AdapterConfig {
   // The "config" object as stored (other keys such as target_modules are kept for writing back);
   // empty for a config built in C++, where the writer lists the layers as target_modules.
   std::string json;
-  // sigma0 as the Python side uses it: float32(sigma0 if set, else alpha / rank).
+  // sigma0 as the Python side uses it: float32(sigma0 if set, else alpha / rank), for one int rank
+  // and no alpha_pattern; scale_for gives each layer's.
   float initial_scale() const;
+  // The rank of layer `name` with a (d, k) weight (LoLDUConfig.rank_for): rank_pattern's value for
+  // it, else rank; "full" (0) is min(d, k). Not checked against min(d, k).
+  int64_t rank_for(const std::string& name, int64_t d, int64_t k) const;
+  // The initial scale of layer `name` at rank `rank`: float32(sigma0, else alpha_pattern's value
+  // for it or alpha, divided by rank).
+  float scale_for(const std::string& name, int64_t rank) const;
 };
 
 struct AdapterFile {
@@ -93,17 +112,20 @@ struct AdapterFile {
   // z and sigma as stored in z_dtype, "F32" (layers trained in fp32 or lower) or "F64" (layers
   // trained in fp64); the writer stores them in z_dtype, rounding to float for "F32".
   std::string z_dtype = spec::kTensors[0].dtype;
-  std::vector<double> z;             // (L, r) row-major
+  std::vector<double> z;             // (R,): the layers' vectors, concatenated in layer order
   std::vector<double> sigma;         // (L,)
-  std::vector<int32_t> pivots;       // (L, r) row-major
+  std::vector<int32_t> pivots;       // (R,), as z
   std::vector<std::array<uint8_t, 32>> fingerprints;  // (L,): sha256 of what the factorization reads
   std::vector<SavedModule> saved_modules;
   std::map<std::string, OwnedTensor> saved_tensors;  // by file key "saved.<module>.<tensor>"
   std::string config_text;  // the config text as read or last written
   std::string source;       // the file it was read from, for messages ("" when built in C++)
 
-  int64_t rank() const { return config.rank; }
+  int64_t rank() const { return config.rank; }  // the config's rank (0: "full"); a layer's: layer_rank
   size_t num_layers() const { return layers.size(); }
+  int64_t layer_rank(size_t i) const;
+  // Where each layer's entries start in z and pivots, and their end: L + 1 prefix sums of the ranks.
+  std::vector<size_t> offsets() const;
 };
 
 // The reader's checks of z and sigma (finite; the term of c without D within spec::kCAbsMax), also
@@ -118,7 +140,7 @@ AdapterFile parse_adapter(const uint8_t* bytes, size_t size, const std::string& 
 // one line appended to `warnings` (when given), as the Python reader warns.
 AdapterFile read_adapter(const std::string& dir, std::vector<std::string>* warnings = nullptr);
 
-// The adapter_model.safetensors bytes of `adapter` (format 3) and its config text. Checks the
+// The adapter_model.safetensors bytes of `adapter` (format 4) and its config text. Checks the
 // adapter as the reader would (its own output is parsed back) and throws AdapterError otherwise.
 struct SerializedAdapter {
   std::vector<uint8_t> weights;

@@ -11,8 +11,9 @@ namespace spec {
 
 // -- the format ------------------------------------------------------------------------------
 inline constexpr const char* kFormat = "loldu-adapter";
-inline constexpr int kFormatVersion = 3;  // the version written
-inline constexpr int kReadableVersions[] = {2, 3};
+inline constexpr int kFormatVersion = 4;  // the version written
+inline constexpr int kReadableVersions[] = {2, 3, 4};
+inline constexpr int kRaggedFrom = 4;  // per-layer ranks, z and pivots concatenated
 inline constexpr int kVersionMaxDigits = 6;  // "loldu-adapter/<1 to this many digits>"
 inline constexpr const char* kWeightsFile = "adapter_model.safetensors";
 inline constexpr const char* kConfigFile = "loldu_config.json";  // the readable copy (format 3)
@@ -137,19 +138,22 @@ inline constexpr Dtype kDtypes[] = {
 // -- the tensors of an adapter file --------------------------------------------------------------
 inline constexpr const char* kSavedPrefix = "saved.";  // "saved.<module>.<tensor>"
 inline constexpr int64_t kDimLayers = -1;  // a dimension of L, the number of layers
-inline constexpr int64_t kDimRank = -2;    // a dimension of r, the rank
+inline constexpr int64_t kDimRank = -2;    // a dimension of r, the rank (before kRaggedFrom)
+inline constexpr int64_t kDimRanks = -3;   // a dimension of R, the sum of the layers' ranks
 struct TensorSpec {
   const char* name;
   const char* dtype;  // safetensors name, the one written for fp32 layers
   const char* dtypes[2];  // every dtype allowed (nullptr-padded)
   size_t ndim;
-  int64_t dims[2];  // kDimLayers, kDimRank or a size
+  int64_t dims[2];  // kDimLayers, kDimRanks or a size
+  size_t ndim_before_ragged;  // the shape in formats before kRaggedFrom
+  int64_t dims_before_ragged[2];  // kDimLayers, kDimRank or a size
 };
 inline constexpr TensorSpec kTensors[] = {
-    {"z", "F32", {"F32", "F64"}, 2, {kDimLayers, kDimRank}},
-    {"sigma", "F32", {"F32", "F64"}, 1, {kDimLayers, 0}},
-    {"pivots", "I32", {"I32"}, 2, {kDimLayers, kDimRank}},
-    {"fingerprint", "U8", {"U8"}, 2, {kDimLayers, 32}},
+    {"z", "F32", {"F32", "F64"}, 1, {kDimRanks, 0}, 2, {kDimLayers, kDimRank}},
+    {"sigma", "F32", {"F32", "F64"}, 1, {kDimLayers, 0}, 1, {kDimLayers, 0}},
+    {"pivots", "I32", {"I32"}, 1, {kDimRanks, 0}, 2, {kDimLayers, kDimRank}},
+    {"fingerprint", "U8", {"U8"}, 2, {kDimLayers, 32}, 2, {kDimLayers, 32}},
 };
 // Tensors that share one dtype (z and sigma: both F32, or both F64).
 inline constexpr const char* kSameDtype[] = {"z", "sigma"};
