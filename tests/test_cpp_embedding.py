@@ -324,7 +324,7 @@ def test_readme_cpp_section_is_the_tested_session():
     doc = blocks((ROOT / "docs" / "cpp.md").read_text())
     for b in blocks(section):
         assert b in doc, b
-    assert len(blocks(section)) == 3
+    assert len(blocks(section)) == 2  # the build and the session; the session's output is in docs/cpp.md
 
 
 def test_task_model_adapter_into_bare_weights_names_the_prefix(app, tmp_path):
