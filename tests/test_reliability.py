@@ -118,7 +118,8 @@ def test_load_and_read_refuse_a_signed_file_with_c_out_of_bounds(tmp_path):
     loldu.save_adapter(model, tmp_path)
 
     def blow_up(t):
-        t["z"][1].fill_(HUGE)
+        r = t["z"].numel() // t["sigma"].numel()  # one rank: layer 1's z is z[r:2r] (format 4)
+        t["z"][r:2 * r].fill_(HUGE)
         t["sigma"][1] = HUGE
 
     resign(tmp_path, blow_up)
@@ -404,7 +405,7 @@ def test_loading_into_an_injected_model_with_stale_factors_is_refused(tmp_path):
         m[0].base_layer.weight.div_(2)  # exactly back: fresh again
     with torch.no_grad():
         m[0].base_layer.weight.mul_(2)
-    assert torch.equal(read_adapter(tmp_path).tensors["pivots"][0], m[0].loldu_pivots)
+    assert torch.equal(read_adapter(tmp_path).layer(0)["pivots"], m[0].loldu_pivots)
     with pytest.raises(AdapterError, match=r"layer '0'.*stale"):
         loldu.load_adapter(m, tmp_path, adapter_name="b")
     m.load_state_dict(m.state_dict())  # re-derived from 2 W: the file fits now
