@@ -228,8 +228,9 @@ def main(argv=None):
         old = json.loads((RESULTS / f"{args.out}_runs.json").read_text())
         for other in args.merge:
             more = json.loads((RESULTS / f"{other}_runs.json").read_text())
-            old["records"] += [r for r in more["records"] if r["method"] not in old["best_lr"]]
-            old["best_lr"].update({k: v for k, v in more["best_lr"].items() if k not in old["best_lr"]})
+            # The other process's runs replace this file's for the methods it ran.
+            old["records"] = [r for r in old["records"] if r["method"] not in more["best_lr"]] + more["records"]
+            old["best_lr"].update(more["best_lr"])
         summary = RESULTS / f"{args.out}.json"
         if summary.is_file():  # the settings the runs were made with, not this call's defaults
             saved = json.loads(summary.read_text())["args"]
