@@ -150,8 +150,6 @@ def test_second_adapter_rows_and_disabled_on_shards(run, name):
         assert close(rows[i], w[i]), i
 
 
-@pytest.mark.xfail(strict=True, reason="load_adapter's fingerprint check (adapter_io._check_layer) reads the base "
-                   "weight whole; on a DTensor it needs loldu.distributed.fingerprint_any")
 @pytest.mark.parametrize("name", list(W.SCENARIOS))
 def test_saved_adapter_loads_onto_a_sharded_model(run, name):
     out, _ = run
