@@ -10,18 +10,19 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 
-def run_section(heading: str) -> None:
-    """Runs the ```python blocks of the README section whose `## ` heading starts with `heading`, in order
-    and in one namespace (a section's later blocks continue its first one, as a reader would)."""
-    text = README.read_text()
+def run_section(heading: str, page: Path = README) -> None:
+    """Runs the ```python blocks of the `page` section (README by default) whose `## ` heading starts with
+    `heading`, in order and in one namespace (a section's later blocks continue its first one, as a reader
+    would)."""
+    text = page.read_text()
     sections = re.split(r"^## ", text, flags=re.M)
     body = next((s for s in sections if s.startswith(heading)), None)
-    assert body is not None, f"README has no section '## {heading}...'"
+    assert body is not None, f"{page.name} has no section '## {heading}...'"
     blocks = re.findall(r"```python\n(.*?)```", body, flags=re.S)
     assert blocks, f"the section '{heading}' holds no ```python example"
     namespace = {"__name__": "readme_example"}
     for i, block in enumerate(blocks):
-        exec(compile(block, f"{README}:{heading}[{i}]", "exec"), namespace)
+        exec(compile(block, f"{page}:{heading}[{i}]", "exec"), namespace)
 
 
 def test_quick_start_runs(capsys):
@@ -47,8 +48,8 @@ def test_quick_start_states_the_install_line_and_the_learning_rate():
     assert loldu.LoLDUConfig(target_modules=["query"]).suggested_lr == 1e-2
 
 
-def test_intro_factorization_example_runs(capsys):
-    run_section("The factorization")
+def test_factorization_example_runs(capsys):
+    run_section("The factorization", ROOT / "docs" / "ops.md")
     assert "pivots" in capsys.readouterr().out
 
 
