@@ -43,6 +43,8 @@ def test_peft_surface(tmp_path, capsys):
     with pytest.raises(AdapterError, match="safe_serialization"):
         model.save_pretrained(tmp_path / "x", safe_serialization=True)
     assert not (tmp_path / "x").exists()
+    assert model.save_pretrained(tmp_path / "y", is_main_process=False) == {}  # another rank: writes nothing
+    assert not (tmp_path / "y").exists()
     again = LoLDUModel.from_pretrained(base(), tmp_path)
     assert not any(p.requires_grad for p in again.parameters())  # PEFT's default: frozen for inference
     assert LoLDUModel.from_pretrained(base(), tmp_path, is_trainable=True).get_nb_trainable_parameters()[0] == trainable

@@ -112,15 +112,21 @@ class LoLDUModel(nn.Module):
         """Adds the adapter saved in `directory` under `adapter_name` (not activated; set_adapter)."""
         adapter_io.load_adapter(self.base_model, directory, adapter_name, is_trainable=is_trainable, **kwargs)
 
-    def save_pretrained(self, save_directory, adapter_name: Optional[str] = None, **kwargs) -> Dict[str, int]:
+    def save_pretrained(self, save_directory, adapter_name: Optional[str] = None, *, is_main_process: bool = True,
+                        **kwargs) -> Dict[str, int]:
         """Writes the adapter (default: the active one) into `save_directory`: loldu.save_adapter.
 
+        is_main_process=False (PEFT's and transformers' spelling, for every process but one in a distributed
+        run) writes nothing and returns {}: z, sigma and the pivots are whole on every rank, also on a
+        model sharded with fully_shard, so one process saves the whole adapter (docs/distributed.md).
         PEFT's and transformers' other keyword arguments (safe_serialization, state_dict, ...) do not
         apply to a loldu adapter file and are refused, so nothing is silently ignored.
         """
         if kwargs:
             raise AdapterError(f"LoLDUModel.save_pretrained: unsupported arguments {sorted(kwargs)} (a loldu adapter is "
                                "always one safetensors file holding only the adapter)")
+        if not is_main_process:
+            return {}
         return adapter_io.save_adapter(self.base_model, save_directory, adapter_name)
 
     def print_trainable_parameters(self) -> Tuple[int, int]:
