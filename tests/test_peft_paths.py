@@ -222,6 +222,10 @@ def test_suggested_lr_is_printed_with_the_parameter_counts(capsys):
     for param in ("paper", "relative"):
         config = LoLDUConfig(r=4, target_modules=["query"], parametrization=param)
         assert config.suggested_lr == 1e-2  # docs/evaluation.md, "Choosing the defaults"
+    # the relative form's step grows with the rank (1e-2 diverged at full rank on every linear)
+    assert LoLDUConfig(r=64, target_modules=["query"], parametrization="relative").suggested_lr == 1e-3
+    assert LoLDUConfig(rank="full", target_modules=["query"], parametrization="relative").suggested_lr == 1e-4
+    assert LoLDUConfig(rank="full", target_modules=["query"]).suggested_lr == 1e-2
     loldu.get_loldu_model(base(), LoLDUConfig(r=4, target_modules=["query"])).print_trainable_parameters()
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("trainable params:") and out[1].startswith("suggested learning rate: 0.01")

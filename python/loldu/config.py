@@ -430,7 +430,16 @@ class LoLDUConfig:
         transformers.Trainer applies its learning_rate (Adam/AdamW). 1e-2 in both parametrizations:
         measured on the demo's task at r = 8 on every linear, 3 epochs, 3 seeds, against 3e-3 (as good
         after 3 epochs, slower to get there) and 3e-2 (1-2 points worse); LoRA's habitual 1e-4 to 2e-4
-        under-trains LoLDU (docs/evaluation.md, "Choosing the defaults")."""
+        under-trains LoLDU (docs/evaluation.md, "Choosing the defaults").
+
+        The relative form moves every pivot by about the same fraction per step, so the change of W grows
+        with the rank: at rank >= 64 it suggests 1e-3, and at rank="full" 1e-4 (measured: 1e-2 diverged
+        at full rank on every linear, on the encoder task and on SmolLM2; docs/evaluation.md)."""
+        if self.parametrization == "relative":
+            if self.rank == "full":
+                return 1e-4
+            if isinstance(self.rank, int) and self.rank >= 64:
+                return 1e-3
         return _SUGGESTED_LR[self.parametrization]
 
     @property
