@@ -97,6 +97,20 @@ bool is_rank(const json& v) {
 // A usable initial scale: finite and a normal float32 (LoLDUConfig's _scale_refusal).
 bool normal_scale(float s) { return std::isfinite(s) && std::abs(s) >= std::numeric_limits<float>::min(); }
 
+// LoLDUConfig refuses pattern keys whose regular-expression syntax Python's re and ECMAScript read
+// differently; here: a key std::regex cannot parse, or one using \A, \Z, \z or a POSIX class (valid
+// in both, with other meanings). Python's check (config._portable_key_problem) is the complete one.
+bool portable_key(const std::string& key) {
+  for (const char* odd : {"\\A", "\\Z", "\\z", "[:"})
+    if (key.find(odd) != std::string::npos) return false;
+  try {
+    std::regex compiled(key);
+    return true;
+  } catch (const std::regex_error&) {
+    return false;
+  }
+}
+
 // Whether a rank_pattern / alpha_pattern key selects the module `name` (LoLDUConfig's key_matches):
 // equal, a '.'-suffix, or a regular expression matching it whole.
 bool key_matches(const std::string& key, const std::string& name) {
@@ -106,7 +120,7 @@ bool key_matches(const std::string& key, const std::string& name) {
   try {
     return std::regex_match(name, std::regex(key));
   } catch (const std::regex_error&) {
-    return false;  // not a regular expression: a plain name
+    return false;  // parse_config refuses such keys (portable_key); a config built in C++ may hold one
   }
 }
 
@@ -145,6 +159,8 @@ void check_config_value(const spec::ConfigKey& k, const json& v, const std::stri
       if (!v.is_object()) throw AdapterError(bad + key + " must be None or a dict from module names to values" + got);
       for (auto it = v.begin(); it != v.end(); ++it) {
         if (it.key().empty()) throw AdapterError(bad + key + " keys must be non-empty module names");
+        if (!portable_key(it.key()))
+          throw AdapterError(bad + key + " key '" + it.key() + "' is not a regular expression both readers read alike");
         const json& x = it.value();
         const bool ok = ranks ? is_rank(x) : x.is_number() && std::isfinite(x.get<double>()) && x.get<double>() != 0;
         if (!ok)

@@ -252,3 +252,19 @@ def test_old_format_files_still_read(tmp_path):
         for i in range(len(stored.ranks)):
             assert torch.equal(stored.layer(i)["z"], raw["z"][i].float())
             assert torch.equal(stored.layer(i)["pivots"], raw["pivots"][i].long())
+
+
+@pytest.mark.parametrize("key", [r".*(?<!q)_proj", "(?i).*V_PROJ", r".*v_proj\Z", r".*layers\.[01]{,1}\.v_proj",
+                                 "q_proj++", "(?P<n>q)_proj", "[[:alpha:]]_proj", r"\Aq_proj", "("])
+@pytest.mark.parametrize("option", ["rank_pattern", "alpha_pattern"])
+def test_pattern_keys_the_cpp_reader_would_read_otherwise_are_refused(key, option):
+    """A key whose regular-expression syntax Python and C++ (std::regex, which re-resolves each layer's rank
+    and scale from the saved config) read differently is refused when the config is made."""
+    with pytest.raises(AdapterError, match=f"{option} key"):
+        LoLDUConfig(rank=4, target_modules=["q_proj"], **{option: {key: 2}})
+
+
+@pytest.mark.parametrize("key", ["q_proj", r".*\.v_proj", r".*layers\.[01]\.self_attn\.(k|v)_proj", r"layers\.\d+\..*",
+                                 "(?:q|k)_proj", "[a-z_]+proj", ".*?_proj", "a{1,3}"])
+def test_portable_pattern_keys_are_accepted(key):
+    assert LoLDUConfig(rank=4, target_modules=["q_proj"], rank_pattern={key: 2}).rank_pattern == {key: 2}

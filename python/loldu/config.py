@@ -6,6 +6,7 @@ loldu.spec), which the C++ reader checks from the same description.
 import functools
 import math
 import re
+import warnings
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -103,6 +104,39 @@ def _is_rank(v) -> bool:
 def _is_alpha(v) -> bool:
     """A finite nonzero number (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(_as_float(v)) and v != 0
+
+
+# The regular-expression syntax a rank_pattern / alpha_pattern key may use: the part that Python's `re` and
+# ECMAScript (C++ std::regex, which re-resolves each layer's rank and scale from the saved config) read
+# alike. Anything else (lookbehind, inline flags, named groups, \A, \Z, {,n}, possessive quantifiers,
+# POSIX classes) is refused, so the two readers can never resolve a layer differently.
+_PORTABLE_TOKEN = re.compile(r"""
+    \\[dwsDWSbB] | \\[^A-Za-z0-9]            # class escapes, escaped punctuation
+  | \[(?:\^)?(?:\\[dwsDWS]|\\[^A-Za-z0-9]|[^\\\[\]])+\]   # a character class without nesting or POSIX names
+  | \((?:\?[:=!])? | \)                         # groups: plain, non-capturing, lookahead
+  | (?:[*+?]|\{\d+(?:,\d*)?\})\??                  # a quantifier, lazy or not
+  | [\w\-.^$|,:=!<>@#%&~'"/;`]                 # literals and anchors
+""", re.X)
+
+
+def _portable_key_problem(key: str) -> Optional[str]:
+    """Why the pattern key `key` is not read alike by Python and C++, or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "possible nested set": refused below anyway
+            re.compile(key)
+    except re.error:
+        return "it is not a valid regular expression"
+    pos, last = 0, "|"
+    while pos < len(key):
+        m = _PORTABLE_TOKEN.match(key, pos)
+        if m is None:
+            return f"its regular-expression syntax at {key[pos:pos + 6]!r} is not portable to the C++ reader"
+        quant = m.group()[0] in "*+?{"
+        if quant and (last in "*+?{(|" or last.endswith("?") and len(last) > 1):
+            return f"the quantifier at {key[pos:pos + 6]!r} follows no atom it could repeat in both readers"
+        pos, last = m.end(), m.group()
+    return None
 
 
 def key_matches(key: str, name: str) -> bool:
@@ -298,6 +332,10 @@ class LoLDUConfig:
             for k, v in (pat or {}).items():
                 if not isinstance(k, str) or not k:
                     raise AdapterError(f"LoLDUConfig: {key} keys must be non-empty module names, got {_short(k)}")
+                problem = _portable_key_problem(k)
+                if problem:
+                    raise AdapterError(f"LoLDUConfig: {key} key {k!r}: {problem}; use a module name, a '.'-suffix or a "
+                                       "plain regular expression (classes, groups, alternation, quantifiers)")
                 if not valid(v):
                     raise AdapterError(f"LoLDUConfig: {key}[{k!r}] must be {what}, got {_short(v)}")
             setattr(self, key, dict(pat) if pat else None)
