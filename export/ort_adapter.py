@@ -20,6 +20,7 @@ import numpy as np
 
 from loldu.atomic import atomic_write
 from loldu.errors import ExportError
+from loldu.spec import C_ABS_MAX
 
 from .adapter_inputs import C_PREFIX, adapter_feeds, adapter_metadata, model_version
 
@@ -201,6 +202,13 @@ def check_ort_adapter(path, version: int, cin: CInputs, label: str) -> List[str]
         if tuple(v.shape()) != tuple(shape) or v.data_type() != want:
             raise ExportError(f"{both}: tensor {name!r} is {v.data_type()} {list(v.shape())}, the model's input "
                               f"is {want} {list(shape)}")
+    values = {name: v.numpy() for name, v in params.items()}
+    if adapter_version(values) != fmt.get_adapter_version():
+        raise ExportError(f"{both}: its c values do not match its adapter version (the file was altered after it "
+                          "was written); write it again with loldu.export.to_ort_adapter")
+    for name, a in values.items():
+        if not np.isfinite(a).all() or np.abs(a.astype(np.float64)).max(initial=0.0) > C_ABS_MAX:
+            raise ExportError(f"{both}: tensor {name!r} holds NaN, Inf or |c| > {C_ABS_MAX:g}")
     return sorted(params)
 
 

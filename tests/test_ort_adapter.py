@@ -134,6 +134,30 @@ def test_wrong_base_and_wrong_model_are_refused_and_files_untouched(tmp_path):
     assert sha(out) == before[out] and runner.cached_adapters == 0
 
 
+@pytest.mark.parametrize("value", [float("nan"), "bitflip"])
+def test_altered_onnx_adapter_values_are_refused(tmp_path, value):
+    """A c value changed inside an .onnx_adapter (NaN, or one flipped bit) no longer matches the file's
+    adapter version: refused naming both files, never run."""
+    import onnxruntime as ort
+
+    _, model = tiny_adapted(seed=4)
+    rep = export_and_save(model, tmp_path, adapters=("a",))
+    path = tmp_path / "a.onnx_adapter"
+    c = next(iter(ort.AdapterFormat.read_adapter(str(path)).get_parameters().values())).numpy()
+    raw = bytearray(path.read_bytes())
+    at = raw.find(c.tobytes()[:8])
+    assert at >= 0
+    if value == "bitflip":
+        raw[at] ^= 1
+    else:
+        raw[at:at + 4] = np.float32(value).tobytes()
+    path.write_bytes(bytes(raw))
+    runner = lx.OrtRunner(rep.path, provider="cpu")
+    with pytest.raises(loldu.ExportError, match="a.onnx_adapter.*c.onnx.*altered"):
+        runner.run(inputs(), adapter=path)
+    assert runner.cached_adapters == 0
+
+
 def test_model_exported_without_c_defaults(tmp_path):
     """An export whose c inputs have no default (an older loldu): no .onnx_adapter for it, and an
     adapter directory is still fed as inputs."""
