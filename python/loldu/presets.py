@@ -74,6 +74,57 @@ def _dequantized(model):
     return plain.eval()
 
 
+_SMOLLM2_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_STALE_TEMP_SECONDS = 15 * 60  # a conversion takes about a minute; older temporaries were left by a killed one
+
+
+def _complete(target: Path) -> bool:
+    return all((target / f).is_file() for f in _SMOLLM2_FILES)
+
+
+def _clean_stale_temps(root: Path) -> None:
+    """Removes conversions killed mid-way (hidden temporaries beside the target, older than a live one can be)."""
+    import shutil
+    import time
+
+    for old in root.glob(f".{SMOLLM2_DIR}.*"):
+        try:
+            if old.is_dir() and time.time() - old.stat().st_mtime > _STALE_TEMP_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """The packaged GGUF as a transformers directory (tokenizer, config, fp32 safetensors) in `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .progress import Progress
+
+    with Progress(2, "loldu: converting SmolLM2 from GGUF (once)", "steps", enabled=True) as bar:
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+        bar.update(1)
+        _dequantized(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)).save_pretrained(out)
+        bar.update(1)
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Renames the finished conversion `tmp` to `target`; an incomplete `target` (left by hand, or by an
+    older loldu) is replaced, a complete one (another process converted meanwhile) kept."""
+    import shutil
+
+    try:
+        tmp.rename(target)
+        return
+    except OSError:
+        if _complete(target):
+            return
+    aside = target.with_name(f".{SMOLLM2_DIR}.incomplete.{tmp.name[-8:]}")
+    target.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    tmp.rename(target)
+
+
 def smollm2_path(cache_dir=None) -> Path:
     """A transformers directory (config, fp32 safetensors, tokenizer) of SmolLM2-135M-Instruct,
     converted once from the packaged GGUF (about a minute) and cached under `cache_dir` (default
@@ -81,35 +132,32 @@ def smollm2_path(cache_dir=None) -> Path:
     with AutoModelForCausalLM.from_pretrained(path) / AutoTokenizer.from_pretrained(path).
 
     The conversion writes a temporary directory beside the target and renames it into place, so an
-    interrupted conversion never leaves a half-written model behind."""
+    interrupted conversion never leaves a half-written model behind (the next call removes what a killed
+    one left); an incomplete directory already in the target's place is replaced. A cache directory that
+    cannot be created or written raises LolduError naming it."""
+    import os
     import shutil
     import tempfile
 
+    from .errors import LolduError
+
     root = Path(cache_dir) if cache_dir is not None else _cache_root()
     target = root / SMOLLM2_DIR
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _complete(target):
         return target
     gguf = smollm2_gguf()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .progress import Progress
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR}.", dir=root))
+    tmp = None
     try:
-        with Progress(2, "loldu: converting SmolLM2 from GGUF (once)", "steps", enabled=True) as bar:
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            tok.save_pretrained(tmp)
-            bar.update(1)
-            model = _dequantized(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name))
-            model.save_pretrained(tmp)
-            bar.update(1)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process converted it meanwhile
-            if not (target / "config.json").is_file():
-                raise
+        root.mkdir(parents=True, exist_ok=True)
+        _clean_stale_temps(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR}.", dir=root))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        _convert(gguf, tmp)
+        _move_into_place(tmp, target)
+    except OSError as e:
+        raise LolduError(f"loldu.presets.smollm2_path: cannot write the converted model under {root} "
+                         f"({e.strerror or e}); pass cache_dir= or set LOLDU_CACHE to a writable directory") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
