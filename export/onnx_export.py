@@ -339,7 +339,7 @@ def _exported_c(layer: nn.Module, adapter_name: Optional[str], adapter_inputs: b
     return c.float() if adapter_inputs else c
 
 
-def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype: str = "fp32",
+def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype: Optional[str] = None,
             dynamic_axes: Optional[Dict[str, Dict[int, str]]] = None, adapter_inputs: bool = False,
             adapter_name: Optional[str] = None, input_names: Optional[List[str]] = None,
             output_names: Optional[List[str]] = None, opset: int = DEFAULT_OPSET, check_inputs=None,
@@ -351,7 +351,8 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
     merge: fold adapter `adapter_name` (default: the active one) into the weights of a copy: the
         graph then holds exactly the base model's operators. merge=False keeps the adapter as extra
         MatMuls with c baked in, or with adapter_inputs=True as graph inputs `loldu.c.<layer>` (r,) fp32.
-    dtype: "fp32" or "fp16" (weights and float inputs/outputs in fp16; c inputs stay fp32).
+    dtype: "fp32" or "fp16" (weights and float inputs/outputs in fp16; c inputs stay fp32); None: the
+        model's own (fp16 for an fp16 model). A bf16 model, or an fp16 model asked for "fp32", is refused.
     lu_graph: with merge=False, every adapted layer (full rank, Linear-like) runs as two MatMuls
         against its triangular factors with D + c between them and no W0 (export/lu_graph.py).
     dynamic_axes: torch.onnx's {name: {axis: label}}; default: axis 0 of every input is "batch" and
@@ -368,6 +369,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
 
     if lu_graph and merge:
         raise ExportError("loldu.export: lu_graph=True needs merge=False (merged, the graph holds W(c) itself)")
+    dtype = _export_dtype(model, dtype)
     path, names, inputs, by_kw, names_out = _checked_request(model, example_inputs, path, dtype, merge,
                                                              adapter_inputs, input_names)
     t0 = time.perf_counter()
@@ -398,6 +400,21 @@ def to_onnx(model: nn.Module, example_inputs, path, *, merge: bool = True, dtype
         if check_inputs is not None:
             _parity(report, tmp, model, check_inputs, c_layers, adapter_name, provider, names, names_out)
     return report
+
+
+def _export_dtype(model, dtype: Optional[str]) -> str:
+    """The export's dtype: `dtype`, or the model's own ("fp16" for an fp16 model, else "fp32"). The graph
+    keeps the weights' dtype, so an fp16 model exported as "fp32" would be an fp16 graph checked against the
+    fp32 bound; bf16 has no ONNX Runtime CPU kernels (Gemm): both refused, saying what to pass."""
+    if dtype is not None and dtype not in ("fp32", "fp16"):
+        raise ExportError(f"loldu.export: dtype must be 'fp32' or 'fp16', got {dtype!r}")
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()} if isinstance(model, nn.Module) else set()
+    if torch.bfloat16 in floats:
+        raise ExportError("loldu.export: the model has bf16 weights, which ONNX Runtime cannot run on CPU (no bf16 "
+                          "Gemm/MatMul kernels); export model.float() (dtype='fp32') or model.half() (dtype='fp16')")
+    if dtype == "fp32" and torch.float16 in floats:
+        raise ExportError("loldu.export: the model has fp16 weights; pass dtype='fp16' (or export model.float())")
+    return dtype or ("fp16" if torch.float16 in floats else "fp32")
 
 
 def _checked_request(model, example_inputs, path, dtype: str, merge: bool, adapter_inputs: bool,

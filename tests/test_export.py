@@ -478,3 +478,17 @@ def test_corrupted_adapter_metadata_is_an_export_error(tmp_path, edit):
     onnx.save(proto, str(p))
     with pytest.raises(loldu.ExportError, match="corrupted loldu adapter metadata"):
         lx.adapter_feeds(tmp_path / "ad", str(p))
+
+
+def test_export_dtype_follows_the_model_and_refuses_what_ort_cannot_run(tmp_path):
+    """An fp16 model exports as fp16 by default (its graph is fp16; the fp16 parity bound applies); asked for
+    fp32, or given bf16 weights (no ONNX Runtime CPU kernels), it is refused saying what to pass."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 12)).eval()
+    half = copy.deepcopy(model).half()
+    rep = lx.to_onnx(half, torch.randn(2, 16).half(), tmp_path / "h.onnx", check_inputs=torch.randn(3, 16).half())
+    assert rep.dtype == "fp16"
+    with pytest.raises(loldu.ExportError, match="fp16 weights; pass dtype='fp16'"):
+        lx.to_onnx(half, torch.randn(2, 16).half(), tmp_path / "h32.onnx", dtype="fp32")
+    with pytest.raises(loldu.ExportError, match="bf16 weights"):
+        lx.to_onnx(copy.deepcopy(model).bfloat16(), torch.randn(2, 16).bfloat16(), tmp_path / "b.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx"]

@@ -228,7 +228,7 @@ def cmd_export(args) -> int:
     if args.adapter:
         model = loldu.load_adapter(model, stored)
     report = lx.to_onnx(model, trace_inputs(), out, merge=not args.adapter_inputs, adapter_inputs=args.adapter_inputs,
-                        dtype="fp16" if args.fp16 else "fp32", opset=args.opset,
+                        dtype="fp16" if args.fp16 else None, opset=args.opset,
                         check_inputs=None if args.no_check else check_inputs())
     print(report)
     if args.ort_adapter:
