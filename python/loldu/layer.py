@@ -465,7 +465,8 @@ class LoLDULayer(nn.Module):
             rows = self._row_ids.shape[0]
             if x.shape[0] != rows:
                 raise AdapterError(
-                    f"{self.kind} layer got a batch of {x.shape[0]} rows but loldu.adapter_ids gave {rows} ids")
+                    f"{self.kind} layer '{self.layer_name}' got a batch of {x.shape[0]} rows but loldu.adapter_ids gave "
+                    f"{rows} ids (one per row of the batch; generate's beams or num_return_sequences multiply the rows)")
             return self.adapted(x, KINDS[self.kind].c_rows(self.row_coefficients(), x, self.rank))
         if self.active_adapter is None:
             return self.store.base_output(self, x)
