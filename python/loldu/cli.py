@@ -234,7 +234,8 @@ def cmd_export(args) -> int:
     if args.ort_adapter:
         print(lx.to_ort_adapter(args.adapter, out, args.ort_adapter))
     if args.adapter_inputs:
-        print(f"  feed an adapter: loldu.export.OrtRunner({str(out)!r}).run(inputs, adapter=<adapter dir>)")
+        which = repr(str(args.ort_adapter)) if args.ort_adapter else "<adapter dir or .onnx_adapter>"
+        print(f"  feed an adapter: loldu.export.OrtRunner({str(out)!r}).run(inputs, adapter={which})")
     return 0
 
 
