@@ -79,18 +79,21 @@ def bound_for(ref, rel=1e-4):
 def check_trajectory(tokens, logits, ref_logits, bound):
     """`tokens` were chosen greedily from `logits`; `ref_logits` are another computation's along the same
     trajectory. Asserts the logits agree within `bound` and the tokens are the reference's argmax at every
-    step whose margin is clear (> 2 bound). Returns, per row, whether every step was clear: on those rows
-    the reference's own greedy run follows exactly these tokens."""
+    step whose margin is clear (> 2 bound). Returns, per row and step, whether the margin was clear: up to
+    a row's first unclear step the reference's own greedy run follows exactly these tokens."""
     diff = float((logits - ref_logits).abs().max())
     assert diff <= bound, (diff, bound)
     top2 = ref_logits.topk(2, dim=-1).values
     clear = (top2[..., 0] - top2[..., 1]) > 2 * bound
     same = ref_logits.argmax(-1) == tokens
     assert bool(same[clear].all()), (tokens, ref_logits.argmax(-1), clear)
-    return clear.all(1)
+    return clear
 
 
-def assert_same_where_clear(tokens, ref_tokens, rows_clear):
-    """Greedy tokens of two computations equal on every row whose margins were all clear (at least one)."""
-    assert bool(rows_clear.any()), "no row had clear margins at every step (ties within the bound)"
-    assert torch.equal(tokens[rows_clear], ref_tokens[rows_clear]), (tokens, ref_tokens, rows_clear)
+def assert_same_where_clear(tokens, ref_tokens, clear):
+    """Greedy tokens of two computations equal on each row up to its first step whose margin was not clear
+    (`clear`: check_trajectory's (rows, steps)); after a near-tie the two runs may rightly part. At least
+    half of all steps must be compared, so the check is never vacuous."""
+    prefix = clear.to(torch.int64).cumprod(1).bool()
+    assert int(prefix.sum()) * 2 >= prefix.numel(), f"only {int(prefix.sum())} of {prefix.numel()} steps had clear margins"
+    assert torch.equal(tokens[prefix], ref_tokens[prefix]), (tokens, ref_tokens, clear)
