@@ -60,7 +60,6 @@ from .adapter_files import require_unicode as _require_unicode
 from .adapter_files import same_copy as _copy_matches
 from .atomic import STALE_EMPTY_SECONDS, STALE_UNLOCKED_SECONDS, atomic_write, clean_stale_temps, read_regular
 from .config import TASK_HEADS, LoLDUConfig
-from .distributed import fingerprint_any  # reads only W[:, :r] and the pivot rows, also of a sharded W
 from .errors import AdapterError, LolduWarning
 from .integrity import c_terms_refusal, check_values, fingerprint, stale_refusal
 from .layer import weight_matrix
@@ -443,6 +442,8 @@ def _check_layer(entry: dict, module_name: str, kind: str, W: torch.Tensor, pivo
     if str(dtype).replace("torch.", "") != entry["dtype"]:
         raise AdapterError(f"{where}: layer '{module_name}' has weight dtype {dtype} in the model but "
                            f"{entry['dtype']} in the file")
+    from .distributed import fingerprint_any  # W[:, :r] and the pivot rows, also of a sharded W (lazy: torch.distributed)
+
     now = fingerprint_any(W, pivots) if layer is None or not torch.equal(pivots, layer.loldu_pivots.cpu()) else (
         layer.base_fingerprint())
     if now != bytes(fp.tolist()):
